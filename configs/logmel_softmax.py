@@ -1,0 +1,16 @@
+"""The paper's Table 4 setting: 128-band log-mel spectrogram (dB), ResNet-18, softmax cross entropy, IEMOCAP improvised.
+
+python -m ser_jax.main --config=configs/logmel_softmax.py --workdir=runs/logmel_softmax \
+  --config.data.root=/path/to/IEMOCAP_full_release
+"""
+
+from ser_jax.config import default_config
+
+
+def get_config():
+  config = default_config()
+  config.data.corpus = "iemocap"
+  config.features.kind = "logmel"
+  config.loss.name = "softmax"
+  config.loss.gamma = 0.0
+  return config

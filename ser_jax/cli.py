@@ -1,0 +1,72 @@
+"""What the entry points share: logging, one-line errors, multi-process start-up."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+import jax
+from absl import flags
+
+from ser_jax import audio, io_utils
+from ser_jax.config import ConfigError
+from ser_jax.data.corpus import CorpusError
+from ser_jax.folds import FoldError
+
+# Errors a user can fix; they get one line, not a traceback.
+USER_ERRORS = (
+  ConfigError,
+  CorpusError,
+  FoldError,
+  audio.AudioError,
+  io_utils.LockedError,
+  FileNotFoundError,
+)
+
+
+def define_distributed_flags() -> None:
+  flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for runs across processes."
+  )
+  flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+  flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+  flags.DEFINE_bool(
+    "distributed", False, "Initialise jax.distributed from the environment (Cloud TPU, SLURM)."
+  )
+
+
+def maybe_initialize_distributed() -> None:
+  """Starts jax.distributed when flags or --distributed ask for a multi-process run."""
+  values = flags.FLAGS
+  if values.coordinator_address:
+    jax.distributed.initialize(
+      coordinator_address=values.coordinator_address,
+      num_processes=values.num_processes,
+      process_id=values.process_id,
+    )
+  elif values.distributed:
+    jax.distributed.initialize()
+
+
+def setup_logging() -> None:
+  logging.basicConfig(
+    level=logging.INFO,
+    format="%(asctime)s %(levelname)s %(message)s",
+    stream=sys.stderr,
+    force=True,
+  )
+  for noisy in ("absl", "orbax", "jax._src"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def clear_errors():
+  """Turns a user's mistake into `error: <message>` and exit status 2."""
+  from ser_jax import experiment
+
+  try:
+    yield
+  except (*USER_ERRORS, experiment.ConfigMismatchError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)

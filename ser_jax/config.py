@@ -1,0 +1,184 @@
+"""The experiment's configuration: every key with its default, and validation.
+
+Config files under `configs/` start from `default_config()` and change what they need,
+so every run has the same keys and a misspelt key is an error, not a silent default.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+LOSSES = ("focal", "softmax")
+FEATURE_KINDS = ("logmel", "mfcc")
+CV_SCHEMES = ("stratified", "speaker")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A config key with a value that is not allowed."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The paper's setting (MFCC + focal loss on IEMOCAP), every key present."""
+  config = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict()
+  config.data.corpus = "iemocap"
+  config.data.root = ""  # Corpus folder; for 'demo' empty means <cache_dir>/demo_corpus.
+  config.data.classes = ("neutral", "happiness", "sadness", "anger")
+  config.data.include_scripted = False  # IEMOCAP only.
+  config.data.merge_excited = False  # IEMOCAP only: 'exc' counts as happiness.
+  config.data.strict = False  # True: a bad audio file is an error, not a logged skip.
+  config.data.cache_dir = ""  # Feature stores; empty means $SER_JAX_CACHE or ~/.cache/ser_jax.
+  config.data.num_workers = 0  # Preprocessing processes; 0 means one per CPU core.
+
+  config.features = ml_collections.ConfigDict()
+  config.features.kind = "mfcc"
+  config.features.sample_rate = 22050
+  config.features.max_seconds = 6.0
+  config.features.n_fft = 2048
+  config.features.win_length = 2048
+  config.features.hop_length = 512
+  config.features.n_mels = 128
+  config.features.n_mfcc = 40
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "resnet18"
+  config.model.width = 64  # Channels of the first stage; 64 is ResNet-18.
+  config.model.compute_dtype = "float32"  # 'bfloat16' on accelerators; params stay float32.
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.name = "focal"
+  config.loss.gamma = 2.0
+  config.loss.alpha = ()  # Per-class weights in class order; empty means none.
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_epochs = 40
+  config.train.batch_size = 32
+  config.train.learning_rate = 1e-3
+  config.train.warmup_epochs = 2
+  config.train.weight_decay = 1e-2
+  config.train.label_smoothing = 0.0
+  config.train.time_shift = True  # Random circular shift of the valid frames.
+  config.train.freq_masks = 2  # SpecAugment masks per example.
+  config.train.freq_mask_bins = 4
+  config.train.time_masks = 2
+  config.train.time_mask_frames = 20
+  config.train.checkpoint_every_epochs = 5
+  config.train.eval_batch_size = 64
+
+  config.cv = ml_collections.ConfigDict()
+  config.cv.scheme = "stratified"
+  config.cv.n_folds = 5
+  config.cv.folds = ()  # Run only these fold indices; empty means all.
+
+  config.sweep = ml_collections.ConfigDict()
+  config.sweep.gammas = ()  # Non-empty: train one model per (gamma, seed) in one program.
+  config.sweep.seeds = ()
+  config.sweep.learning_rates = ()
+
+  config.seed = 0
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the key, its value and what is allowed."""
+  _check_keys(config, default_config(), "")
+
+  def allowed(key: str, value, choices) -> None:
+    if value not in choices:
+      raise ConfigError(f"{key}={value!r} is not allowed; expected one of: {', '.join(choices)}")
+
+  def at_least(key: str, value, minimum, strict: bool = False) -> None:
+    if value < minimum or (strict and value == minimum):
+      relation = ">" if strict else ">="
+      raise ConfigError(f"{key}={value!r} is not allowed; it must be {relation} {minimum}")
+
+  from ser_jax.data import corpora
+
+  allowed("data.corpus", config.data.corpus, sorted(corpora.CORPORA))
+  if config.data.corpus != "demo" and not config.data.root:
+    raise ConfigError(
+      f"data.root is empty; set --config.data.root=/path/to/{config.data.corpus} "
+      "(only the 'demo' corpus is built in)"
+    )
+  if len(set(config.data.classes)) != len(config.data.classes):
+    raise ConfigError(f"data.classes={tuple(config.data.classes)!r} has repeated class names")
+  allowed("features.kind", config.features.kind, FEATURE_KINDS)
+  at_least("features.sample_rate", config.features.sample_rate, 1000)
+  at_least("features.max_seconds", config.features.max_seconds, 0, strict=True)
+  at_least("features.n_fft", config.features.n_fft, 16)
+  at_least("features.hop_length", config.features.hop_length, 1)
+  if not 1 <= config.features.win_length <= config.features.n_fft:
+    raise ConfigError(
+      f"features.win_length={config.features.win_length} must be in [1, features.n_fft]"
+    )
+  at_least("features.n_mels", config.features.n_mels, 1)
+  at_least("features.n_mfcc", config.features.n_mfcc, 1)
+  if config.features.n_mfcc > config.features.n_mels:
+    raise ConfigError(
+      f"features.n_mfcc={config.features.n_mfcc} must be <= features.n_mels="
+      f"{config.features.n_mels}"
+    )
+  allowed("model.name", config.model.name, ("resnet18", "resnet34"))
+  at_least("model.width", config.model.width, 1)
+  allowed("model.compute_dtype", config.model.compute_dtype, COMPUTE_DTYPES)
+  allowed("loss.name", config.loss.name, LOSSES)
+  at_least("loss.gamma", config.loss.gamma, 0.0)
+  if (
+    config.loss.alpha and config.data.classes and len(config.loss.alpha) != len(config.data.classes)
+  ):
+    raise ConfigError(
+      f"loss.alpha has {len(config.loss.alpha)} weights but data.classes has "
+      f"{len(config.data.classes)} classes"
+    )
+  for gamma in config.sweep.gammas:
+    at_least("sweep.gammas[]", gamma, 0.0)
+  for rate in config.sweep.learning_rates:
+    at_least("sweep.learning_rates[]", rate, 0.0, strict=True)
+  at_least("train.num_epochs", config.train.num_epochs, 1)
+  at_least("train.batch_size", config.train.batch_size, 1)
+  at_least("train.eval_batch_size", config.train.eval_batch_size, 1)
+  at_least("train.learning_rate", config.train.learning_rate, 0.0, strict=True)
+  at_least("train.warmup_epochs", config.train.warmup_epochs, 0)
+  at_least("train.weight_decay", config.train.weight_decay, 0.0)
+  if not 0.0 <= config.train.label_smoothing < 1.0:
+    raise ConfigError(f"train.label_smoothing={config.train.label_smoothing} must be in [0, 1)")
+  at_least("train.checkpoint_every_epochs", config.train.checkpoint_every_epochs, 1)
+  allowed("cv.scheme", config.cv.scheme, CV_SCHEMES)
+  at_least("cv.n_folds", config.cv.n_folds, 2)
+  for fold in config.cv.folds:
+    if not 0 <= fold < config.cv.n_folds:
+      raise ConfigError(f"cv.folds contains {fold}; folds are 0..{config.cv.n_folds - 1}")
+
+
+def _check_keys(config, reference, prefix: str) -> None:
+  for key in config.keys():
+    name = f"{prefix}{key}"
+    if key not in reference:
+      known = ", ".join(f"{prefix}{k}" for k in sorted(reference.keys()))
+      raise ConfigError(f"unknown config key '{name}'; known keys here: {known}")
+    if isinstance(reference[key], ml_collections.ConfigDict):
+      if not isinstance(config[key], ml_collections.ConfigDict):
+        raise ConfigError(f"config key '{name}' must be a group of keys, not {config[key]!r}")
+      _check_keys(config[key], reference[key], name + ".")
+    else:
+      _check_type(name, config[key], reference[key])
+
+
+def _check_type(name: str, value, reference) -> None:
+  if isinstance(reference, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(reference, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(reference, float):
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+  elif isinstance(reference, str):
+    ok = isinstance(value, str)
+  else:
+    ok = isinstance(value, tuple | list)
+  if not ok:
+    raise ConfigError(
+      f"config key '{name}'={value!r} has type {type(value).__name__}; "
+      f"expected {type(reference).__name__}"
+    )

@@ -1,0 +1,1 @@
+"""Corpora: readers that list labelled recordings, and the built-in demo corpus."""

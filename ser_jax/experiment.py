@@ -1,0 +1,411 @@
+"""The whole experiment: corpus -> feature store -> folds -> trained models -> results."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+
+from ser_jax import checkpoints, input_pipeline, io_utils, metrics, models, results, train
+from ser_jax.config import validate_config
+from ser_jax.data import corpora, demo
+from ser_jax.features import FeatureParams
+from ser_jax.folds import make_folds
+from ser_jax.sharding import Topology
+from ser_jax.store import build_store, default_cache_dir, open_store
+
+# Keys that do not change results; a rerun may change them without a fresh start.
+_RESULT_NEUTRAL_KEYS = ("data.num_workers", "data.cache_dir", "cv.folds", "train.eval_batch_size")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A NaN or inf training loss; the last good checkpoint is kept."""
+
+
+class ConfigMismatchError(RuntimeError):
+  """The workdir holds a run with a different config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """One model of a (possibly one-member) sweep."""
+
+  gamma: float
+  seed: int
+  learning_rate: float
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def members_of(config: ml_collections.ConfigDict) -> list[Member]:
+  """The models trained together: one, or every (gamma, seed, learning rate) of the sweep."""
+  if not config.sweep.gammas:
+    gamma = config.loss.gamma if config.loss.name == "focal" else 0.0
+    return [Member(float(gamma), int(config.seed), float(config.train.learning_rate))]
+  seeds = config.sweep.seeds or (config.seed,)
+  rates = config.sweep.learning_rates or (config.train.learning_rate,)
+  return [
+    Member(float(g), int(s), float(r)) for g in config.sweep.gammas for s in seeds for r in rates
+  ]
+
+
+def load_corpus(config: ml_collections.ConfigDict):
+  root = config.data.root
+  if config.data.corpus == "demo":
+    root = root or str(_cache_dir(config) / "demo_corpus")
+    demo.write_demo_corpus(root)
+  return corpora.read_corpus(
+    config.data.corpus,
+    root,
+    tuple(config.data.classes),
+    include_scripted=config.data.include_scripted,
+    merge_excited=config.data.merge_excited,
+  )
+
+
+def prepare_store(config: ml_collections.ConfigDict, progress: bool | None = None):
+  """Reads the corpus and builds (or reuses) its feature store; returns the opened store."""
+  corpus = load_corpus(config)
+  path = build_store(
+    corpus,
+    FeatureParams.from_config(config.features),
+    _cache_dir(config),
+    num_workers=config.data.num_workers,
+    strict=config.data.strict,
+    progress=progress,
+  )
+  return open_store(path)
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False
+) -> dict:
+  """Runs (or resumes) every fold and writes results.json and results.md to `workdir`."""
+  validate_config(config)
+  workdir = pathlib.Path(workdir)
+  is_writer = jax.process_index() == 0
+  if fresh and is_writer and workdir.exists():
+    shutil.rmtree(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with io_utils.exclusive_lock(workdir / f"run.lock.{jax.process_index()}", f"workdir {workdir}"):
+    if is_writer:
+      _check_same_config(config, workdir)
+    return _run(config, workdir, is_writer)
+
+
+def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
+  start_time = time.time()
+  topology = Topology.create()
+  topology.check_batch_size("train.batch_size", config.train.batch_size)
+  # Evaluation pads its last batch, so any batch size works once rounded to the devices.
+  eval_batch_size = topology.num_devices * math.ceil(
+    config.train.eval_batch_size / topology.num_devices
+  )
+  store = prepare_store(config)
+  class_names = store.class_names
+  logging.info(
+    "Feature store %s: %d clips, classes %s", store.path, len(store), store.meta["class_names"]
+  )
+  folds = make_folds(
+    store.labels,
+    store.speakers,
+    store.groups,
+    scheme=config.cv.scheme,
+    n_folds=config.cv.n_folds,
+    seed=config.seed,
+    class_names=class_names,
+  )
+  members = members_of(config)
+  model = models.create_model(config.model, len(class_names))
+  fold_ids = list(config.cv.folds) or list(range(config.cv.n_folds))
+  log = results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer)
+  fold_results = []
+  for fold in fold_ids:
+    train_idx, test_idx = folds[fold]
+    fold_results.append(
+      _run_fold(
+        config,
+        workdir,
+        store,
+        model,
+        members,
+        topology,
+        fold,
+        train_idx,
+        test_idx,
+        eval_batch_size,
+        log,
+        is_writer,
+      )
+    )
+  summary = results.summarise_run(
+    config=config,
+    class_names=class_names,
+    members=[m.as_dict() for m in members],
+    fold_results=fold_results,
+    num_params=_count_params(model, store),
+    feature_store=str(store.path),
+    skipped=_skipped(store),
+    wall_seconds=time.time() - start_time,
+  )
+  if is_writer:
+    results.write_results(workdir, summary)
+    logging.info("%s", results.final_line(summary))
+  return summary
+
+
+def _run_fold(
+  config,
+  workdir,
+  store,
+  model,
+  members,
+  topology,
+  fold,
+  train_idx,
+  test_idx,
+  eval_batch_size,
+  log,
+  is_writer,
+) -> dict:
+  fold_dir = workdir / f"fold_{fold}"
+  done_path = fold_dir / "result.json"
+  if done_path.exists():
+    logging.info("Fold %d already finished; keeping its result (%s)", fold, done_path)
+    return json.loads(done_path.read_text())
+  fold_dir.mkdir(parents=True, exist_ok=True)
+  mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
+  if is_writer:
+    results.save_normalisation(fold_dir / "normalisation.npz", mean, std)
+
+  steps_per_epoch = len(train_idx) // config.train.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(
+      f"fold {fold} has {len(train_idx)} training examples, fewer than train.batch_size="
+      f"{config.train.batch_size}; lower train.batch_size"
+    )
+  total_steps = steps_per_epoch * config.train.num_epochs
+  tx = train.make_optimizer(
+    weight_decay=config.train.weight_decay,
+    warmup_steps=steps_per_epoch * config.train.warmup_epochs,
+    total_steps=total_steps,
+  )
+  n_bins, n_frames = store.features.shape[1:]
+  input_shape = (1, n_bins, n_frames, 1)
+  n_members = len(members)
+
+  def init(seed):
+    key = jax.random.fold_in(jax.random.key(seed), fold)
+    return train.create_train_state(model, tx, key, input_shape)
+
+  seeds = jnp.array([m.seed for m in members], jnp.uint32)
+  abstract = jax.eval_shape(jax.vmap(init), seeds)
+  state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
+  state = jax.jit(jax.vmap(init), out_shardings=state_sharding)(seeds)
+  alpha = tuple(config.loss.alpha) or (1.0,) * len(store.class_names)
+  hparams = jax.device_put(
+    jax.tree.map(
+      lambda *xs: jnp.stack(xs),
+      *[
+        train.make_hparams(
+          gamma=m.gamma,
+          learning_rate=m.learning_rate,
+          alpha=alpha,
+          label_smoothing=config.train.label_smoothing,
+          rng_seed=m.seed * 1000 + fold,
+        )
+        for m in members
+      ],
+    ),
+    topology.replicated,
+  )
+
+  manager = checkpoints.checkpoint_manager(fold_dir / "checkpoints")
+  start_epoch, state = checkpoints.restore_latest(manager, state)
+  if start_epoch:
+    logging.info(
+      "Fold %d: resuming from the checkpoint of epoch %d (step %d)",
+      fold,
+      start_epoch,
+      start_epoch * steps_per_epoch,
+    )
+    log.truncate(fold, start_epoch)
+
+  step_fn = train.over_members(
+    functools.partial(train.train_step, augmentation=train.Augmentation.from_config(config.train)),
+    n_members,
+  )
+  step_fn = jax.jit(step_fn, donate_argnums=(0,))
+  writer = results.TensorBoard(workdir / "tensorboard" / f"fold_{fold}", enabled=is_writer)
+  epochs = tqdm.trange(
+    start_epoch,
+    config.train.num_epochs,
+    desc=f"fold {fold}",
+    unit="epoch",
+    disable=None,
+    initial=start_epoch,
+    total=config.train.num_epochs,
+  )
+  for epoch in epochs:
+    epoch_start = time.time()
+    step_metrics = []
+    for batch in input_pipeline.train_batches(
+      store,
+      train_idx,
+      config.train.batch_size,
+      mean,
+      std,
+      seed=config.seed,
+      fold=fold,
+      epoch=epoch,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    ):
+      state, step_metric = step_fn(state, topology.global_batch(batch), hparams)
+      step_metrics.append(step_metric)
+    losses = np.asarray(jnp.stack([m["loss"] for m in step_metrics]))  # [steps, members]
+    accuracies = np.asarray(jnp.stack([m["accuracy"] for m in step_metrics]))
+    if not np.all(np.isfinite(losses)):
+      bad_step, bad_member = np.argwhere(~np.isfinite(losses))[0]
+      raise NonFiniteLossError(
+        f"non-finite training loss ({losses[bad_step, bad_member]}) in fold {fold}, epoch "
+        f"{epoch}, step {epoch * steps_per_epoch + bad_step}, member {members[bad_member]}; "
+        f"the last good checkpoint is kept in {fold_dir / 'checkpoints'}"
+      )
+    record = {
+      "fold": fold,
+      "epoch": epoch + 1,
+      "step": (epoch + 1) * steps_per_epoch,
+      "train_loss": losses.mean(0).tolist(),
+      "train_accuracy": (100 * accuracies.mean(0)).tolist(),
+      "seconds": time.time() - epoch_start,
+    }
+    log.append(record)
+    writer.scalars(record, members)
+    epochs.set_postfix(loss=f"{losses.mean():.3f}", acc=f"{100 * accuracies.mean():.1f}")
+    if (
+      epoch + 1
+    ) % config.train.checkpoint_every_epochs == 0 or epoch + 1 == config.train.num_epochs:
+      checkpoints.save(manager, epoch + 1, state)
+  manager.wait_until_finished()
+
+  probabilities = predict_probabilities(
+    state, store, test_idx, mean, std, eval_batch_size, topology
+  )
+  predictions = probabilities.argmax(-1)  # [members, n_test]
+  n_classes = len(store.class_names)
+  counts = [
+    metrics.confusion_counts(store.labels[test_idx], predictions[k], n_classes).tolist()
+    for k in range(n_members)
+  ]
+  fold_result = {
+    "fold": fold,
+    "n_train": int(len(train_idx)),
+    "n_test": int(len(test_idx)),
+    "confusion_counts": counts,
+  }
+  if is_writer:
+    io_utils.atomic_write_json(done_path, fold_result)
+  manager.close()
+  writer.close()
+  for k in range(n_members):
+    summary = metrics.summarise(np.array(counts[k]))
+    logging.info(
+      "Fold %d%s: WA %.2f  UA %.2f  macro-F1 %.2f  (train %d, test %d)",
+      fold,
+      f" member {members[k]}" if n_members > 1 else "",
+      summary["overall_accuracy"],
+      summary["class_accuracy"],
+      summary["macro_f1"],
+      len(train_idx),
+      len(test_idx),
+    )
+  return fold_result
+
+
+def predict_probabilities(state, store, indices, mean, std, batch_size, topology) -> np.ndarray:
+  """[members, len(indices), n_classes] probabilities; each example counted exactly once."""
+  n_members = jax.tree.leaves(state)[0].shape[0]
+  step = jax.jit(train.over_members(train.eval_step, n_members))
+  outputs = []
+  for batch, n_real in input_pipeline.eval_batches(
+    store,
+    indices,
+    batch_size,
+    mean,
+    std,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
+    probabilities = step(state, topology.global_batch(batch))
+    outputs.append(np.asarray(multihost_utils.process_allgather(probabilities, tiled=True)))
+    outputs[-1] = outputs[-1][:, :n_real]
+  return np.concatenate(outputs, axis=1)
+
+
+def _count_params(model, store) -> int:
+  n_bins, n_frames = store.features.shape[1:]
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, n_bins, n_frames, 1)), train=False)
+  )
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
+
+
+def _skipped(store) -> list[dict[str, str]]:
+  path = store.path / "skipped.csv"
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def _cache_dir(config) -> pathlib.Path:
+  return (
+    pathlib.Path(config.data.cache_dir).expanduser()
+    if config.data.cache_dir
+    else default_cache_dir()
+  )
+
+
+def _comparable(config) -> dict:
+  flat = json.loads(config.to_json_best_effort())
+  for key in _RESULT_NEUTRAL_KEYS:
+    group, name = key.split(".")
+    flat.get(group, {}).pop(name, None)
+  return flat
+
+
+def _check_same_config(config, workdir: pathlib.Path) -> None:
+  path = workdir / "config.json"
+  current = _comparable(config)
+  if path.exists():
+    previous = json.loads(path.read_text())
+    if previous != current:
+      changed = sorted(
+        f"{group}.{key}"
+        for group in set(previous) | set(current)
+        for key in set(_as_dict(previous.get(group))) | set(_as_dict(current.get(group)))
+        if _as_dict(previous.get(group)).get(key) != _as_dict(current.get(group)).get(key)
+      )
+      raise ConfigMismatchError(
+        f"workdir {workdir} holds a run with a different config (changed: "
+        f"{', '.join(changed) or 'unknown'}); use another --workdir, or --fresh to discard it"
+      )
+  else:
+    io_utils.atomic_write_json(path, current)
+
+
+def _as_dict(value) -> dict:
+  return value if isinstance(value, dict) else {"": value}

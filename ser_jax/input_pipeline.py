@@ -1,0 +1,102 @@
+"""Batches from the memory-mapped store, read by index; nothing is copied into RAM whole."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+_STATS_CHUNK = 256
+
+
+def normalisation_stats(
+  features: np.ndarray, indices: np.ndarray, valid_frames: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+  """Per-bin mean and std over the valid frames of `indices` (the training fold only).
+
+  Returns:
+    mean, std: [n_bins] float32; std is floored so silent bins do not divide by zero.
+  """
+  n_bins = features.shape[1]
+  total = np.zeros(n_bins)
+  total_sq = np.zeros(n_bins)
+  count = 0
+  for start in range(0, len(indices), _STATS_CHUNK):
+    chunk = np.sort(indices[start : start + _STATS_CHUNK])
+    x = np.asarray(features[chunk], dtype=np.float64)  # [chunk, n_bins, n_frames]
+    frame_ids = np.arange(x.shape[-1])
+    valid = frame_ids[None, :] < valid_frames[chunk][:, None]  # [chunk, n_frames]
+    total += np.einsum("cbt,ct->b", x, valid)
+    total_sq += np.einsum("cbt,ct->b", x * x, valid)
+    count += int(valid.sum())
+  mean = total / max(count, 1)
+  std = np.sqrt(np.maximum(total_sq / max(count, 1) - mean**2, 0.0))
+  return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+
+
+def epoch_permutation(indices: np.ndarray, seed: int, fold: int, epoch: int) -> np.ndarray:
+  """The training order of one epoch: a function of (seed, fold, epoch) only, so resumable."""
+  return np.random.default_rng([seed, fold, epoch]).permutation(indices)
+
+
+def read_batch(
+  store, indices: np.ndarray, mean: np.ndarray, std: np.ndarray
+) -> dict[str, np.ndarray]:
+  """Standardised features [batch, n_bins, n_frames], labels and valid frames for `indices`."""
+  order = np.argsort(indices)  # Sorted reads are sequential on disk.
+  rows = np.empty((len(indices),) + store.features.shape[1:], dtype=np.float32)
+  rows[order] = store.features[indices[order]]
+  rows -= mean[None, :, None]
+  rows /= std[None, :, None]
+  return {
+    "features": rows,
+    "labels": store.labels[indices].astype(np.int32),
+    "valid_frames": store.valid_frames[indices].astype(np.int32),
+  }
+
+
+def train_batches(
+  store,
+  indices: np.ndarray,
+  batch_size: int,
+  mean: np.ndarray,
+  std: np.ndarray,
+  *,
+  seed: int,
+  fold: int,
+  epoch: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+  """This process's share of each global training batch; the last partial batch is dropped.
+
+  Every process computes the same global permutation and reads only its contiguous slice.
+  """
+  permutation = epoch_permutation(indices, seed, fold, epoch)
+  local = batch_size // process_count
+  for start in range(0, len(permutation) - batch_size + 1, batch_size):
+    batch = permutation[start : start + batch_size]
+    yield read_batch(store, batch[process_index * local : (process_index + 1) * local], mean, std)
+
+
+def eval_batches(
+  store,
+  indices: np.ndarray,
+  batch_size: int,
+  mean: np.ndarray,
+  std: np.ndarray,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+  """(this process's slice of a global batch, number of real examples in the global batch).
+
+  Every example is evaluated exactly once: the last batch is padded by repeating its first
+  example, and the caller keeps the first `n_real` outputs.
+  """
+  local = batch_size // process_count
+  for start in range(0, len(indices), batch_size):
+    batch = indices[start : start + batch_size]
+    padded = np.concatenate([batch, np.full(batch_size - len(batch), batch[0])])
+    mine = padded[process_index * local : (process_index + 1) * local]
+    yield read_batch(store, mine, mean, std), len(batch)

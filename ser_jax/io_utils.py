@@ -1,0 +1,70 @@
+"""Atomic file writes and a workdir lock: a crash leaves the previous file, never half a file."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to a temporary sibling, fsyncs it, then renames it over `path`."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_csv(
+  path: str | os.PathLike, header: Sequence[str], rows: Sequence[Sequence]
+) -> None:
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator="\n")
+  writer.writerow(header)
+  writer.writerows(rows)
+  atomic_write_text(path, buffer.getvalue())
+
+
+class LockedError(RuntimeError):
+  """Another process holds the lock."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+  """Holds an flock on `path` for the block; the OS releases it if the process dies."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as error:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise LockedError(
+        f"{what} is in use by another process (pid {holder}); wait for it to finish "
+        f"or stop it (lock file: {path})"
+      ) from error
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)

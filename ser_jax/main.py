@@ -1,0 +1,34 @@
+"""Runs an experiment: `python -m ser_jax.main --config=configs/mfcc_focal.py --workdir=runs/x`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from ser_jax import cli, experiment
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and results.")
+_FRESH = flags.DEFINE_bool("fresh", False, "Discard what the workdir holds and start again.")
+flags.mark_flags_as_required(["config", "workdir"])
+cli.define_distributed_flags()
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  cli.maybe_initialize_distributed()
+  logging.info(
+    "JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count()
+  )
+  with cli.clear_errors():
+    experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value, fresh=_FRESH.value)
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

@@ -1,0 +1,80 @@
+"""ResNet for one-channel feature maps [batch, n_bins, n_frames, 1] (He et al. 2016)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions, each followed by BatchNorm; ReLU after the residual sum."""
+
+  filters: int
+  strides: int = 1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+    )
+    residual = x
+    y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)))(x)
+    y = nn.relu(norm()(y))
+    y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)))(y)
+    # Zero-initialised last scale: each block starts as the identity (Goyal et al. 2017).
+    y = norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = conv(self.filters, (1, 1), (self.strides, self.strides), name="proj_conv")(
+        residual
+      )
+      residual = norm(name="proj_norm")(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """7x7/2 stem, 3x3/2 max-pool, four stages of blocks, global average pool, dense."""
+
+  stage_sizes: Sequence[int]
+  num_classes: int
+  width: int = 64
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    """Maps [batch, n_bins, n_frames, 1] features to [batch, num_classes] float32 logits."""
+    x = x.astype(self.dtype)
+    x = nn.Conv(
+      self.width,
+      (7, 7),
+      (2, 2),
+      padding=((3, 3), (3, 3)),
+      use_bias=False,
+      dtype=self.dtype,
+      name="stem_conv",
+    )(x)
+    x = nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="stem_norm"
+    )(x)
+    x = nn.relu(x)
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(self.width * 2**stage, strides, self.dtype)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+MODELS = {"resnet18": ResNet18, "resnet34": ResNet34}
+
+
+def create_model(model_config, num_classes: int) -> ResNet:
+  dtype = jnp.bfloat16 if model_config.compute_dtype == "bfloat16" else jnp.float32
+  return MODELS[model_config.name](num_classes=num_classes, width=model_config.width, dtype=dtype)

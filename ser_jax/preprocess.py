@@ -1,0 +1,34 @@
+"""Builds a config's feature store only, and prints its path and class counts."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from ser_jax import cli, experiment
+from ser_jax.config import validate_config
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Unused here; accepted so commands match main's.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  with cli.clear_errors():
+    validate_config(_CONFIG.value)
+    store = experiment.prepare_store(_CONFIG.value)
+  counts = np.bincount(store.labels, minlength=len(store.class_names))
+  print(store.path)
+  for name, count in zip(store.class_names, counts, strict=True):
+    print(f"{name}\t{count}")
+  print(f"total\t{len(store)}\tskipped\t{store.meta['n_skipped']}")
+
+
+if __name__ == "__main__":
+  sys.exit(app.run(main))

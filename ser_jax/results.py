@@ -1,0 +1,200 @@
+"""What a run writes: metrics.jsonl, TensorBoard scalars, results.json and results.md."""
+
+from __future__ import annotations
+
+import io
+import json
+import pathlib
+
+import numpy as np
+
+from ser_jax import io_utils, metrics
+
+
+class MetricsLog:
+  """Per-epoch records in `metrics.jsonl`; a resumed fold drops records after its checkpoint."""
+
+  def __init__(self, path: pathlib.Path, enabled: bool = True):
+    self.path = path
+    self.enabled = enabled
+
+  def append(self, record: dict) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+  def truncate(self, fold: int, epoch: int) -> None:
+    if not (self.enabled and self.path.exists()):
+      return
+    kept = []
+    for line in self.path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # A line cut short by a kill.
+        continue
+      if not (record["fold"] == fold and record["epoch"] > epoch):
+        kept.append(line)
+    io_utils.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+
+  def read(self) -> list[dict]:
+    if not self.path.exists():
+      return []
+    records = []
+    for line in self.path.read_text().splitlines():
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+    return records
+
+
+class TensorBoard:
+  """Train scalars per fold (and per member of a sweep) as TensorBoard event files."""
+
+  def __init__(self, logdir: pathlib.Path, enabled: bool = True):
+    self.writer = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+
+      self.writer = SummaryWriter(str(logdir))
+
+  def scalars(self, record: dict, members) -> None:
+    if self.writer is None:
+      return
+    for k, member in enumerate(members):
+      suffix = "" if len(members) == 1 else f"/gamma={member.gamma},seed={member.seed}"
+      for name in ("train_loss", "train_accuracy"):
+        self.writer.add_scalar(f"{name}{suffix}", record[name][k], record["step"])
+    self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+def save_normalisation(path: pathlib.Path, mean: np.ndarray, std: np.ndarray) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, mean=mean, std=std)
+  io_utils.atomic_write_bytes(path, buffer.getvalue())
+
+
+def _mean_std(values) -> tuple[float, float]:
+  values = np.asarray(values, dtype=float)
+  return float(values.mean()), float(values.std())
+
+
+def member_summary(class_names, fold_results, k: int) -> dict:
+  """Metrics of member k: per fold, mean +/- std over folds, and pooled confusion."""
+  per_fold = []
+  for result in fold_results:
+    counts = np.array(result["confusion_counts"][k])
+    per_fold.append(
+      {
+        "fold": result["fold"],
+        "n_train": result["n_train"],
+        "n_test": result["n_test"],
+        **metrics.summarise(counts),
+        "confusion_counts": counts.tolist(),
+      }
+    )
+  pooled = np.sum([np.array(f["confusion_counts"]) for f in per_fold], axis=0)
+  summary = {}
+  for name in ("overall_accuracy", "class_accuracy", "macro_f1"):
+    summary[name], summary[f"{name}_std"] = _mean_std([f[name] for f in per_fold])
+  summary["per_class_recall"] = dict(
+    zip(class_names, metrics.per_class_recall(pooled).tolist(), strict=True)
+  )
+  summary["confusion_counts"] = pooled.tolist()
+  summary["confusion_matrix"] = metrics.row_normalised(pooled).tolist()
+  summary["folds"] = per_fold
+  return summary
+
+
+def summarise_run(
+  *, config, class_names, members, fold_results, num_params, feature_store, skipped, wall_seconds
+) -> dict:
+  """results.json: the first member's metrics at the top; every member under `sweep`."""
+  per_member = [member_summary(class_names, fold_results, k) for k in range(len(members))]
+  summary = {
+    "class_names": list(class_names),
+    **per_member[0],
+    "num_params": num_params,
+    "feature_store": feature_store,
+    "skipped_files": skipped,
+    "config": json.loads(config.to_json_best_effort()),
+    "wall_seconds": wall_seconds,
+  }
+  if len(members) > 1:
+    summary["sweep"] = [_sweep_entry(m, s) for m, s in zip(members, per_member, strict=True)]
+  return summary
+
+
+def _sweep_entry(member: dict, summary: dict) -> dict:
+  keys = ("overall_accuracy", "overall_accuracy_std", "class_accuracy", "class_accuracy_std")
+  return {**member, **{k: summary[k] for k in keys}}
+
+
+def final_line(summary: dict) -> str:
+  return (
+    f"Result over {len(summary['folds'])} folds: WA {summary['overall_accuracy']:.2f} "
+    f"+/- {summary['overall_accuracy_std']:.2f}, UA {summary['class_accuracy']:.2f} "
+    f"+/- {summary['class_accuracy_std']:.2f}, macro-F1 {summary['macro_f1']:.2f}"
+  )
+
+
+def results_markdown(summary: dict) -> str:
+  """Table 1's shape (WA, UA) and Tables 2-3's shape (row-normalised confusion, %)."""
+  config = summary["config"]
+  kind = {"mfcc": "MFCC", "logmel": "Log-mel"}[config["features"]["kind"]]
+  loss = config["loss"]["name"]
+  loss_label = f"focal (gamma={config['loss']['gamma']})" if loss == "focal" else "softmax"
+  names = summary["class_names"]
+  lines = [
+    f"# {config['data']['corpus']}: {kind}, {loss_label}, {len(summary['folds'])}-fold "
+    f"{config['cv']['scheme']} cross-validation",
+    "",
+    "| Input | Loss | Overall accuracy (WA) | Class accuracy (UA) | Macro F1 |",
+    "|---|---|---|---|---|",
+    f"| {kind} | {loss_label} | {summary['overall_accuracy']:.2f} +/- "
+    f"{summary['overall_accuracy_std']:.2f} | {summary['class_accuracy']:.2f} +/- "
+    f"{summary['class_accuracy_std']:.2f} | {summary['macro_f1']:.2f} +/- "
+    f"{summary['macro_f1_std']:.2f} |",
+    "",
+    "Confusion matrix (rows: true class, % of the row; summed over folds)",
+    "",
+    "| true \\ predicted | " + " | ".join(names) + " |",
+    "|---" * (len(names) + 1) + "|",
+  ]
+  for name, row in zip(names, summary["confusion_matrix"], strict=True):
+    lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+  lines += ["", "| Fold | Train | Test | WA | UA | Macro F1 |", "|---|---|---|---|---|---|"]
+  for fold in summary["folds"]:
+    lines.append(
+      f"| {fold['fold']} | {fold['n_train']} | {fold['n_test']} | "
+      f"{fold['overall_accuracy']:.2f} | {fold['class_accuracy']:.2f} | {fold['macro_f1']:.2f} |"
+    )
+  if "sweep" in summary:
+    lines += [
+      "",
+      "Sweep (mean +/- std over folds)",
+      "",
+      "| gamma | seed | learning rate | WA | UA |",
+      "|---|---|---|---|---|",
+    ]
+    for m in summary["sweep"]:
+      lines.append(
+        f"| {m['gamma']} | {m['seed']} | {m['learning_rate']} | {m['overall_accuracy']:.2f} +/- "
+        f"{m['overall_accuracy_std']:.2f} | {m['class_accuracy']:.2f} +/- "
+        f"{m['class_accuracy_std']:.2f} |"
+      )
+  if summary.get("skipped_files"):
+    lines += [
+      "",
+      f"{len(summary['skipped_files'])} files skipped; see skipped_files in results.json",
+    ]
+  return "\n".join(lines) + "\n"
+
+
+def write_results(workdir: pathlib.Path, summary: dict) -> None:
+  io_utils.atomic_write_json(workdir / "results.json", summary)
+  io_utils.atomic_write_text(workdir / "results.md", results_markdown(summary))

@@ -1,0 +1,68 @@
+"""Data parallelism with `jax.jit` and shardings: one code path for 1 device or a pod."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """The mesh over all devices and the shardings the experiment uses."""
+
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def create(cls) -> Topology:
+    return cls(jax.make_mesh((jax.device_count(),), (DATA_AXIS,)))
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.size
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(DATA_AXIS))
+
+  def check_batch_size(self, key: str, batch_size: int) -> None:
+    """The global batch must split evenly over devices and processes."""
+    if batch_size % self.num_devices:
+      raise ValueError(
+        f"{key}={batch_size} does not divide among {self.num_devices} devices; use a multiple "
+        f"of {self.num_devices} (e.g. {self.num_devices * max(1, batch_size // self.num_devices)})"
+      )
+
+  def global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Assembles each process's slice into arrays sharded over the data axis."""
+    return {
+      name: jax.make_array_from_process_local_data(self.batch, value)
+      for name, value in local_batch.items()
+    }
+
+  def fsdp(self, tree):
+    """Shardings that split each array's largest divisible axis over the data axis.
+
+    The ZeRO/FSDP option: parameters and optimiser moments are stored in pieces and
+    gathered by XLA where a step needs them.
+    """
+
+    def spec(x):
+      shape = getattr(x, "shape", ())
+      for axis in np.argsort(shape)[::-1]:
+        if shape[axis] % self.num_devices == 0 and shape[axis] >= self.num_devices:
+          parts = [None] * len(shape)
+          parts[axis] = DATA_AXIS
+          return NamedSharding(self.mesh, P(*parts))
+      return self.replicated
+
+    return jax.tree.map(spec, tree)

@@ -1,0 +1,307 @@
+"""The feature store: a corpus's features as memory-mapped arrays, built once and reused.
+
+A store is a folder `<cache_dir>/<corpus>-<kind>-<key>/` holding
+  features.npy      float32 [N, n_bins, n_frames]
+  labels.npy        int32 [N], indices into meta.json's class_names
+  valid_frames.npy  int32 [N], frames that see audio before the end padding
+  manifest.csv      utt_id, path, label, speaker, group (row i describes features[i])
+  skipped.csv       path, reason for files that could not be used
+  meta.json         corpus, class names, feature parameters, library versions
+
+The key hashes the corpus listing (with file sizes) and the feature parameters. It is
+built in `<name>.partial/`, resumable row by row, and renamed into place only when
+complete, so a folder without `.partial` is always finished.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import multiprocessing
+import os
+import pathlib
+import platform
+from collections.abc import Sequence
+
+import numpy as np
+import tqdm
+
+from ser_jax import audio, io_utils
+from ser_jax.data.corpus import Corpus, CorpusError
+from ser_jax.features import FeatureParams, compute_features
+
+STORE_FORMAT = 1
+PENDING, SKIPPED = -1, -2  # Values of the progress array; >= 0 is the clip's sample count.
+_CHUNK = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureStore:
+  """An opened, complete store; `features` is a read-only memmap."""
+
+  path: pathlib.Path
+  features: np.ndarray  # [N, n_bins, n_frames]
+  labels: np.ndarray  # [N]
+  valid_frames: np.ndarray  # [N]
+  manifest: tuple[dict[str, str], ...]
+  meta: dict
+
+  @property
+  def class_names(self) -> tuple[str, ...]:
+    return tuple(self.meta["class_names"])
+
+  @property
+  def speakers(self) -> np.ndarray:
+    return np.array([row["speaker"] for row in self.manifest])
+
+  @property
+  def groups(self) -> np.ndarray:
+    return np.array([row["group"] for row in self.manifest])
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def default_cache_dir() -> pathlib.Path:
+  return pathlib.Path(os.environ.get("SER_JAX_CACHE", "~/.cache/ser_jax")).expanduser()
+
+
+def store_key(corpus: Corpus, params: FeatureParams) -> str:
+  """Hash of the listing (ids, paths, labels, speakers, file sizes) and feature parameters."""
+  listing = []
+  for u in corpus.utterances:
+    try:
+      size = os.path.getsize(u.path)
+    except OSError:
+      size = -1
+    listing.append([u.utt_id, u.path, u.label, u.speaker, u.group, size])
+  payload = json.dumps(
+    {
+      "format": STORE_FORMAT,
+      "corpus": corpus.name,
+      "class_names": list(corpus.class_names),
+      "listing": listing,
+      "features": dataclasses.asdict(params),
+    },
+    sort_keys=True,
+  )
+  return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def store_path(corpus: Corpus, params: FeatureParams, cache_dir: str | os.PathLike) -> pathlib.Path:
+  return pathlib.Path(cache_dir) / f"{corpus.name}-{params.kind}-{store_key(corpus, params)}"
+
+
+def open_store(path: str | os.PathLike) -> FeatureStore:
+  """Opens a complete store; the features stay on disk (memmap)."""
+  path = pathlib.Path(path)
+  if not (path / "meta.json").exists():
+    raise FileNotFoundError(f"{path} is not a complete feature store (no meta.json)")
+  meta = json.loads((path / "meta.json").read_text())
+  with open(path / "manifest.csv", newline="") as f:
+    manifest = tuple(csv.DictReader(f))
+  return FeatureStore(
+    path=path,
+    features=np.load(path / "features.npy", mmap_mode="r"),
+    labels=np.load(path / "labels.npy"),
+    valid_frames=np.load(path / "valid_frames.npy"),
+    manifest=manifest,
+    meta=meta,
+  )
+
+
+def build_store(
+  corpus: Corpus,
+  params: FeatureParams,
+  cache_dir: str | os.PathLike,
+  *,
+  num_workers: int = 0,
+  strict: bool = False,
+  progress: bool | None = None,
+) -> pathlib.Path:
+  """Builds the store if it does not exist yet (resuming a partial one) and returns its path."""
+  if not corpus.utterances:
+    raise CorpusError(f"corpus '{corpus.name}' lists no utterances; nothing to extract")
+  final = store_path(corpus, params, cache_dir)
+  if (final / "meta.json").exists():
+    return final
+  partial = final.with_name(final.name + ".partial")
+  with io_utils.exclusive_lock(final.with_name(final.name + ".lock"), f"feature store {final}"):
+    if (final / "meta.json").exists():  # Finished by another process while we waited.
+      return final
+    partial.mkdir(parents=True, exist_ok=True)
+    progress_path = _extract(corpus, params, partial, num_workers, strict, progress)
+    _finalise(corpus, params, partial, progress_path)
+    os.replace(partial, final)
+  return final
+
+
+def _create_array(path: pathlib.Path, shape: tuple[int, ...], dtype, fill=None) -> None:
+  """Creates a full-size .npy file under a temporary name, then renames it into place."""
+  if path.exists():
+    return
+  tmp = path.with_name(path.name + ".tmp")
+  array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+  if fill is not None:
+    array[...] = fill
+  array.flush()
+  del array
+  os.replace(tmp, path)
+
+
+def _extract(corpus, params, partial, num_workers, strict, progress) -> pathlib.Path:
+  n = len(corpus.utterances)
+  raw_path = partial / "raw_features.npy"
+  progress_path = partial / "n_samples.npy"
+  reasons_path = partial / "skipped.jsonl"
+  _create_array(raw_path, (n, params.n_bins, params.n_frames), np.float32)
+  _create_array(progress_path, (n,), np.int64, fill=PENDING)
+  n_samples = np.load(progress_path, mmap_mode="r+")
+  pending = np.flatnonzero(n_samples == PENDING)
+  if len(pending) < n:
+    logging.info("Resuming feature store %s: %d of %d clips done", partial, n - len(pending), n)
+  jobs = [
+    [(int(i), corpus.utterances[i].path) for i in pending[start : start + _CHUNK]]
+    for start in range(0, len(pending), _CHUNK)
+  ]
+  num_workers = num_workers or os.cpu_count() or 1
+  bar = tqdm.tqdm(
+    total=n, initial=n - len(pending), desc="features", unit="clip", disable=_quiet(progress)
+  )
+
+  def record(results) -> None:
+    for index, count, reason in results:
+      if reason is not None:
+        if strict:
+          raise audio.AudioError(f"{corpus.utterances[index].path}: {reason}")
+        with open(reasons_path, "a") as f:
+          f.write(json.dumps({"index": index, "reason": reason}) + "\n")
+      n_samples[index] = SKIPPED if reason is not None else count
+    n_samples.flush()
+    bar.update(len(results))
+
+  if num_workers == 1 or len(jobs) <= 1:
+    for job in jobs:
+      record(_extract_chunk(str(raw_path), params, job))
+  else:
+    context = multiprocessing.get_context("spawn")  # Forking after JAX starts can deadlock.
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+      futures = [pool.submit(_extract_chunk, str(raw_path), params, job) for job in jobs]
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          record(future.result())
+      except BaseException:
+        for future in futures:
+          future.cancel()
+        raise
+  bar.close()
+  return progress_path
+
+
+def _extract_chunk(raw_path: str, params: FeatureParams, job: Sequence[tuple[int, str]]):
+  """Worker: computes features for (index, path) pairs and writes them into the raw memmap."""
+  raw = np.load(raw_path, mmap_mode="r+")
+  results = []
+  for index, path in job:
+    try:
+      waveform = audio.load_audio(path, params.sample_rate)
+    except audio.AudioError as error:
+      results.append((index, 0, str(error)))
+      continue
+    raw[index] = compute_features(waveform, params)
+    results.append((index, len(waveform), None))
+  raw.flush()
+  return results
+
+
+def _finalise(corpus: Corpus, params: FeatureParams, partial: pathlib.Path, progress_path) -> None:
+  n_samples = np.load(progress_path)
+  good = np.flatnonzero(n_samples >= 0)
+  if len(good) == 0:
+    raise CorpusError(f"no audio file of corpus '{corpus.name}' could be read; see {partial}")
+  reasons = {}
+  reasons_path = partial / "skipped.jsonl"
+  if reasons_path.exists():
+    for line in reasons_path.read_text().splitlines():
+      if line.strip():
+        record = json.loads(line)
+        reasons[record["index"]] = record["reason"]
+  raw_path = partial / "raw_features.npy"
+  features_path = partial / "features.npy"
+  if len(good) == len(n_samples):
+    if raw_path.exists():
+      os.replace(raw_path, features_path)
+  else:
+    raw = np.load(raw_path, mmap_mode="r")
+    tmp = partial / "features.npy.tmp"
+    out = np.lib.format.open_memmap(
+      tmp, mode="w+", dtype=np.float32, shape=(len(good),) + raw.shape[1:]
+    )
+    for start in range(0, len(good), 256):
+      out[start : start + 256] = raw[good[start : start + 256]]
+    out.flush()
+    del out, raw
+    os.replace(tmp, features_path)
+    raw_path.unlink()
+
+  class_index = {name: i for i, name in enumerate(corpus.class_names)}
+  utterances = [corpus.utterances[i] for i in good]
+  labels = np.array([class_index[u.label] for u in utterances], dtype=np.int32)
+  valid = np.array([params.valid_frames(int(n_samples[i])) for i in good], dtype=np.int32)
+  io_utils.atomic_write_bytes(partial / "labels.npy", _npy_bytes(labels))
+  io_utils.atomic_write_bytes(partial / "valid_frames.npy", _npy_bytes(valid))
+  io_utils.atomic_write_csv(
+    partial / "manifest.csv",
+    ("utt_id", "path", "label", "speaker", "group"),
+    [dataclasses.astuple(u) for u in utterances],
+  )
+  skipped_rows = [(s.path, s.reason) for s in corpus.skipped]
+  skipped_rows += [
+    (corpus.utterances[i].path, reasons.get(int(i), "unreadable audio"))
+    for i in np.flatnonzero(n_samples == SKIPPED)
+  ]
+  io_utils.atomic_write_csv(partial / "skipped.csv", ("path", "reason"), skipped_rows)
+  for leftover in (progress_path, reasons_path):
+    leftover.unlink(missing_ok=True)
+  io_utils.atomic_write_json(
+    partial / "meta.json", _meta(corpus, params, len(good), len(skipped_rows))
+  )
+
+
+def _meta(corpus: Corpus, params: FeatureParams, n_clips: int, n_skipped: int) -> dict:
+  versions = {}
+  for package in ("numpy", "librosa", "soundfile", "soxr"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = "unknown"
+  versions["python"] = platform.python_version()
+  return {
+    "format": STORE_FORMAT,
+    "corpus": corpus.name,
+    "class_names": list(corpus.class_names),
+    "n_clips": n_clips,
+    "n_skipped": n_skipped,
+    "features": dataclasses.asdict(params),
+    "n_bins": params.n_bins,
+    "n_frames": params.n_frames,
+    "db_reference": "ref=1.0 (absolute), top_db=80",
+    "versions": versions,
+  }
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return buffer.getvalue()
+
+
+def _quiet(progress: bool | None) -> bool | None:
+  """tqdm's `disable`: None hides the bar when output is not a terminal."""
+  return None if progress is None else not progress

@@ -1,0 +1,192 @@
+"""Train state, optimiser and the pure, jittable, vmappable train and eval steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from ser_jax import losses
+
+Batch = dict[str, jax.Array]
+HParams = dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything that changes during training; a pytree, so it can be stacked over members."""
+
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  apply_fn: Any = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """SpecAugment-style masking and a circular time shift within each clip's valid frames."""
+
+  time_shift: bool = True
+  freq_masks: int = 2
+  freq_mask_bins: int = 4
+  time_masks: int = 2
+  time_mask_frames: int = 20
+
+  @classmethod
+  def from_config(cls, train_config) -> Augmentation:
+    return cls(**{f.name: train_config[f.name] for f in dataclasses.fields(cls)})
+
+
+def make_hparams(
+  *,
+  gamma: float,
+  learning_rate: float,
+  alpha,
+  label_smoothing: float,
+  rng_seed: int,
+) -> HParams:
+  """The numbers a sweep may vary, as arrays: members differ only in these."""
+  return {
+    "gamma": jnp.asarray(gamma, jnp.float32),
+    "learning_rate": jnp.asarray(learning_rate, jnp.float32),
+    "alpha": jnp.asarray(alpha, jnp.float32),
+    "label_smoothing": jnp.asarray(label_smoothing, jnp.float32),
+    "rng_seed": jnp.asarray(rng_seed, jnp.uint32),
+  }
+
+
+def make_optimizer(*, weight_decay: float, warmup_steps: int, total_steps: int):
+  """AdamW with linear warm-up and cosine decay of a unit learning rate.
+
+  The step multiplies the update by `hparams['learning_rate']`, which equals AdamW at
+  that rate (the weight decay term scales with it as in optax.adamw) and lets a sweep
+  vary the rate as an array.
+  """
+  schedule = optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=1.0,
+    warmup_steps=max(warmup_steps, 1),
+    decay_steps=max(total_steps, warmup_steps + 1),
+    end_value=0.0,
+  )
+  return optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=weight_decay)
+
+
+def create_train_state(model, tx, rng: jax.Array, input_shape: tuple[int, ...]) -> TrainState:
+  """Initialises parameters for inputs of `input_shape` = [batch, n_bins, n_frames, 1]."""
+  variables = model.init(rng, jnp.zeros(input_shape, jnp.float32), train=False)
+  params = variables["params"]
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables["batch_stats"],
+    opt_state=tx.init(params),
+    apply_fn=model.apply,
+    tx=tx,
+  )
+
+
+def augment(features: jax.Array, valid_frames: jax.Array, rng: jax.Array, aug: Augmentation):
+  """Randomly shifts and masks [batch, n_bins, n_frames] standardised features."""
+  batch, n_bins, n_frames = features.shape
+  shift_key, freq_key, time_key = jax.random.split(rng, 3)
+  frames = jnp.arange(n_frames)
+  if aug.time_shift:
+    offsets = jax.random.randint(shift_key, (batch,), 0, n_frames) % jnp.maximum(valid_frames, 1)
+    valid = frames[None, :] < valid_frames[:, None]
+    source = jnp.where(valid, (frames[None, :] + offsets[:, None]) % valid_frames[:, None], frames)
+    features = jnp.take_along_axis(features, source[:, None, :], axis=2)
+
+  def masks(key, count, width, size):
+    start_key, width_key = jax.random.split(key)
+    widths = jax.random.randint(width_key, (batch, count), 0, width + 1)
+    starts = jax.random.randint(start_key, (batch, count), 0, size)
+    positions = jnp.arange(size)[None, None, :]
+    inside = (positions >= starts[..., None]) & (positions < (starts + widths)[..., None])
+    return inside.any(axis=1)  # [batch, size]
+
+  keep = jnp.ones((batch, n_bins, n_frames), bool)
+  if aug.freq_masks:
+    keep &= ~masks(freq_key, aug.freq_masks, aug.freq_mask_bins, n_bins)[:, :, None]
+  if aug.time_masks:
+    keep &= ~masks(time_key, aug.time_masks, aug.time_mask_frames, n_frames)[:, None, :]
+  return jnp.where(keep, features, 0.0)  # 0 is the training mean after standardisation.
+
+
+def train_step(
+  state: TrainState, batch: Batch, hparams: HParams, *, augmentation: Augmentation
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimiser step on a batch; pure, so it jits, shards over the batch and vmaps."""
+  rng = jax.random.fold_in(jax.random.key(hparams["rng_seed"]), state.step)
+  features = augment(batch["features"], batch["valid_frames"], rng, augmentation)
+  inputs = features[..., None]
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+      {"params": params, "batch_stats": state.batch_stats},
+      inputs,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    per_example = losses.focal_loss(
+      logits,
+      batch["labels"],
+      hparams["gamma"],
+      hparams["alpha"],
+      hparams["label_smoothing"],
+    )
+    return per_example.mean(), (logits, updates["batch_stats"])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: hparams["learning_rate"] * u, updates)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+  )
+  metrics = {
+    "loss": loss,
+    "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"]),
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: Batch) -> jax.Array:
+  """Class probabilities [batch, n_classes] with running BatchNorm statistics."""
+  logits = state.apply_fn(
+    {"params": state.params, "batch_stats": state.batch_stats},
+    batch["features"][..., None],
+    train=False,
+  )
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def over_members(step_fn, n_members: int, batch_args: int = 1):
+  """Runs `step_fn(state, *batch_args, *rest)` for a leading member axis on state and rest.
+
+  With several members it is `jax.vmap` (one program for all); with one it squeezes the
+  axis instead, so a single run compiles the plain step.
+  """
+  if n_members > 1:
+
+    def stacked(state, *args):
+      in_axes = (0,) + (None,) * batch_args + (0,) * (len(args) - batch_args)
+      return jax.vmap(step_fn, in_axes=in_axes)(state, *args)
+
+    return stacked
+
+  def single(state, *args):
+    squeeze = functools.partial(jax.tree.map, lambda x: x[0])
+    shared, own = args[:batch_args], args[batch_args:]
+    out = step_fn(squeeze(state), *shared, *[squeeze(a) for a in own])
+    return jax.tree.map(lambda x: x[None], out)
+
+  return single

@@ -1,0 +1,520 @@
+"""Corpus readers on small fixtures in each corpus's on-disk layout, and on the real EmoDB."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ser_jax.data import info
+from ser_jax.data.corpora import (
+  CORPORA,
+  DEFAULT_CLASSES,
+  available_classes,
+  read_corpus,
+)
+from ser_jax.data.corpus import CorpusError
+
+EMODB_ROOT = pathlib.Path(
+  os.environ.get(
+    "SER_JAX_EMODB", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "emodb"
+  )
+)
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\xff\xfe[junk]\tSes\n"
+
+
+def _wav(path: pathlib.Path, *, empty: bool = False) -> None:
+  """Writes 0.1 s of 16 kHz noise (or a zero-byte file) at `path`."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if empty:
+    path.write_bytes(b"")
+    return
+  noise = np.random.default_rng(len(path.name)).normal(0.0, 0.1, 1600).astype(np.float32)
+  sf.write(path, noise, 16000, subtype="PCM_16")
+
+
+def _labels(corpus) -> dict[str, str]:
+  return {u.utt_id: u.label for u in corpus.utterances}
+
+
+def _reasons(corpus) -> dict[str, str]:
+  return {pathlib.Path(s.path).name: s.reason for s in corpus.skipped}
+
+
+# --- EmoDB ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emodb(tmp_path_factory) -> pathlib.Path:
+  root = tmp_path_factory.mktemp("emodb")
+  for name in [
+    "03a01Fa",  # happiness
+    "03a01Nc",  # neutral
+    "03a01Wa",  # anger
+    "03a02Ta",  # sadness
+    "03b01La",  # boredom
+    "08a01Ea",  # disgust
+    "08a02Fb",
+    "08a04Nb",
+    "08a05Wa",
+    "08b10Tc",
+  ]:
+    _wav(root / "wav" / f"{name}.wav")
+  _wav(root / "wav" / "09a01Fa.wav", empty=True)
+  _wav(root / "wav" / "03a01Xa.wav")  # no emotion X
+  _wav(root / "wav" / "notes.wav")
+  (root / "wav" / "._03a01Fa.wav").write_bytes(APPLEDOUBLE)
+  (root / "wav" / "readme.txt").write_text("not audio\n")
+  return root
+
+
+def test_emodb_default_classes(emodb):
+  corpus = read_corpus("emodb", emodb)
+  assert corpus.name == "emodb"
+  assert corpus.class_names == DEFAULT_CLASSES
+  assert _labels(corpus) == {
+    "03a01Fa": "happiness",
+    "03a01Nc": "neutral",
+    "03a01Wa": "anger",
+    "03a02Ta": "sadness",
+    "08a02Fb": "happiness",
+    "08a04Nb": "neutral",
+    "08a05Wa": "anger",
+    "08b10Tc": "sadness",
+  }
+  ids = [u.utt_id for u in corpus.utterances]
+  assert ids == sorted(ids)
+  assert {(u.speaker, u.group) for u in corpus.utterances} == {("03", "03"), ("08", "08")}
+  assert all(os.path.isabs(u.path) and os.path.isfile(u.path) for u in corpus.utterances)
+  assert _reasons(corpus) == {
+    "03a01Xa.wav": "unknown emotion letter 'X'; expected one of: A, E, F, L, N, T, W",
+    "09a01Fa.wav": "empty file (0 bytes)",
+    "notes.wav": "name does not match the EmoDB pattern (e.g. 03a01Fa.wav)",
+  }
+
+
+def test_emodb_class_selection_and_order(emodb):
+  corpus = read_corpus("emodb", emodb / "wav", ["disgust", "anger", "boredom"])
+  assert corpus.class_names == ("disgust", "anger", "boredom")
+  assert corpus.class_counts() == {"disgust": 1, "anger": 2, "boredom": 1}
+  assert corpus.label_indices() == [1, 2, 0, 1]  # 03a01Wa 03b01La 08a01Ea 08a05Wa
+  # A skipped zero-byte happiness file is no concern when happiness is not chosen.
+  assert "09a01Fa.wav" not in _reasons(corpus)
+
+
+def test_emodb_class_errors(emodb):
+  with pytest.raises(
+    CorpusError, match=r"unknown class 'happy' for emodb; expected one of: .*happi"
+  ):
+    read_corpus("emodb", emodb, ["happy", "anger"])
+  with pytest.raises(CorpusError, match=r"class 'fear' has no utterances in emodb"):
+    read_corpus("emodb", emodb, ["anger", "fear"])
+  with pytest.raises(CorpusError, match=r"class 'anger' is listed twice"):
+    read_corpus("emodb", emodb, ["anger", "neutral", "anger"])
+  with pytest.raises(CorpusError, match=r"sequence of names, got the string 'anger'"):
+    read_corpus("emodb", emodb, "anger")
+  with pytest.raises(CorpusError, match=r"include_scripted applies only to iemocap, not emodb"):
+    read_corpus("emodb", emodb, include_scripted=True)
+
+
+# --- IEMOCAP -------------------------------------------------------------------------------------
+
+HEADER = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
+CATEGORIES = {
+  "neu": "Neutral",
+  "ang": "Anger",
+  "hap": "Happiness",
+  "sad": "Sadness",
+  "exc": "Excited",
+  "fru": "Frustration",
+  "xxx": "Other",
+}
+
+
+def _block(start: float, turn: str, code: str) -> str:
+  word = CATEGORIES[code]
+  return (
+    f"[{start:.4f} - {start + 2.1:.4f}]\t{turn}\t{code}\t[2.5000, 3.0000, 2.5000]\n"
+    f"C-E2:\t{word};\t()\n"
+    f"C-E3:\t{word}; Neutral;\t()\n"
+    f"C-{turn[-4]}1:\t{word};\t()\n"
+    "A-E3:\tval 3; act 2; dom  2;\t()\n"
+    f"A-{turn[-4]}1:\tval 3; act 3; dom  3;\t()\n\n"
+  )
+
+
+def _dialog(root: pathlib.Path, session: int, dialog: str, turns, *, bad_block: str = "") -> None:
+  """Writes a dialog's EmoEvaluation file and its sentence wavs (turns: (index, code, audio))."""
+  release = root / "IEMOCAP_full_release" / f"Session{session}"
+  text = HEADER
+  for i, (turn, code, audio) in enumerate(turns):
+    text += _block(6.29 + 5 * i, f"{dialog}_{turn}", code)
+    if audio:
+      _wav(release / "sentences" / "wav" / dialog / f"{dialog}_{turn}.wav", empty=audio == "empty")
+  text += bad_block
+  labels = release / "dialog" / "EmoEvaluation"
+  labels.mkdir(parents=True, exist_ok=True)
+  (labels / f"{dialog}.txt").write_text(text)
+
+
+BAD_BLOCK = "[99.1000 - ]\tSes01F_impro01_F009 neu\nC-E2:\tNeutral;\t()\n\n"
+
+
+@pytest.fixture(scope="module")
+def iemocap(tmp_path_factory) -> pathlib.Path:
+  root = tmp_path_factory.mktemp("iemocap")
+  _dialog(
+    root,
+    1,
+    "Ses01F_impro01",
+    [
+      ("F000", "neu", True),
+      ("M000", "ang", True),
+      ("F001", "xxx", True),
+      ("M001", "exc", True),
+      ("F002", "hap", True),
+      ("M002", "sad", True),
+      ("F003", "fru", True),
+      ("M003", "neu", False),
+    ],
+    bad_block=BAD_BLOCK,
+  )
+  _dialog(root, 1, "Ses01F_script01_1b", [("M007", "sad", True), ("F003", "ang", True)])
+  _dialog(root, 3, "Ses03M_impro05a", [("F012", "neu", True), ("M000", "hap", True)])
+  _dialog(
+    root,
+    3,
+    "Ses03M_impro05b",
+    [("F000", "sad", True), ("M001", "ang", True), ("M002", "neu", "empty")],
+  )
+  labels = root / "IEMOCAP_full_release" / "Session1" / "dialog" / "EmoEvaluation"
+  (labels / "._Ses01F_impro01.txt").write_bytes(APPLEDOUBLE)
+  # Per-evaluator files: read as dialog files they would relabel F000 and duplicate it.
+  for sub, name in [("Categorical", "Ses01F_impro01_e2_cat"), ("Attribute", "Ses01F_impro01_e3")]:
+    (labels / sub).mkdir()
+    (labels / sub / f"{name}.txt").write_text(
+      "[6.2900 - 8.3900]\tSes01F_impro01_F000\tang\t[1.0000, 5.0000, 5.0000]\n"
+      "Ses01F_impro01_F000 :Anger; ()\n"
+    )
+  return root
+
+
+IMPROVISED = {
+  "Ses01F_impro01_F000": "neutral",
+  "Ses01F_impro01_M000": "anger",
+  "Ses01F_impro01_F002": "happiness",
+  "Ses01F_impro01_M002": "sadness",
+  "Ses03M_impro05a_F012": "neutral",
+  "Ses03M_impro05a_M000": "happiness",
+  "Ses03M_impro05b_F000": "sadness",
+  "Ses03M_impro05b_M001": "anger",
+}
+
+
+@pytest.mark.parametrize("sub", ["", "IEMOCAP_full_release"])
+def test_iemocap_improvised_four_classes(iemocap, sub):
+  corpus = read_corpus("iemocap", iemocap / sub)
+  assert corpus.class_names == DEFAULT_CLASSES
+  assert _labels(corpus) == IMPROVISED
+  release = iemocap / "IEMOCAP_full_release"
+  utt = corpus.utterances[0]
+  assert utt.path == str(release / "Session1/sentences/wav/Ses01F_impro01/Ses01F_impro01_F000.wav")
+  reasons = {(pathlib.Path(s.path).name, s.reason) for s in corpus.skipped}
+  labels = release / "Session1/dialog/EmoEvaluation/Ses01F_impro01.txt"
+  bad_line = labels.read_text().splitlines().index(BAD_BLOCK.splitlines()[0]) + 1
+  assert reasons == {
+    ("Ses01F_impro01_M003.wav", "audio file missing"),
+    ("Ses03M_impro05b_M002.wav", "empty file (0 bytes)"),
+    (
+      "Ses01F_impro01.txt",
+      f"Ses01F_impro01.txt:{bad_line}: cannot parse label line {BAD_BLOCK.splitlines()[0]!r}",
+    ),
+  }
+
+
+def test_iemocap_speakers_and_sessions(iemocap):
+  corpus = read_corpus("iemocap", iemocap, include_scripted=True)
+  speakers = {u.utt_id: (u.speaker, u.group) for u in corpus.utterances}
+  # The letter after SesNN names the dialog's first speaker; the turn's own letter is the speaker.
+  assert speakers["Ses01F_impro01_M000"] == ("Ses01_M", "Session1")
+  assert speakers["Ses01F_impro01_F000"] == ("Ses01_F", "Session1")
+  assert speakers["Ses03M_impro05a_F012"] == ("Ses03_F", "Session3")
+  assert speakers["Ses03M_impro05b_M001"] == ("Ses03_M", "Session3")
+  assert speakers["Ses01F_script01_1b_M007"] == ("Ses01_M", "Session1")
+  assert {s for s, _ in speakers.values()} == {"Ses01_F", "Ses01_M", "Ses03_F", "Ses03_M"}
+
+
+def test_iemocap_include_scripted_and_merge_excited(iemocap):
+  scripted = read_corpus("iemocap", iemocap, include_scripted=True)
+  assert _labels(scripted) == {
+    **IMPROVISED,
+    "Ses01F_script01_1b_M007": "sadness",
+    "Ses01F_script01_1b_F003": "anger",
+  }
+  merged = read_corpus("iemocap", iemocap, merge_excited=True)
+  assert _labels(merged) == {**IMPROVISED, "Ses01F_impro01_M001": "happiness"}
+  both = read_corpus("iemocap", iemocap, include_scripted=True, merge_excited=True)
+  assert len(both.utterances) == len(IMPROVISED) + 3
+  assert both.class_counts() == {"neutral": 2, "happiness": 3, "sadness": 3, "anger": 3}
+
+
+def test_iemocap_other_classes(iemocap):
+  corpus = read_corpus("iemocap", iemocap, ["frustration", "excitement"])
+  assert _labels(corpus) == {
+    "Ses01F_impro01_F003": "frustration",
+    "Ses01F_impro01_M001": "excitement",
+  }
+  assert len(available_classes("iemocap")) == 10
+  with pytest.raises(CorpusError, match="'excitement' cannot be chosen with merge_excited"):
+    read_corpus("iemocap", iemocap, ["excitement", "anger"], merge_excited=True)
+  with pytest.raises(CorpusError, match=r"class 'surprise' has no utterances in iemocap"):
+    read_corpus("iemocap", iemocap, ["anger", "surprise"])
+
+
+# --- RAVDESS, CREMA-D, TESS ----------------------------------------------------------------------
+
+
+def test_ravdess(tmp_path):
+  for rel in [
+    "Actor_01/03-01-05-01-01-01-01.wav",
+    "Actor_01/03-01-01-01-01-01-01.wav",
+    "Actor_01/03-01-02-02-01-02-01.wav",
+    "Actor_02/03-01-03-02-01-01-02.wav",
+    "Actor_02/03-01-04-01-02-01-02.wav",
+    "Actor_02/03-02-05-01-01-01-02.wav",  # song: another task, not an error
+    "Actor_02/01-01-05-01-01-01-02.wav",  # audio-visual
+    "Actor_02/03-01-09-01-01-01-02.wav",
+    "Actor_02/take2.wav",
+  ]:
+    _wav(tmp_path / "Audio_Speech_Actors_01-24" / rel)
+  corpus = read_corpus("ravdess", tmp_path)
+  assert _labels(corpus) == {
+    "03-01-01-01-01-01-01": "neutral",
+    "03-01-03-02-01-01-02": "happiness",
+    "03-01-04-01-02-01-02": "sadness",
+    "03-01-05-01-01-01-01": "anger",
+  }
+  assert {u.speaker for u in corpus.utterances} == {"Actor_01", "Actor_02"}
+  assert all(u.group == u.speaker for u in corpus.utterances)
+  assert set(_reasons(corpus)) == {"03-01-09-01-01-01-02.wav", "take2.wav"}
+  calm = read_corpus("ravdess", tmp_path, ["calm", "anger"])
+  assert calm.class_counts() == {"calm": 1, "anger": 1}
+
+
+def test_crema_d(tmp_path):
+  for name in ["1001_DFA_ANG_XX", "1001_IEO_HAP_HI", "1002_DFA_NEU_XX", "1002_ITS_SAD_LO"]:
+    _wav(tmp_path / "AudioWAV" / f"{name}.wav")
+  _wav(tmp_path / "AudioWAV" / "1002_DFA_FEA_XX.wav")
+  _wav(tmp_path / "AudioWAV" / "1003_DFA_SAD_XX.wav", empty=True)
+  _wav(tmp_path / "AudioWAV" / "1003_DFA_BOR_XX.wav")
+  for root in [tmp_path, tmp_path / "AudioWAV"]:
+    corpus = read_corpus("crema_d", root)
+    assert _labels(corpus) == {
+      "1001_DFA_ANG_XX": "anger",
+      "1001_IEO_HAP_HI": "happiness",
+      "1002_DFA_NEU_XX": "neutral",
+      "1002_ITS_SAD_LO": "sadness",
+    }
+    assert [u.speaker for u in corpus.utterances] == ["1001", "1001", "1002", "1002"]
+    assert _reasons(corpus) == {
+      "1003_DFA_BOR_XX.wav": "unknown emotion code 'BOR'; expected one of: "
+      "ANG, DIS, FEA, HAP, NEU, SAD",
+      "1003_DFA_SAD_XX.wav": "empty file (0 bytes)",
+    }
+  assert read_corpus("crema_d", tmp_path, ["fear"]).class_counts() == {"fear": 1}
+
+
+def test_tess(tmp_path):
+  for rel in [
+    "OAF_angry/OAF_back_angry.wav",
+    "OAF_Fear/OAF_back_Fear.wav",
+    "OAF_happy/OAF_back_happy.wav",
+    "OAF_Sad/OAF_bean_Sad.wav",
+    "YAF_neutral/YAF_back_neutral.wav",
+    "YAF_pleasant_surprised/YAF_back_ps.wav",
+    "YAF_disgust/YAF_back_disgust.wav",
+    "yaf_happy/yaf_dog_happy.wav",
+    "YAF_angry/YAF_back_cross.wav",
+  ]:
+    _wav(tmp_path / "TESS Toronto emotional speech set data" / rel)
+  corpus = read_corpus("tess", tmp_path)
+  assert _labels(corpus) == {
+    "OAF_back_angry": "anger",
+    "OAF_back_happy": "happiness",
+    "OAF_bean_Sad": "sadness",
+    "YAF_back_neutral": "neutral",
+    "yaf_dog_happy": "happiness",
+  }
+  assert {u.speaker for u in corpus.utterances} == {"OAF", "YAF"}
+  assert set(_reasons(corpus)) == {"YAF_back_cross.wav"}
+  extra = read_corpus("tess", tmp_path, ["surprise", "fear", "disgust"])
+  assert _labels(extra) == {
+    "OAF_back_Fear": "fear",
+    "YAF_back_ps": "surprise",
+    "YAF_back_disgust": "disgust",
+  }
+
+
+# --- csv and demo --------------------------------------------------------------------------------
+
+
+def test_csv_manifest(tmp_path):
+  for rel in ["clips/a1.wav", "clips/a2.wav", "clips/b1.wav"]:
+    _wav(tmp_path / rel)
+  manifest = tmp_path / "manifest.csv"
+  manifest.write_text(
+    "path,label,speaker\n"
+    "clips/a1.wav,loud,s1\n"
+    "clips/a2.wav,quiet,\n"
+    "clips/b1.wav,loud,s2\n"
+    "clips/gone.wav,quiet,s2\n"
+    ",quiet,s3\n"
+  )
+  for root in [tmp_path, manifest]:
+    corpus = read_corpus("csv", root)
+    assert corpus.class_names == ("loud", "quiet")
+    assert [(u.utt_id, u.label, u.speaker, u.group) for u in corpus.utterances] == [
+      ("clips/a1", "loud", "s1", "s1"),
+      ("clips/a2", "quiet", "unknown", "unknown"),
+      ("clips/b1", "loud", "s2", "s2"),
+    ]
+    assert corpus.utterances[0].path == str(tmp_path / "clips" / "a1.wav")
+    assert _reasons(corpus) == {
+      "gone.wav": "audio file missing",
+      "manifest.csv": "manifest.csv:6: empty path or label",
+    }
+  assert read_corpus("csv", manifest, ["quiet"]).class_counts() == {"quiet": 1}
+  with pytest.raises(
+    CorpusError, match=r"unknown class 'anger' for csv; expected one of: loud, quiet"
+  ):
+    read_corpus("csv", manifest, ["anger"])
+
+
+def test_csv_errors(tmp_path):
+  manifest = tmp_path / "list.csv"
+  manifest.write_text("path,emotion\nx.wav,anger\n")
+  with pytest.raises(CorpusError, match=r"list.csv' has no 'label' column; columns: path, emotion"):
+    read_corpus("csv", manifest)
+  with pytest.raises(CorpusError, match=r"expected a CSV file or a folder containing manifest.csv"):
+    read_corpus("csv", tmp_path)
+
+
+def test_demo_reads_manifest_with_paper_classes(tmp_path):
+  rows = ["utt_id,path,label,speaker,group"]
+  for i, label in enumerate([*DEFAULT_CLASSES, "boredom"]):
+    _wav(tmp_path / "wav" / f"spk00_{i:04d}.wav")
+    rows.append(f"spk00_{i:04d},wav/spk00_{i:04d}.wav,{label},spk00,spk00")
+  (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+  corpus = read_corpus("demo", tmp_path)
+  assert corpus.class_names == DEFAULT_CLASSES
+  assert [u.utt_id for u in corpus.utterances] == [f"spk00_{i:04d}" for i in range(4)]
+
+
+# --- registry and errors -------------------------------------------------------------------------
+
+
+def test_registry():
+  assert set(CORPORA) == {"crema_d", "csv", "demo", "emodb", "iemocap", "ravdess", "tess"}
+  assert available_classes("emodb") == (
+    "neutral",
+    "happiness",
+    "sadness",
+    "anger",
+    "boredom",
+    "disgust",
+    "fear",
+  )
+  assert "calm" in available_classes("ravdess")
+  assert "surprise" in available_classes("tess")
+  assert available_classes("csv") == ()
+  for name in ["crema_d", "emodb", "iemocap", "ravdess", "tess"]:
+    assert set(DEFAULT_CLASSES) <= set(available_classes(name))
+  with pytest.raises(
+    CorpusError, match=r"unknown corpus 'iemocapp'; expected one of: crema_d, csv"
+  ):
+    read_corpus("iemocapp", ".")
+
+
+def test_root_errors(tmp_path, emodb):
+  with pytest.raises(CorpusError, match=r"data.root '.*/nowhere' does not exist"):
+    read_corpus("emodb", tmp_path / "nowhere")
+  with pytest.raises(CorpusError, match=r"no iemocap corpus at .*expected IEMOCAP_full_release/"):
+    read_corpus("iemocap", emodb)
+  with pytest.raises(CorpusError, match=r"no emodb corpus at .*expected wav/.*03a01Fa"):
+    read_corpus("emodb", tmp_path)
+  with pytest.raises(CorpusError, match=r"no ravdess corpus at .*expected Actor_XX/"):
+    read_corpus("ravdess", emodb / "wav" / "03a01Fa.wav")
+  _wav(tmp_path / "wav" / "1001_DFA_ANG_XX.wav")
+  with pytest.raises(CorpusError, match=r"no emodb corpus .*1 files did not parse"):
+    read_corpus("emodb", tmp_path)
+
+
+# --- info ----------------------------------------------------------------------------------------
+
+
+def test_info_prints_counts(emodb, capsys):
+  assert info.main(["--corpus=emodb", f"--root={emodb}", "--classes=anger, boredom"]) == 0
+  out = capsys.readouterr().out
+  assert "corpus emodb: 3 utterances, 2 classes" in out
+  assert [
+    line.split()[:2] for line in out.splitlines() if line.startswith(("anger", "boredom"))
+  ] == [
+    ["anger", "2"],
+    ["boredom", "1"],
+  ]
+  assert "2 speakers, 2 groups" in out
+  assert "notes.wav: name does not match" in out
+
+
+def test_info_error_exit(emodb, capsys):
+  assert info.main(["--corpus=emodb", f"--root={emodb}", "--classes=happy"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: unknown class 'happy'") and err.count("\n") == 1
+
+
+def test_iemocap_info_flags(iemocap, capsys):
+  argv = ["--corpus=iemocap", f"--root={iemocap}", "--include_scripted", "--merge_excited"]
+  assert info.main(argv) == 0
+  assert "corpus iemocap: 11 utterances, 4 classes" in capsys.readouterr().out
+
+
+# --- the real EmoDB ------------------------------------------------------------------------------
+
+needs_emodb = pytest.mark.skipif(
+  not (EMODB_ROOT / "wav").is_dir(),
+  reason=f"EmoDB not found at {EMODB_ROOT} (set SER_JAX_EMODB to its folder)",
+)
+
+
+@needs_emodb
+def test_real_emodb():
+  full = read_corpus("emodb", EMODB_ROOT, available_classes("emodb"))
+  assert len(full.utterances) == 535
+  assert full.class_counts() == {
+    "neutral": 79,
+    "happiness": 71,
+    "sadness": 62,
+    "anger": 127,
+    "boredom": 81,
+    "disgust": 46,
+    "fear": 69,
+  }
+  assert full.skipped == ()
+  assert len({u.speaker for u in full.utterances}) == 10
+  four = read_corpus("emodb", EMODB_ROOT)
+  assert len(four.utterances) == 339
+  assert {u.speaker for u in four.utterances} == {
+    "03",
+    "08",
+    "09",
+    "10",
+    "11",
+    "12",
+    "13",
+    "14",
+    "15",
+    "16",
+  }
