@@ -11,6 +11,7 @@ import math
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +132,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   )
   members = members_of(config)
   model = models.create_model(config.model, len(class_names))
+  programs = Programs.create(config, model, len(members), store.features.shape[1:])
   fold_ids = list(config.cv.folds) or list(range(config.cv.n_folds))
   log = results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer)
   fold_results = []
@@ -141,7 +143,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
         config,
         workdir,
         store,
-        model,
+        programs,
         members,
         topology,
         fold,
@@ -168,11 +170,41 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   return summary
 
 
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The jitted functions of a run, built once so that every fold reuses their compilation."""
+
+  init: Callable  # [members] uint32 seeds, fold -> stacked TrainState
+  train_step: Callable  # (stacked state, batch, stacked hparams) -> (state, metrics)
+  eval_step: Callable  # (stacked state, batch) -> [members, batch, n_classes] probabilities
+
+  @classmethod
+  def create(cls, config, model, n_members: int, feature_shape: tuple[int, int]) -> Programs:
+    tx = train.make_optimizer(config.train.weight_decay)
+    input_shape = (1, *feature_shape, 1)
+
+    def init(seeds, fold: int):
+      keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), fold))(seeds)
+      return jax.vmap(lambda key: train.create_train_state(model, tx, key, input_shape))(keys)
+
+    augmentation = train.Augmentation.from_config(config.train)
+    return cls(
+      init=init,
+      train_step=jax.jit(
+        train.over_members(
+          functools.partial(train.train_step, augmentation=augmentation), n_members
+        ),
+        donate_argnums=(0,),
+      ),
+      eval_step=jax.jit(train.over_members(train.eval_step, n_members)),
+    )
+
+
 def _run_fold(
   config,
   workdir,
   store,
-  model,
+  programs: Programs,
   members,
   topology,
   fold,
@@ -198,24 +230,12 @@ def _run_fold(
       f"fold {fold} has {len(train_idx)} training examples, fewer than train.batch_size="
       f"{config.train.batch_size}; lower train.batch_size"
     )
-  total_steps = steps_per_epoch * config.train.num_epochs
-  tx = train.make_optimizer(
-    weight_decay=config.train.weight_decay,
-    warmup_steps=steps_per_epoch * config.train.warmup_epochs,
-    total_steps=total_steps,
-  )
-  n_bins, n_frames = store.features.shape[1:]
-  input_shape = (1, n_bins, n_frames, 1)
   n_members = len(members)
-
-  def init(seed):
-    key = jax.random.fold_in(jax.random.key(seed), fold)
-    return train.create_train_state(model, tx, key, input_shape)
-
   seeds = jnp.array([m.seed for m in members], jnp.uint32)
-  abstract = jax.eval_shape(jax.vmap(init), seeds)
+  init = functools.partial(programs.init, fold=fold)
+  abstract = jax.eval_shape(init, seeds)
   state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
-  state = jax.jit(jax.vmap(init), out_shardings=state_sharding)(seeds)
+  state = jax.jit(init, out_shardings=state_sharding)(seeds)
   alpha = tuple(config.loss.alpha) or (1.0,) * len(store.class_names)
   hparams = jax.device_put(
     jax.tree.map(
@@ -227,6 +247,8 @@ def _run_fold(
           alpha=alpha,
           label_smoothing=config.train.label_smoothing,
           rng_seed=m.seed * 1000 + fold,
+          warmup_steps=steps_per_epoch * config.train.warmup_epochs,
+          total_steps=steps_per_epoch * config.train.num_epochs,
         )
         for m in members
       ],
@@ -245,11 +267,6 @@ def _run_fold(
     )
     log.truncate(fold, start_epoch)
 
-  step_fn = train.over_members(
-    functools.partial(train.train_step, augmentation=train.Augmentation.from_config(config.train)),
-    n_members,
-  )
-  step_fn = jax.jit(step_fn, donate_argnums=(0,))
   writer = results.TensorBoard(workdir / "tensorboard" / f"fold_{fold}", enabled=is_writer)
   epochs = tqdm.trange(
     start_epoch,
@@ -275,7 +292,7 @@ def _run_fold(
       process_index=jax.process_index(),
       process_count=jax.process_count(),
     ):
-      state, step_metric = step_fn(state, topology.global_batch(batch), hparams)
+      state, step_metric = programs.train_step(state, topology.global_batch(batch), hparams)
       step_metrics.append(step_metric)
     losses = np.asarray(jnp.stack([m["loss"] for m in step_metrics]))  # [steps, members]
     accuracies = np.asarray(jnp.stack([m["accuracy"] for m in step_metrics]))
@@ -304,7 +321,7 @@ def _run_fold(
   manager.wait_until_finished()
 
   probabilities = predict_probabilities(
-    state, store, test_idx, mean, std, eval_batch_size, topology
+    programs.eval_step, state, store, test_idx, mean, std, eval_batch_size, topology
   )
   predictions = probabilities.argmax(-1)  # [members, n_test]
   n_classes = len(store.class_names)
@@ -337,10 +354,10 @@ def _run_fold(
   return fold_result
 
 
-def predict_probabilities(state, store, indices, mean, std, batch_size, topology) -> np.ndarray:
+def predict_probabilities(
+  eval_step, state, store, indices, mean, std, batch_size, topology
+) -> np.ndarray:
   """[members, len(indices), n_classes] probabilities; each example counted exactly once."""
-  n_members = jax.tree.leaves(state)[0].shape[0]
-  step = jax.jit(train.over_members(train.eval_step, n_members))
   outputs = []
   for batch, n_real in input_pipeline.eval_batches(
     store,
@@ -351,7 +368,7 @@ def predict_probabilities(state, store, indices, mean, std, batch_size, topology
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   ):
-    probabilities = step(state, topology.global_batch(batch))
+    probabilities = eval_step(state, topology.global_batch(batch))
     outputs.append(np.asarray(multihost_utils.process_allgather(probabilities, tiled=True)))
     outputs[-1] = outputs[-1][:, :n_real]
   return np.concatenate(outputs, axis=1)

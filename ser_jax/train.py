@@ -50,32 +50,41 @@ def make_hparams(
   alpha,
   label_smoothing: float,
   rng_seed: int,
+  warmup_steps: int,
+  total_steps: int,
 ) -> HParams:
-  """The numbers a sweep may vary, as arrays: members differ only in these."""
+  """The numbers a sweep may vary, as arrays: members differ only in these.
+
+  The schedule's lengths are arrays too, so folds of different sizes share one program.
+  """
   return {
     "gamma": jnp.asarray(gamma, jnp.float32),
     "learning_rate": jnp.asarray(learning_rate, jnp.float32),
     "alpha": jnp.asarray(alpha, jnp.float32),
     "label_smoothing": jnp.asarray(label_smoothing, jnp.float32),
     "rng_seed": jnp.asarray(rng_seed, jnp.uint32),
+    "warmup_steps": jnp.asarray(warmup_steps, jnp.float32),
+    "total_steps": jnp.asarray(total_steps, jnp.float32),
   }
 
 
-def make_optimizer(*, weight_decay: float, warmup_steps: int, total_steps: int):
-  """AdamW with linear warm-up and cosine decay of a unit learning rate.
+def make_optimizer(weight_decay: float) -> optax.GradientTransformation:
+  """AdamW at unit learning rate; the step scales its update by the scheduled rate.
 
-  The step multiplies the update by `hparams['learning_rate']`, which equals AdamW at
-  that rate (the weight decay term scales with it as in optax.adamw) and lets a sweep
-  vary the rate as an array.
+  Scaling the whole update equals optax.adamw at that rate (the decoupled weight decay
+  term scales with it too) and lets the rate and schedule be per-member arrays.
   """
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=1.0,
-    warmup_steps=max(warmup_steps, 1),
-    decay_steps=max(total_steps, warmup_steps + 1),
-    end_value=0.0,
-  )
-  return optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=weight_decay)
+  return optax.adamw(1.0, b1=0.9, b2=0.999, weight_decay=weight_decay)
+
+
+def scheduled_learning_rate(step: jax.Array, hparams: HParams) -> jax.Array:
+  """Linear warm-up to `learning_rate`, then cosine decay to 0 at `total_steps`."""
+  step = step.astype(jnp.float32)
+  warmup = jnp.maximum(hparams["warmup_steps"], 1.0)
+  decay_steps = jnp.maximum(hparams["total_steps"] - hparams["warmup_steps"], 1.0)
+  progress = jnp.clip((step - hparams["warmup_steps"]) / decay_steps, 0.0, 1.0)
+  factor = jnp.where(step < warmup, step / warmup, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+  return hparams["learning_rate"] * factor
 
 
 def create_train_state(model, tx, rng: jax.Array, input_shape: tuple[int, ...]) -> TrainState:
@@ -145,7 +154,8 @@ def train_step(
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  updates = jax.tree.map(lambda u: hparams["learning_rate"] * u, updates)
+  learning_rate = scheduled_learning_rate(state.step, hparams)
+  updates = jax.tree.map(lambda u: learning_rate * u, updates)
   new_state = state.replace(
     step=state.step + 1,
     params=optax.apply_updates(state.params, updates),
@@ -155,6 +165,7 @@ def train_step(
   metrics = {
     "loss": loss,
     "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["labels"]),
+    "learning_rate": learning_rate,
   }
   return new_state, metrics
 
