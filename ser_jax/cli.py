@@ -25,6 +25,28 @@ USER_ERRORS = (
 )
 
 
+def check_override_keys(argv: list[str]) -> None:
+  """Exits with one line when a `--config.<key>=` override names no config key.
+
+  ml_collections would raise an AttributeError traceback from inside flag parsing.
+  """
+  from ser_jax.config import default_config
+
+  reference = default_config()
+  for arg in argv[1:]:
+    if not arg.startswith("--config."):
+      continue
+    key = arg[len("--config.") :].split("=", 1)[0]
+    node = reference
+    for depth, part in enumerate(key.split(".")):
+      if not hasattr(node, "keys") or part not in node:
+        prefix = ".".join(key.split(".")[:depth])
+        known = ", ".join(sorted(f"{prefix + '.' if prefix else ''}{k}" for k in node.keys()))
+        print(f"error: unknown config key '{key}'; known keys here: {known}", file=sys.stderr)
+        sys.exit(2)
+      node = node[part]
+
+
 def define_distributed_flags() -> None:
   flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for runs across processes."

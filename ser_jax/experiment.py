@@ -24,7 +24,7 @@ from ser_jax import checkpoints, input_pipeline, io_utils, metrics, models, resu
 from ser_jax.config import validate_config
 from ser_jax.data import corpora, demo
 from ser_jax.features import FeatureParams
-from ser_jax.folds import make_folds
+from ser_jax.folds import FoldError, make_folds
 from ser_jax.sharding import Topology
 from ser_jax.store import build_store, default_cache_dir, open_store
 
@@ -78,9 +78,22 @@ def load_corpus(config: ml_collections.ConfigDict):
   )
 
 
+def check_fold_sizes(corpus, config: ml_collections.ConfigDict) -> None:
+  """Fails before feature extraction when a class is too small for stratified folds."""
+  if config.cv.scheme != "stratified":
+    return
+  for name, count in corpus.class_counts().items():
+    if count < config.cv.n_folds:
+      raise FoldError(
+        f"cv.n_folds={config.cv.n_folds} is more than class '{name}' has examples ({count}); "
+        f"use cv.n_folds <= {count} or drop the class from data.classes"
+      )
+
+
 def prepare_store(config: ml_collections.ConfigDict, progress: bool | None = None):
   """Reads the corpus and builds (or reuses) its feature store; returns the opened store."""
   corpus = load_corpus(config)
+  check_fold_sizes(corpus, config)
   path = build_store(
     corpus,
     FeatureParams.from_config(config.features),

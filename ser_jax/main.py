@@ -31,4 +31,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  cli.check_override_keys(sys.argv)
   sys.exit(app.run(main))
