@@ -89,6 +89,6 @@ def clear_errors():
 
   try:
     yield
-  except (*USER_ERRORS, experiment.ConfigMismatchError) as error:
+  except (*USER_ERRORS, experiment.ConfigMismatchError, experiment.NonFiniteLossError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

@@ -20,7 +20,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from ser_jax import checkpoints, input_pipeline, io_utils, metrics, models, results, train
+from ser_jax import checkpoints, input_pipeline, io_utils, metrics, models, plots, results, train
 from ser_jax.config import validate_config
 from ser_jax.data import corpora, demo
 from ser_jax.features import FeatureParams
@@ -145,7 +145,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   )
   members = members_of(config)
   model = models.create_model(config.model, len(class_names))
-  programs = Programs.create(config, model, len(members), store.features.shape[1:])
+  programs = Programs.create(config, model, len(members), store.features.shape[1:], topology)
   fold_ids = list(config.cv.folds) or list(range(config.cv.n_folds))
   log = results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer)
   fold_results = []
@@ -179,6 +179,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   )
   if is_writer:
     results.write_results(workdir, summary)
+    plots.write_figures(workdir, summary, log.read())
     logging.info("%s", results.final_line(summary))
   return summary
 
@@ -192,17 +193,23 @@ class Programs:
   eval_step: Callable  # (stacked state, batch) -> [members, batch, n_classes] probabilities
 
   @classmethod
-  def create(cls, config, model, n_members: int, feature_shape: tuple[int, int]) -> Programs:
+  def create(
+    cls, config, model, n_members: int, feature_shape: tuple[int, int], topology: Topology
+  ) -> Programs:
     tx = train.make_optimizer(config.train.weight_decay)
     input_shape = (1, *feature_shape, 1)
 
-    def init(seeds, fold: int):
+    def init(seeds, fold):
       keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), fold))(seeds)
       return jax.vmap(lambda key: train.create_train_state(model, tx, key, input_shape))(keys)
 
+    # Shapes first (eval_shape), then a jitted init that lays the state out replicated.
+    abstract = jax.eval_shape(init, jnp.zeros((n_members,), jnp.uint32), 0)
+    state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
+
     augmentation = train.Augmentation.from_config(config.train)
     return cls(
-      init=init,
+      init=jax.jit(init, out_shardings=state_sharding),
       train_step=jax.jit(
         train.over_members(
           functools.partial(train.train_step, augmentation=augmentation), n_members
@@ -245,10 +252,7 @@ def _run_fold(
     )
   n_members = len(members)
   seeds = jnp.array([m.seed for m in members], jnp.uint32)
-  init = functools.partial(programs.init, fold=fold)
-  abstract = jax.eval_shape(init, seeds)
-  state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
-  state = jax.jit(init, out_shardings=state_sharding)(seeds)
+  state = programs.init(seeds, fold)
   alpha = tuple(config.loss.alpha) or (1.0,) * len(store.class_names)
   hparams = jax.device_put(
     jax.tree.map(
@@ -313,7 +317,8 @@ def _run_fold(
       bad_step, bad_member = np.argwhere(~np.isfinite(losses))[0]
       raise NonFiniteLossError(
         f"non-finite training loss ({losses[bad_step, bad_member]}) in fold {fold}, epoch "
-        f"{epoch}, step {epoch * steps_per_epoch + bad_step}, member {members[bad_member]}; "
+        f"{epoch + 1}, step {epoch * steps_per_epoch + bad_step + 1}, member "
+        f"{members[bad_member]}; "
         f"the last good checkpoint is kept in {fold_dir / 'checkpoints'}"
       )
     record = {

@@ -72,6 +72,7 @@ def train_batches(
 
   Every process computes the same global permutation and reads only its contiguous slice.
   """
+  _check_divides(batch_size, process_count)
   permutation = epoch_permutation(indices, seed, fold, epoch)
   local = batch_size // process_count
   for start in range(0, len(permutation) - batch_size + 1, batch_size):
@@ -94,9 +95,17 @@ def eval_batches(
   Every example is evaluated exactly once: the last batch is padded by repeating its first
   example, and the caller keeps the first `n_real` outputs.
   """
+  _check_divides(batch_size, process_count)
   local = batch_size // process_count
   for start in range(0, len(indices), batch_size):
     batch = indices[start : start + batch_size]
     padded = np.concatenate([batch, np.full(batch_size - len(batch), batch[0])])
     mine = padded[process_index * local : (process_index + 1) * local]
     yield read_batch(store, mine, mean, std), len(batch)
+
+
+def _check_divides(batch_size: int, process_count: int) -> None:
+  if batch_size % process_count:
+    raise ValueError(
+      f"batch size {batch_size} does not split evenly over {process_count} processes"
+    )

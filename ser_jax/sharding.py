@@ -20,7 +20,10 @@ class Topology:
 
   @classmethod
   def create(cls) -> Topology:
-    return cls(jax.make_mesh((jax.device_count(),), (DATA_AXIS,)))
+    # Auto axes: XLA propagates the batch sharding through every op, including the
+    # reshapes that vmap over members introduces; Explicit axes would reject those.
+    mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,))
+    return cls(mesh)
 
   @property
   def num_devices(self) -> int:

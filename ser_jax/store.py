@@ -160,6 +160,8 @@ def _extract(corpus, params, partial, num_workers, strict, progress) -> pathlib.
   raw_path = partial / "raw_features.npy"
   progress_path = partial / "n_samples.npy"
   reasons_path = partial / "skipped.jsonl"
+  if (partial / "features.npy").exists():  # Extraction finished; a crash hit _finalise.
+    return progress_path
   _create_array(raw_path, (n, params.n_bins, params.n_frames), np.float32)
   _create_array(progress_path, (n,), np.int64, fill=PENDING)
   n_samples = np.load(progress_path, mmap_mode="r+")
@@ -234,9 +236,10 @@ def _finalise(corpus: Corpus, params: FeatureParams, partial: pathlib.Path, prog
         reasons[record["index"]] = record["reason"]
   raw_path = partial / "raw_features.npy"
   features_path = partial / "features.npy"
-  if len(good) == len(n_samples):
-    if raw_path.exists():
-      os.replace(raw_path, features_path)
+  if features_path.exists():
+    pass  # Written before a crash; the raw rows were all extracted, so it is complete.
+  elif len(good) == len(n_samples):
+    os.replace(raw_path, features_path)
   else:
     raw = np.load(raw_path, mmap_mode="r")
     tmp = partial / "features.npy.tmp"

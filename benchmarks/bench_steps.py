@@ -1,0 +1,112 @@
+"""Throughput of ser_jax's real train and eval steps on this machine.
+
+Builds the steps through experiment.Programs (as a run does), then reports samples/s
+(median [min-max] of --reps repetitions after warm-up), compile time, FLOPs per step
+from XLA's cost_analysis, achieved GFLOP/s against a 4096x4096 jnp.dot timed in the
+same run, XLA's buffer sizes and the process's peak RSS.
+
+--variants runs several model variants (benchmarks/variants.py; 'base' is ser_jax's
+own model) in the same process, alternating them repetition by repetition.
+
+  python benchmarks/bench_steps.py --kind mfcc --batch 32
+  python benchmarks/bench_steps.py --kind logmel --batch 64 --variants base,fast
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import common
+
+
+def _memory_line(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+    return (
+      f"args {m.argument_size_in_bytes / 2**20:.0f} MiB, temp {m.temp_size_in_bytes / 2**20:.0f} "
+      f"MiB, out {m.output_size_in_bytes / 2**20:.0f} MiB"
+    )
+  except Exception as error:  # Not every backend reports it.
+    return f"n/a ({type(error).__name__})"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--kind", default="mfcc", choices=sorted(common.N_BINS))
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=3, help="steps per repetition")
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--variants", default="base", help="comma-separated; see variants.py")
+  parser.add_argument("--no-eval", action="store_true")
+  args = parser.parse_args()
+  print(common.machine_line())
+  config = common.make_config(args.kind, args.batch, args.dtype, args.width)
+  names = args.variants.split(",")
+  runners, info = {}, {}
+  for name in names:
+    model = None
+    if name != "base":
+      import variants
+
+      model = variants.create_model(name, config.model, common.N_CLASSES)
+    steps = common.build_steps(config, model=model)
+    runner = common.JaxRunner(steps, common.synthetic_batch(args.kind, args.batch))
+    batch = steps.topology.global_batch(runner.batch_np)
+    train_s, train_c = common.compile_seconds(steps.train_step, steps.state, batch, steps.hparams)
+    eval_s, eval_c = common.compile_seconds(
+      steps.eval_step, steps.state, {"features": batch["features"]}
+    )
+    info[name] = {
+      "train": (train_s, common.flops_of(train_c), _memory_line(train_c)),
+      "eval": (eval_s, common.flops_of(eval_c), _memory_line(eval_c)),
+    }
+    runner.train_many(args.warmup)
+    if not args.no_eval:
+      runner.eval_many(args.warmup)
+    runners[name] = runner
+  modes = ("train",) if args.no_eval else ("train", "eval")
+  rates = {(n, m): [] for n in names for m in modes}
+  peaks = []
+  for _ in range(args.reps):
+    peaks.append(common.matmul_gflops(reps=3))
+    for name in names:
+      for mode in modes:
+        run = runners[name].train_many if mode == "train" else runners[name].eval_many
+        start = time.perf_counter()
+        run(args.steps)
+        rates[(name, mode)].append(args.batch * args.steps / (time.perf_counter() - start))
+  peak = statistics.median(peaks)
+  print(
+    f"\n{args.kind} batch {args.batch} {args.dtype} width {args.width}: {args.reps} reps x "
+    f"{args.steps} steps; 4096^2 jnp.dot {peak:.0f} GFLOP/s [{min(peaks):.0f}-{max(peaks):.0f}]"
+  )
+  header = (
+    f"{'variant':10s} {'step':5s} {'samples/s median [min-max]':>27s} {'ms/step':>8s} "
+    f"{'GFLOP/step':>10s} {'GFLOP/s':>8s} {'of dot':>6s} {'compile s':>9s}"
+  )
+  print(header)
+  print("-" * len(header))
+  for name in names:
+    for mode in modes:
+      values = rates[(name, mode)]
+      median = statistics.median(values)
+      compile_s, flops, _ = info[name][mode]
+      gflops = flops / 1e9 * median / args.batch
+      print(
+        f"{name:10s} {mode:5s} {common.summary(values):>27s} {1e3 * args.batch / median:8.1f} "
+        f"{flops / 1e9:10.1f} {gflops:8.1f} {100 * gflops / peak:5.0f}% {compile_s:9.1f}"
+      )
+  print("\nXLA buffers:")
+  for name in names:
+    for mode in modes:
+      print(f"  {name:10s} {mode:5s} {info[name][mode][2]}")
+  print(f"peak RSS of this process: {common.peak_rss_mb():.0f} MiB")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,182 @@
+"""Shared pieces of the benchmarks: ser_jax's real steps built as experiment.py builds them."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ser_jax import experiment, models, train
+from ser_jax.config import default_config
+from ser_jax.sharding import Topology
+
+N_FRAMES = 259
+N_BINS = {"mfcc": 40, "logmel": 128}
+N_CLASSES = 4
+
+
+def make_config(kind: str = "mfcc", batch: int = 32, dtype: str = "float32", width: int = 64):
+  config = default_config()
+  config.features.kind = kind
+  config.train.batch_size = batch
+  config.model.compute_dtype = dtype
+  config.model.width = width
+  return config
+
+
+@dataclasses.dataclass
+class Steps:
+  """A member-stacked state, hparams and the jitted train and eval steps, as in _run_fold."""
+
+  state: train.TrainState
+  hparams: dict
+  train_step: Callable
+  eval_step: Callable
+  topology: Topology
+  input_shape: tuple[int, ...]
+
+
+def build_steps(config, model=None, n_train: int = 1824, fold: int = 0) -> Steps:
+  """Builds state, hparams, train and eval steps through experiment.Programs, as _run_fold does.
+
+  `model` replaces models.create_model (for variants with identical mathematics).
+  """
+  topology = Topology.create()
+  model = model if model is not None else models.create_model(config.model, N_CLASSES)
+  feature_shape = (N_BINS[config.features.kind], N_FRAMES)
+  create = experiment.Programs.create
+  extra = {"topology": topology} if "topology" in inspect.signature(create).parameters else {}
+  programs = create(config, model, 1, feature_shape, **extra)
+  steps_per_epoch = n_train // config.train.batch_size
+  seeds = jnp.array([config.seed], jnp.uint32)
+  if extra:  # Programs.init is jitted with replicated outputs.
+    state = programs.init(seeds, fold)
+  else:
+    init = functools.partial(programs.init, fold=fold)
+    abstract = jax.eval_shape(init, seeds)
+    state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
+    state = jax.jit(init, out_shardings=state_sharding)(seeds)
+  options = {
+    "gamma": config.loss.gamma,
+    "learning_rate": config.train.learning_rate,
+    "alpha": (1.0,) * N_CLASSES,
+    "label_smoothing": config.train.label_smoothing,
+    "rng_seed": config.seed * 1000 + fold,
+    "warmup_steps": steps_per_epoch * config.train.warmup_epochs,
+    "total_steps": steps_per_epoch * config.train.num_epochs,
+  }
+  accepted = inspect.signature(train.make_hparams).parameters
+  hparams = train.make_hparams(**{k: v for k, v in options.items() if k in accepted})
+  hparams = jax.device_put(jax.tree.map(lambda x: x[None], hparams), topology.replicated)
+  return Steps(
+    state=state,
+    hparams=hparams,
+    train_step=programs.train_step,
+    eval_step=programs.eval_step,
+    topology=topology,
+    input_shape=(1, *feature_shape, 1),
+  )
+
+
+def synthetic_batch(kind: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A standardised batch as input_pipeline.read_batch returns it."""
+  rng = np.random.default_rng(seed)
+  return {
+    "features": rng.standard_normal((batch, N_BINS[kind], N_FRAMES), dtype=np.float32),
+    "labels": rng.integers(0, N_CLASSES, batch).astype(np.int32),
+    "valid_frames": rng.integers(60, N_FRAMES + 1, batch).astype(np.int32),
+  }
+
+
+def time_call(fn: Callable[[], object], n_iter: int) -> float:
+  """Seconds per call of `fn` over n_iter calls; fn must block on its result."""
+  start = time.perf_counter()
+  for _ in range(n_iter):
+    fn()
+  return (time.perf_counter() - start) / n_iter
+
+
+class JaxRunner:
+  """Runs ser_jax's jitted train or eval step the way the experiment loop does."""
+
+  def __init__(self, steps: Steps, batch_np: dict[str, np.ndarray]):
+    self.steps = steps
+    self.batch_np = batch_np
+    self.eval_batch_np = {"features": batch_np["features"]}
+
+  def train_once(self) -> None:
+    s = self.steps
+    s.state, metrics = s.train_step(s.state, s.topology.global_batch(self.batch_np), s.hparams)
+    metrics["loss"].block_until_ready()
+
+  def train_many(self, n: int) -> None:
+    """n steps dispatched back to back, as the epoch loop does, then one wait."""
+    s = self.steps
+    for _ in range(n):
+      s.state, metrics = s.train_step(s.state, s.topology.global_batch(self.batch_np), s.hparams)
+    metrics["loss"].block_until_ready()
+
+  def eval_many(self, n: int) -> None:
+    s = self.steps
+    for _ in range(n):
+      out = s.eval_step(s.state, s.topology.global_batch(self.eval_batch_np))
+    out.block_until_ready()
+
+  def eval_once(self) -> None:
+    s = self.steps
+    s.eval_step(s.state, s.topology.global_batch(self.eval_batch_np)).block_until_ready()
+
+
+def compile_seconds(jitted, *args) -> tuple[float, object]:
+  """Lowering + compile wall time and the compiled executable."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return time.perf_counter() - start, compiled
+
+
+def flops_of(compiled) -> float:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list | tuple):
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get("flops", float("nan")))
+
+
+def matmul_gflops(n: int = 4096, reps: int = 5) -> float:
+  """Achieved GFLOP/s of a float32 n x n jnp.dot: the machine's practical peak here."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+  dot = jax.jit(jnp.dot)
+  dot(a, a).block_until_ready()
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    dot(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def peak_rss_mb() -> float:
+  """Peak resident set of this process so far (ru_maxrss), MiB."""
+  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def summary(values: list[float]) -> str:
+  return f"{statistics.median(values):7.1f} [{min(values):.1f}-{max(values):.1f}]"
+
+
+def machine_line() -> str:
+  load = os.getloadavg()[0]
+  return (
+    f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()}, "
+    f"load1 {load:.2f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )

@@ -1,0 +1,355 @@
+"""ser_jax's ResNet with the same mathematics but other lowerings of its convs and max-pool.
+
+Each variant has the same parameter tree (names, shapes, initialisers) as
+ser_jax.models.ResNet, so states, checkpoints and parameter counts are interchangeable;
+only how XLA computes the convolutions, their gradients and the max-pool differs.
+
+Convolution pieces (NHWC activations, HWIO kernels, no bias):
+  fwd   'lax'    lax.conv_general_dilated (what nn.Conv does)
+        'im2col' patches from pad + strided slices + concat, then one matmul
+  dgrad 'lax'    autodiff of lax.conv_general_dilated
+        'col2im' dy @ W^T, then overlap-add of the kh*kw column blocks (pads + adds)
+        'im2col' stride 1: patches of the padded dy times the flipped kernel; else col2im
+  wgrad 'lax'    autodiff of lax.conv_general_dilated
+        'im2col' patches^T @ dy (one matmul over batch x positions)
+Max-pool 'lax' is nn.max_pool; 'slices' takes the max of the nine strided slices and
+routes each window's gradient to its first maximum (row-major), as reduce_window's
+select-and-scatter does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvImpl:
+  fwd: str = "lax"
+  dgrad: str = "lax"
+  wgrad: str = "lax"
+  save_patches: bool = False  # Keep forward patches for the weight gradient (else recompute).
+
+  @property
+  def plain(self) -> bool:
+    return self.fwd == self.dgrad == self.wgrad == "lax"
+
+
+def _lax_conv(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
+
+
+def _out_size(size: int, k: int, s: int, pad: tuple[int, int]) -> int:
+  return (size + pad[0] + pad[1] - k) // s + 1
+
+
+def patches(x, kernel_hw, strides, padding):
+  """[B, Ho, Wo, kh*kw*C] with feature order (kh, kw, C), matching an HWIO kernel's rows."""
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  b, h, w, c = x.shape
+  ho, wo = _out_size(h, kh, sh, padding[0]), _out_size(w, kw, sw, padding[1])
+  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  if kh == kw == 1:
+    return lax.slice(xp, (0, 0, 0, 0), (b, (ho - 1) * sh + 1, (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+  cols = [
+    lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+    for i in range(kh)
+    for j in range(kw)
+  ]
+  return jnp.concatenate(cols, axis=-1)
+
+
+def col2im(dpatches, x_shape, kernel_hw, strides, padding):
+  """Transpose of `patches`: overlap-adds the column blocks back into [B, H, W, C]."""
+  (kh, kw), (sh, sw) = kernel_hw, strides
+  b, h, w, c = x_shape
+  _, ho, wo, _ = dpatches.shape
+  hp, wp = h + sum(padding[0]), w + sum(padding[1])
+  zero = jnp.zeros((), dpatches.dtype)
+  total = None
+  for k in range(kh * kw):
+    i, j = divmod(k, kw)
+    block = dpatches[..., k * c : (k + 1) * c]
+    placed = lax.pad(
+      block,
+      zero,
+      (
+        (0, 0, 0),
+        (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+        (j, wp - j - (wo - 1) * sw - 1, sw - 1),
+        (0, 0, 0),
+      ),
+    )
+    total = placed if total is None else total + placed
+  return lax.slice(total, (0, padding[0][0], padding[1][0], 0), (b, padding[0][0] + h, padding[1][0] + w, c))
+
+
+def _matmul(a, b):
+  return jnp.dot(a, b, preferred_element_type=a.dtype)
+
+
+def conv_forward(x, w, strides, padding, how: str):
+  if how == "lax":
+    return _lax_conv(x, w, strides, padding)
+  kh, kw, cin, cout = w.shape
+  p = patches(x, (kh, kw), strides, padding)
+  return _matmul(p.reshape(-1, kh * kw * cin), w.reshape(-1, cout)).reshape(*p.shape[:3], cout)
+
+
+def conv_dgrad(dy, w, x_shape, strides, padding, how: str):
+  kh, kw, cin, cout = w.shape
+  if how == "lax":
+    x0 = jnp.zeros(x_shape, dy.dtype)
+    _, vjp = jax.vjp(lambda x: _lax_conv(x, w, strides, padding), x0)
+    return vjp(dy)[0]
+  if how == "im2col" and strides == (1, 1):
+    # Full correlation of dy with the spatially flipped, io-swapped kernel.
+    back = tuple((k - 1 - p[0], k - 1 - p[1]) for k, p in zip((kh, kw), padding, strict=True))
+    wf = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2).reshape(-1, cin)
+    p = patches(dy, (kh, kw), (1, 1), back)
+    dx = _matmul(p.reshape(-1, kh * kw * cout), wf).reshape(*p.shape[:3], cin)
+    return dx[:, : x_shape[1], : x_shape[2]]
+  dpatches = lax.dot_general(dy, w.reshape(-1, cout), (((3,), (1,)), ((), ())))
+  return col2im(dpatches, x_shape, (kh, kw), strides, padding)
+
+
+def conv_wgrad(x, dy, w_shape, strides, padding, how: str, p=None):
+  kh, kw, cin, cout = w_shape
+  if how == "lax":
+    w0 = jnp.zeros(w_shape, dy.dtype)
+    _, vjp = jax.vjp(lambda w: _lax_conv(x, w, strides, padding), w0)
+    return vjp(dy)[0]
+  if p is None:
+    p = patches(x, (kh, kw), strides, padding)
+  dw = lax.dot_general(
+    p.reshape(-1, kh * kw * cin),
+    dy.reshape(-1, cout),
+    (((0,), (0,)), ((), ())),
+    **_replicated(p),
+  )
+  return dw.reshape(w_shape).astype(dy.dtype)
+
+
+def _replicated(x) -> dict:
+  """out_sharding for a contraction over a batch that an explicit mesh may shard."""
+  sharding = jax.typeof(x).sharding
+  return {} if sharding.mesh.empty else {"out_sharding": NamedSharding(sharding.mesh, P())}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv(x, w, strides, padding, impl: ConvImpl):
+  """NHWC x HWIO convolution without bias, lowered as `impl` says."""
+  return conv_forward(x, w, strides, padding, impl.fwd)
+
+
+def _conv_fwd(x, w, strides, padding, impl):
+  if impl.fwd == "im2col" and impl.save_patches and impl.wgrad == "im2col":
+    kh, kw, cin, cout = w.shape
+    p = patches(x, (kh, kw), strides, padding)
+    y = _matmul(p.reshape(-1, kh * kw * cin), w.reshape(-1, cout)).reshape(*p.shape[:3], cout)
+    return y, (x, w, p)
+  return conv_forward(x, w, strides, padding, impl.fwd), (x, w, None)
+
+
+def _conv_bwd(strides, padding, impl, residuals, dy):
+  x, w, p = residuals
+  dx = conv_dgrad(dy, w, x.shape, strides, padding, impl.dgrad)
+  dw = conv_wgrad(x, dy, w.shape, strides, padding, impl.wgrad, p)
+  return dx, dw.astype(w.dtype)
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _pool_slices(xp, out_hw, strides):
+  b, _, _, c = xp.shape
+  (ho, wo), (sh, sw) = out_hw, strides
+  return [
+    lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+    for i in range(3)
+    for j in range(3)
+  ]
+
+
+def _pool_geometry(x):
+  _, h, w, _ = x.shape
+  return (_out_size(h, 3, 2, (1, 1)), _out_size(w, 3, 2, (1, 1)))
+
+
+@jax.custom_vjp
+def max_pool_3x3_s2(x):
+  """nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))) from nine slices."""
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  return functools.reduce(jnp.maximum, _pool_slices(xp, _pool_geometry(x), (2, 2)))
+
+
+def _pool_fwd(x):
+  out = max_pool_3x3_s2(x)
+  return out, (x, out)
+
+
+def _pool_bwd(residuals, g):
+  x, out = residuals
+  b, h, w, c = x.shape
+  ho, wo = _pool_geometry(x)
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  taken = jnp.zeros(out.shape, bool)
+  zero = jnp.zeros((), g.dtype)
+  total = None
+  for k, window in enumerate(_pool_slices(xp, (ho, wo), (2, 2))):
+    i, j = divmod(k, 3)
+    first = (window == out) & ~taken
+    taken = taken | first
+    placed = lax.pad(
+      jnp.where(first, g, zero),
+      zero,
+      ((0, 0, 0), (i, h + 2 - i - (ho - 1) * 2 - 1, 1), (j, w + 2 - j - (wo - 1) * 2 - 1, 1), (0, 0, 0)),
+    )
+    total = placed if total is None else total + placed
+  return (lax.slice(total, (0, 1, 1, 0), (b, h + 1, w + 1, c)),)
+
+
+max_pool_3x3_s2.defvjp(_pool_fwd, _pool_bwd)
+
+
+class Conv(nn.Module):
+  """nn.Conv without bias (same 'kernel' parameter and initialiser), lowered by `impl`."""
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0))
+  use_bias: bool = False
+  dtype: jnp.dtype = jnp.float32
+  impl: ConvImpl = ConvImpl()
+
+  @nn.compact
+  def __call__(self, x):
+    assert not self.use_bias
+    kernel = self.param(
+      "kernel",
+      nn.initializers.lecun_normal(),
+      (*self.kernel_size, x.shape[-1], self.features),
+      jnp.float32,
+    )
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    strides, padding = tuple(self.strides), tuple(tuple(p) for p in self.padding)
+    if self.impl.plain:
+      return _lax_conv(x, kernel, strides, padding)
+    return conv(x, kernel, strides, padding, self.impl)
+
+
+class BasicBlock(nn.Module):
+  """ser_jax.models.BasicBlock with a configurable convolution."""
+
+  filters: int
+  strides: int = 1
+  dtype: jnp.dtype = jnp.float32
+  impl: ConvImpl = ConvImpl()
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv_ = functools.partial(Conv, use_bias=False, dtype=self.dtype, impl=self.impl)
+    norm = functools.partial(
+      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+    )
+    residual = x
+    y = conv_(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)))(x)
+    y = nn.relu(norm()(y))
+    y = conv_(self.filters, (3, 3), padding=((1, 1), (1, 1)))(y)
+    y = norm(scale_init=nn.initializers.zeros)(y)
+    if residual.shape != y.shape:
+      residual = conv_(self.filters, (1, 1), (self.strides, self.strides), name="proj_conv")(
+        residual
+      )
+      residual = norm(name="proj_norm")(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet(nn.Module):
+  """ser_jax.models.ResNet with configurable convolutions and max-pool."""
+
+  stage_sizes: Sequence[int]
+  num_classes: int
+  width: int = 64
+  dtype: jnp.dtype = jnp.float32
+  impl: ConvImpl = ConvImpl()
+  stem_impl: ConvImpl = ConvImpl()
+  pool: str = "lax"
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = x.astype(self.dtype)
+    x = Conv(
+      self.width,
+      (7, 7),
+      (2, 2),
+      padding=((3, 3), (3, 3)),
+      use_bias=False,
+      dtype=self.dtype,
+      impl=self.stem_impl,
+      name="stem_conv",
+    )(x)
+    x = nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="stem_norm"
+    )(x)
+    x = nn.relu(x)
+    if self.pool == "slices":
+      x = max_pool_3x3_s2(x)
+    else:
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for stage, num_blocks in enumerate(self.stage_sizes):
+      for block in range(num_blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(self.width * 2**stage, strides, self.dtype, self.impl)(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+_LAX = ConvImpl()
+_MM = ConvImpl("im2col", "col2im", "im2col")
+VARIANTS = {
+  "lax": dict(impl=_LAX, stem_impl=_LAX, pool="lax"),
+  "pool": dict(impl=_LAX, stem_impl=_LAX, pool="slices"),
+  "wgrad": dict(impl=ConvImpl("lax", "lax", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col")),
+  "bwd": dict(impl=ConvImpl("lax", "im2col", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col")),
+  "mm": dict(impl=_MM, stem_impl=_MM, pool="lax"),
+  "mm_pool": dict(impl=_MM, stem_impl=_MM, pool="slices"),
+  "mm2_pool": dict(
+    impl=ConvImpl("im2col", "im2col", "im2col"), stem_impl=_MM, pool="slices"
+  ),
+  "mm_save_pool": dict(
+    impl=dataclasses.replace(_MM, save_patches=True),
+    stem_impl=dataclasses.replace(_MM, save_patches=True),
+    pool="slices",
+  ),
+  "wgrad_pool": dict(
+    impl=ConvImpl("lax", "lax", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col"), pool="slices"
+  ),
+  "bwd_pool": dict(
+    impl=ConvImpl("lax", "im2col", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col"), pool="slices"
+  ),
+}
+
+
+def create_model(name: str, model_config, num_classes: int) -> ResNet:
+  """A variant of models.create_model(model_config, num_classes); see VARIANTS."""
+  assert model_config.name == "resnet18", "variants cover ResNet-18"
+  dtype = jnp.bfloat16 if model_config.compute_dtype == "bfloat16" else jnp.float32
+  return ResNet(
+    stage_sizes=(2, 2, 2, 2),
+    num_classes=num_classes,
+    width=model_config.width,
+    dtype=dtype,
+    **VARIANTS[name],
+  )

@@ -1,0 +1,192 @@
+"""Figures of a run: confusion matrix, learning curves and the focal-loss gamma sweep.
+
+Figures are drawn on matplotlib's Agg canvas without pyplot, so plotting never touches a
+global backend or an interactive session.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ser_jax import io_utils
+
+_KINDS = {"mfcc": "MFCC", "logmel": "Log-mel"}
+
+
+def input_label(config: dict) -> str:
+  """'MFCC' or 'Log-mel' for a run's config (as stored in results.json)."""
+  kind = config["features"]["kind"]
+  if kind not in _KINDS:
+    raise ValueError(f"features.kind={kind!r} is not one of {', '.join(_KINDS)}")
+  return _KINDS[kind]
+
+
+def effective_gamma(config: dict) -> float:
+  """The focal loss's gamma; softmax cross-entropy is gamma 0."""
+  loss = config["loss"]
+  return float(loss["gamma"]) if loss["name"] == "focal" else 0.0
+
+
+def loss_label(gamma: float) -> str:
+  """'Focal (gamma=2)', or 'Softmax' for gamma 0, where the focal loss is the softmax loss."""
+  return f"Focal (gamma={gamma:g})" if gamma else "Softmax"
+
+
+def _new_figure(width: float, height: float) -> Figure:
+  figure = Figure(figsize=(width, height), layout="constrained")
+  FigureCanvasAgg(figure)
+  return figure
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
+  """Writes a PNG atomically: a reader sees the old figure or the new one, never half of one."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=120)
+  io_utils.atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_confusion(summary: dict, path: str | os.PathLike) -> None:
+  """Row-normalised confusion matrix (%), as in the paper's Tables 2 and 3."""
+  names = summary["class_names"]
+  matrix = np.asarray(summary["confusion_matrix"], dtype=float)
+  if matrix.shape != (len(names), len(names)):
+    raise ValueError(
+      f"confusion_matrix has shape {matrix.shape}, expected {len(names)}x{len(names)} for "
+      f"classes {names}"
+    )
+  size = 1.2 + 0.9 * len(names)
+  figure = _new_figure(size + 1.2, size)
+  axes = figure.add_subplot()
+  image = axes.imshow(matrix, cmap="Blues", vmin=0.0, vmax=100.0)
+  for (row, col), value in np.ndenumerate(matrix):
+    # White text on the dark cells keeps every annotation readable.
+    colour = "white" if value > 60 else "black"
+    axes.text(col, row, f"{value:.1f}", ha="center", va="center", color=colour, fontsize=9)
+  axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
+  axes.set_yticks(range(len(names)), names)
+  axes.set_xlabel("Predicted")
+  axes.set_ylabel("True")
+  figure.colorbar(image, ax=axes, label="% of true class")
+  config = summary["config"]
+  axes.set_title(
+    f"{input_label(config)}, {loss_label(effective_gamma(config))}\n"
+    f"WA {summary['overall_accuracy']:.2f}% +/- {summary['overall_accuracy_std']:.2f}, "
+    f"UA {summary['class_accuracy']:.2f}% +/- {summary['class_accuracy_std']:.2f}",
+    fontsize=10,
+  )
+  _save(figure, path)
+
+
+def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike, member: int = 0) -> None:
+  """Train loss and train accuracy per epoch, one line per fold (of sweep member `member`)."""
+  if not records:
+    raise ValueError("no metrics records to plot (metrics.jsonl is empty or missing)")
+  by_fold: dict[int, dict[int, dict]] = collections.defaultdict(dict)
+  for record in records:
+    # A resumed fold may repeat an epoch; the later record is the one that counts.
+    by_fold[record["fold"]][record["epoch"]] = record
+  figure = _new_figure(10, 4)
+  loss_axes, accuracy_axes = figure.subplots(1, 2)
+  for fold in sorted(by_fold):
+    epochs = sorted(by_fold[fold])
+    for axes, key in ((loss_axes, "train_loss"), (accuracy_axes, "train_accuracy")):
+      values = [by_fold[fold][e][key][member] for e in epochs]
+      axes.plot(epochs, values, marker="o", markersize=3, label=f"fold {fold}")
+  loss_axes.set_ylabel("Train loss")
+  accuracy_axes.set_ylabel("Train accuracy (%)")
+  for axes in (loss_axes, accuracy_axes):
+    axes.set_xlabel("Epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+  accuracy_axes.legend(fontsize=8, ncols=2)
+  n_members = len(records[0]["train_loss"])
+  figure.suptitle(
+    "Training per fold" + (f" (sweep member {member} of {n_members})" if n_members > 1 else ""),
+    fontsize=10,
+  )
+  _save(figure, path)
+
+
+def sweep_points(sweep: Sequence[dict]) -> dict[float, dict[str, np.ndarray]]:
+  """Per learning rate: gammas and seed-averaged WA/UA means and stds, sorted by gamma.
+
+  The std pools seeds and folds (mean of the fold variances plus the variance of the seed
+  means), which is the spread over every (seed, fold) model when folds are equally many.
+  """
+  groups: dict[tuple[float, float], list[dict]] = collections.defaultdict(list)
+  for entry in sweep:
+    groups[(entry["learning_rate"], entry["gamma"])].append(entry)
+  points: dict[float, dict[str, list]] = collections.defaultdict(
+    lambda: collections.defaultdict(list)
+  )
+  for (rate, gamma), entries in sorted(groups.items()):
+    points[rate]["gamma"].append(gamma)
+    for name in ("overall_accuracy", "class_accuracy"):
+      means = np.array([e[name] for e in entries])
+      stds = np.array([e[f"{name}_std"] for e in entries])
+      points[rate][name].append(means.mean())
+      points[rate][f"{name}_std"].append(np.sqrt(np.mean(stds**2) + means.var()))
+  return {
+    rate: {key: np.array(values) for key, values in columns.items()}
+    for rate, columns in points.items()
+  }
+
+
+def plot_sweep(summary: dict, path: str | os.PathLike) -> None:
+  """WA and UA (mean +/- std over folds and seeds) against gamma; gamma 0 is softmax."""
+  sweep = summary.get("sweep")
+  if not sweep:
+    raise ValueError("summary has no 'sweep' entries to plot")
+  points = sweep_points(sweep)
+  figure = _new_figure(10, 4)
+  panels = figure.subplots(1, 2, sharey=True)
+  names = (
+    ("overall_accuracy", "Overall accuracy (WA, %)"),
+    ("class_accuracy", "Class accuracy (UA, %)"),
+  )
+  for axes, (name, title) in zip(panels, names, strict=True):
+    for rate, columns in sorted(points.items()):
+      axes.errorbar(
+        columns["gamma"],
+        columns[name],
+        yerr=columns[f"{name}_std"],
+        marker="o",
+        capsize=3,
+        label=f"lr {rate:g}" if len(points) > 1 else None,
+      )
+    gammas = sorted({g for columns in points.values() for g in columns["gamma"]})
+    axes.set_xticks(gammas, [f"{g:g}" + ("\n(softmax)" if g == 0 else "") for g in gammas])
+    axes.set_xlabel("Focal loss gamma")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    if len(points) > 1:
+      axes.legend(fontsize=8)
+  n_seeds = len({entry["seed"] for entry in sweep})
+  seeds = f"mean of {n_seeds} seeds" if n_seeds > 1 else "one seed"
+  figure.suptitle(f"{input_label(summary['config'])}: gamma sweep, {seeds}", fontsize=10)
+  _save(figure, path)
+
+
+def write_figures(
+  workdir: str | os.PathLike, summary: dict, records: Sequence[dict]
+) -> list[pathlib.Path]:
+  """Writes confusion.png, learning_curves.png (when there are records) and sweep.png."""
+  workdir = pathlib.Path(workdir)
+  written = [workdir / "confusion.png"]
+  plot_confusion(summary, written[-1])
+  if records:
+    written.append(workdir / "learning_curves.png")
+    plot_learning_curves(records, written[-1])
+  if summary.get("sweep"):
+    written.append(workdir / "sweep.png")
+    plot_sweep(summary, written[-1])
+  return written

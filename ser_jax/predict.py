@@ -1,0 +1,305 @@
+"""Scores audio files with a trained run: `python -m ser_jax.predict --workdir=RUN PATH...`.
+
+Each file gets one JSON line on stdout. Features use the run's own settings and each
+fold's training normalisation; by default the fold models vote as an ensemble (mean of
+their probabilities). Audio longer than `features.max_seconds` is cut into half-overlapping
+windows whose probabilities are averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import pathlib
+import re
+import sys
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ser_jax import audio, cli, models
+from ser_jax.config import default_config
+from ser_jax.features import FeatureParams, compute_features
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+class PredictorError(ValueError):
+  """A workdir, fold or member that cannot be used for prediction."""
+
+
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The run's config: config.json overlaid onto the defaults (which fill the keys it omits)."""
+  path = pathlib.Path(workdir) / "config.json"
+  if not path.exists():
+    raise PredictorError(f"{workdir} holds no config.json; is it a training workdir?")
+  config = default_config()
+  with config.unlocked():
+    _overlay(config, json.loads(path.read_text()))
+  return config
+
+
+def _overlay(config: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
+      _overlay(config[key], value)
+    else:
+      # JSON has no tuples; the config's sequence keys are tuples.
+      config[key] = tuple(value) if isinstance(value, list) else value
+
+
+def finished_folds(workdir: str | os.PathLike) -> list[int]:
+  """Folds whose training finished (they wrote result.json), in order."""
+  folds = []
+  for path in pathlib.Path(workdir).glob("fold_*/result.json"):
+    match = re.fullmatch(r"fold_(\d+)", path.parent.name)
+    if match:
+      folds.append(int(match.group(1)))
+  return sorted(folds)
+
+
+def window_starts(n_samples: int, window: int) -> list[int]:
+  """Window starts: hop of half a window, the last window aligned to the end of the audio."""
+  if n_samples <= window:
+    return [0]
+  hop = max(window // 2, 1)
+  return [*range(0, n_samples - window, hop), n_samples - window]
+
+
+class Predictor:
+  """Class probabilities of waveforms from one fold's model or the ensemble of all folds."""
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    class_names: Sequence[str],
+    folds: Sequence[int],
+    variables: dict,
+    means: np.ndarray,
+    stds: np.ndarray,
+    member: int = 0,
+  ):
+    """`variables`, `means` and `stds` are stacked over `folds` on a leading axis."""
+    self.config = config
+    self.class_names = tuple(class_names)
+    self.folds = tuple(folds)
+    self.member = member
+    self.params = FeatureParams.from_config(config.features)
+    self.batch_size = int(config.train.eval_batch_size)
+    self._model = models.create_model(config.model, len(self.class_names))
+    self._variables = jax.tree.map(jnp.asarray, variables)
+    self._means = jnp.asarray(means)
+    self._stds = jnp.asarray(stds)
+
+  @classmethod
+  def from_workdir(
+    cls, workdir: str | os.PathLike, fold: int | None = None, member: int = 0
+  ) -> Predictor:
+    """Loads every finished fold of a trained run (or only `fold`), using sweep member `member`."""
+    workdir = pathlib.Path(workdir)
+    if not workdir.is_dir():
+      raise PredictorError(f"workdir {workdir} does not exist")
+    config = load_run_config(workdir)
+    available = finished_folds(workdir)
+    if not available:
+      raise PredictorError(f"{workdir} has no finished fold (no fold_<k>/result.json)")
+    if fold is not None and fold not in available:
+      raise PredictorError(
+        f"fold {fold} is not a finished fold of {workdir}; finished: "
+        f"{', '.join(map(str, available))}"
+      )
+    folds = available if fold is None else [fold]
+    class_names = _class_names(workdir, config)
+    fold_variables, means, stds = [], [], []
+    for k in folds:
+      variables = _restore_variables(workdir / f"fold_{k}" / "checkpoints")
+      n_members, n_outputs = variables["params"]["head"]["bias"].shape
+      if not 0 <= member < n_members:
+        raise PredictorError(
+          f"member={member} is out of range; the run has {n_members} member(s), 0..{n_members - 1}"
+        )
+      if n_outputs != len(class_names):
+        raise PredictorError(
+          f"fold {k}'s model has {n_outputs} outputs but the run lists {len(class_names)} "
+          f"classes {class_names}"
+        )
+      fold_variables.append(jax.tree.map(lambda x: x[member], variables))
+      with np.load(workdir / f"fold_{k}" / "normalisation.npz") as stats:
+        means.append(stats["mean"])
+        stds.append(stats["std"])
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *fold_variables)
+    return cls(config, class_names, folds, stacked, np.stack(means), np.stack(stds), member)
+
+  def window_probabilities(
+    self, waveform: np.ndarray, sample_rate: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """(window starts in seconds [windows], fold-mean probabilities [windows, classes]).
+
+    `waveform` is [n_samples] or [n_samples, n_channels] at `sample_rate` Hz.
+    """
+    mono = audio.prepare_waveform(waveform, sample_rate, self.params.sample_rate)
+    starts = window_starts(len(mono), self.params.max_samples)
+    features = np.stack(
+      [compute_features(mono[s : s + self.params.max_samples], self.params) for s in starts]
+    )
+    chunks = []
+    for begin in range(0, len(features), self.batch_size):
+      chunk = features[begin : begin + self.batch_size]
+      # Padding to a power of two bounds the number of compiled batch shapes.
+      size = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+      padded = np.zeros((size, *chunk.shape[1:]), np.float32)
+      padded[: len(chunk)] = chunk
+      probabilities = _fold_probabilities(
+        self._model, self._variables, self._means, self._stds, padded
+      )
+      chunks.append(np.asarray(probabilities, np.float64)[:, : len(chunk)])
+    per_fold = np.concatenate(chunks, axis=1)  # [folds, windows, classes]
+    return np.array(starts, np.float64) / self.params.sample_rate, per_fold.mean(axis=0)
+
+  def predict_windows(self, waveform: np.ndarray, sample_rate: int) -> list[dict]:
+    """Per-window scores: [{start_seconds, probabilities: {class: probability}}]."""
+    return self._windows(*self.window_probabilities(waveform, sample_rate))
+
+  def predict(self, waveform: np.ndarray, sample_rate: int) -> dict[str, float]:
+    """{class: probability}, averaged over windows (and folds)."""
+    return self._named(self.window_probabilities(waveform, sample_rate)[1].mean(axis=0))
+
+  def predict_file(self, path: str | os.PathLike, windows: bool = False) -> dict:
+    """{path, label, probabilities[, windows]} for an audio file; raises audio.AudioError."""
+    mono = audio.load_audio(path, self.params.sample_rate)
+    starts, probabilities = self.window_probabilities(mono, self.params.sample_rate)
+    mean = probabilities.mean(axis=0)
+    result = {
+      "path": os.fspath(path),
+      "label": self.class_names[int(mean.argmax())],
+      "probabilities": self._named(mean),
+    }
+    if windows:
+      result["windows"] = self._windows(starts, probabilities)
+    return result
+
+  def _windows(self, starts: np.ndarray, probabilities: np.ndarray) -> list[dict]:
+    return [
+      {"start_seconds": float(s), "probabilities": self._named(p)}
+      for s, p in zip(starts, probabilities, strict=True)
+    ]
+
+  def _named(self, probabilities: np.ndarray) -> dict[str, float]:
+    return {name: float(p) for name, p in zip(self.class_names, probabilities, strict=True)}
+
+
+# The model is static (hashable), so predictors of the same architecture share compilations.
+@functools.partial(jax.jit, static_argnums=0)
+def _fold_probabilities(model, variables, means, stds, features) -> jax.Array:
+  """[folds, batch, classes] probabilities of [batch, n_bins, n_frames] raw features."""
+
+  def one_fold(fold_variables, mean, std):
+    inputs = (features - mean[None, :, None]) / std[None, :, None]
+    logits = model.apply(fold_variables, inputs[..., None], train=False)
+    return jax.nn.softmax(logits, axis=-1)
+
+  return jax.vmap(one_fold)(variables, means, stds)
+
+
+def _class_names(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """results.json's classes; an unfinished run falls back to data.classes when it names them."""
+  results_path = workdir / "results.json"
+  if results_path.exists():
+    return tuple(json.loads(results_path.read_text())["class_names"])
+  if config.data.classes:
+    return tuple(config.data.classes)
+  raise PredictorError(
+    f"{workdir} has no results.json and its config leaves data.classes empty, so the class "
+    "order is unknown; finish the run first"
+  )
+
+
+def _restore_variables(directory: pathlib.Path) -> dict:
+  """{'params', 'batch_stats'} of the newest checkpoint, with the leading member axis.
+
+  Restores only these two parts, so the optimiser's structure (and its moments) never matter.
+  """
+  if not directory.is_dir():
+    raise PredictorError(f"no checkpoints in {directory}")
+  manager = ocp.CheckpointManager(
+    directory.absolute(),
+    item_handlers=ocp.PyTreeCheckpointHandler(),
+    options=ocp.CheckpointManagerOptions(create=False),
+  )
+  try:
+    epoch = manager.latest_step()
+    if epoch is None:
+      raise PredictorError(f"no checkpoints in {directory}")
+    saved = manager.item_metadata(epoch).tree
+    abstract = {
+      part: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved[part])
+      for part in ("params", "batch_stats")
+    }
+    return manager.restore(
+      epoch,
+      args=ocp.args.PyTreeRestore(
+        abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
+      ),
+    )
+  finally:
+    manager.close()
+
+
+def audio_files(paths: Sequence[str]) -> Iterator[str]:
+  """Files as given; folders searched recursively for audio files, in sorted order."""
+  for path in paths:
+    if os.path.isdir(path):
+      found = sorted(
+        p
+        for p in pathlib.Path(path).rglob("*")
+        if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
+      )
+      if not found:
+        print(f"warning: no {'/'.join(AUDIO_SUFFIXES)} files under {path}", file=sys.stderr)
+      yield from map(str, found)
+    else:
+      yield path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+    prog="python -m ser_jax.predict", description=__doc__.splitlines()[0]
+  )
+  parser.add_argument("--workdir", required=True, help="A trained run's workdir.")
+  parser.add_argument("--fold", type=int, help="Use only this fold's model (default: all folds).")
+  parser.add_argument(
+    "--member",
+    type=int,
+    default=0,
+    help="Sweep member to use: an index into results.json's 'sweep' list (default 0).",
+  )
+  parser.add_argument("--windows", action="store_true", help="Add per-window scores.")
+  parser.add_argument("paths", nargs="+", metavar="PATH", help="Audio files or folders.")
+  args = parser.parse_args(argv)
+  try:
+    predictor = Predictor.from_workdir(args.workdir, fold=args.fold, member=args.member)
+  except (PredictorError, FileNotFoundError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  n_scored = 0
+  for path in audio_files(args.paths):
+    try:
+      result = predictor.predict_file(path, windows=args.windows)
+      n_scored += 1
+    except audio.AudioError as error:
+      result = {"path": path, "error": str(error)}
+    print(json.dumps(result), flush=True)
+  return 0 if n_scored else 1
+
+
+if __name__ == "__main__":
+  cli.setup_logging()
+  sys.exit(main())

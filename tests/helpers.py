@@ -1,0 +1,67 @@
+"""Shared by the end-to-end tests: a tiny demo config and running the entry points."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_args(workdir, cache_dir, **overrides) -> list[str]:
+  """Flags for a demo run that trains for seconds: a narrow ResNet-18 on 1 s MFCCs."""
+  settings = {
+    "model.width": 4,
+    "features.max_seconds": 1.0,
+    "train.num_epochs": 3,
+    "train.warmup_epochs": 1,
+    "train.checkpoint_every_epochs": 1,
+    "cv.n_folds": 2,
+    "data.num_workers": 1,
+    "data.cache_dir": str(cache_dir),
+  }
+  settings.update(overrides)
+  return [
+    "--config=" + str(REPO / "configs" / "demo.py"),
+    f"--workdir={workdir}",
+    *[f"--config.{key}={value}" for key, value in settings.items()],
+  ]
+
+
+def run_module(module: str, args: list[str], env: dict | None = None, **kwargs):
+  """Runs `python -m module args` from the repository root; returns the CompletedProcess."""
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+    capture_output=True,
+    text=True,
+    **kwargs,
+  )
+
+
+def start_module(module: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+  return subprocess.Popen(
+    [sys.executable, "-m", module, *args],
+    cwd=REPO,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def result_metrics(workdir) -> dict:
+  """The numbers of results.json that must not depend on interruptions or timing."""
+  summary = json.loads((pathlib.Path(workdir) / "results.json").read_text())
+  return {
+    "overall_accuracy": summary["overall_accuracy"],
+    "class_accuracy": summary["class_accuracy"],
+    "macro_f1": summary["macro_f1"],
+    "confusion_counts": summary["confusion_counts"],
+    "folds": [(f["fold"], f["confusion_counts"]) for f in summary["folds"]],
+    "sweep": summary.get("sweep"),
+  }

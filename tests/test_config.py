@@ -1,0 +1,219 @@
+"""Every shipped config validates; a wrong key or value is a ConfigError naming the key."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+import pytest
+
+from ser_jax.config import ConfigError, default_config, validate_config
+from ser_jax.data import corpora
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
+
+REQUIRED_KEYS = (
+  "data.corpus",
+  "data.root",
+  "data.classes",
+  "features.kind",
+  "features.sample_rate",
+  "features.max_seconds",
+  "features.n_fft",
+  "features.hop_length",
+  "features.n_mels",
+  "features.n_mfcc",
+  "loss.name",
+  "loss.gamma",
+  "train.num_epochs",
+  "train.batch_size",
+  "train.learning_rate",
+  "cv.n_folds",
+  "cv.scheme",
+  "seed",
+)
+
+
+def _load(path: pathlib.Path) -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _with_root(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """As on the command line: real corpora need --config.data.root; 'demo' does not."""
+  if config.data.corpus != "demo":
+    config.data.root = "/data/corpus"
+  return config
+
+
+def _get(config, dotted: str):
+  value = config
+  for part in dotted.split("."):
+    value = value[part]
+  return value
+
+
+@pytest.fixture
+def config() -> ml_collections.ConfigDict:
+  return _with_root(default_config())
+
+
+def test_config_files_exist():
+  assert {p.stem for p in CONFIG_FILES} >= {
+    "demo",
+    "logmel_focal",
+    "logmel_softmax",
+    "mfcc_focal",
+    "mfcc_softmax",
+  }
+
+
+def test_default_config_validates(config):
+  validate_config(config)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
+def test_every_config_file_validates(path):
+  validate_config(_with_root(_load(path)))
+
+
+def test_demo_config_validates_without_a_root():
+  config = _load(CONFIG_DIR / "demo.py")
+  assert config.data.root == ""
+  validate_config(config)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
+def test_every_config_has_the_required_keys(path):
+  config = _load(path)
+  for key in REQUIRED_KEYS:
+    _get(config, key)  # Raises KeyError or AttributeError if missing.
+  assert config.features.sample_rate == 22050
+  assert config.features.n_fft == 2048
+  assert config.features.hop_length == 512
+
+
+def test_paper_configs_match_their_names():
+  for stem in ("logmel_focal", "logmel_softmax", "mfcc_focal", "mfcc_softmax"):
+    config = _load(CONFIG_DIR / f"{stem}.py")
+    kind, loss = stem.split("_")
+    assert config.features.kind == kind
+    assert config.loss.name == loss
+    assert config.loss.gamma == (2.0 if loss == "focal" else 0.0)
+    assert config.data.corpus == "iemocap"
+    assert config.features.max_seconds == 6.0
+
+
+def test_unknown_key_is_an_error_naming_it(config):
+  with config.unlocked():
+    config.train.num_epoch = 3
+  with pytest.raises(ConfigError, match=r"unknown config key 'train\.num_epoch'"):
+    validate_config(config)
+
+
+def test_unknown_top_level_group_is_an_error_naming_it(config):
+  with config.unlocked():
+    config.optimiser = ml_collections.ConfigDict({"name": "sgd"})
+  with pytest.raises(ConfigError, match="unknown config key 'optimiser'"):
+    validate_config(config)
+
+
+@pytest.mark.parametrize(
+  ("key", "value", "message"),
+  [
+    ("loss.gamma", -1.0, r"loss\.gamma=-1\.0 is not allowed; it must be >= 0"),
+    ("cv.n_folds", 1, r"cv\.n_folds=1 is not allowed; it must be >= 2"),
+    ("train.batch_size", 0, r"train\.batch_size=0 is not allowed; it must be >= 1"),
+    ("train.num_epochs", 0, r"train\.num_epochs=0"),
+    ("train.learning_rate", 0.0, r"train\.learning_rate=0\.0 is not allowed; it must be > 0"),
+    ("features.kind", "mel", r"features\.kind='mel' is not allowed; expected one of: logmel, mfcc"),
+    ("loss.name", "hinge", r"loss\.name='hinge'"),
+    ("cv.scheme", "random", r"cv\.scheme='random'"),
+    ("features.n_mfcc", 200, r"features\.n_mfcc=200 must be <= features\.n_mels=128"),
+    ("train.label_smoothing", 1.0, r"train\.label_smoothing=1\.0"),
+  ],
+)
+def test_bad_value_is_an_error_naming_the_key(config, key, value, message):
+  group, name = key.split(".")
+  config[group][name] = value
+  with pytest.raises(ConfigError, match=message):
+    validate_config(config)
+
+
+def test_integer_gamma_minus_one_is_an_error(config):
+  config.loss.gamma = -1
+  with pytest.raises(ConfigError, match=r"loss\.gamma"):
+    validate_config(config)
+
+
+def test_unknown_corpus_is_an_error_listing_the_known_ones(config):
+  config.data.corpus = "iemocapp"
+  with pytest.raises(ConfigError, match=r"data\.corpus='iemocapp'") as error:
+    validate_config(config)
+  assert len(corpora.CORPORA) >= 2
+  for name in corpora.CORPORA:
+    assert name in str(error.value)
+
+
+@pytest.mark.parametrize("corpus", sorted(set(corpora.CORPORA) - {"demo"}))
+def test_missing_root_for_a_real_corpus_is_an_error(corpus):
+  config = default_config()
+  config.data.corpus = corpus
+  assert config.data.root == ""
+  with pytest.raises(ConfigError, match=rf"data\.root is empty.*data\.root=/path/to/{corpus}"):
+    validate_config(config)
+
+
+def test_wrong_type_is_an_error_naming_key_and_types(config):
+  # ConfigDict itself refuses `config.train.batch_size = '32'`; a dict-built config does not.
+  values = config.to_dict()
+  values["train"]["batch_size"] = "32"
+  bad = ml_collections.ConfigDict(values)
+  with pytest.raises(
+    ConfigError, match=r"config key 'train\.batch_size'='32' has type str; expected int"
+  ):
+    validate_config(bad)
+
+
+def test_bool_is_not_accepted_for_an_int_key(config):
+  values = config.to_dict()
+  values["cv"]["n_folds"] = True
+  with pytest.raises(ConfigError, match=r"'cv\.n_folds'=True has type bool; expected int"):
+    validate_config(ml_collections.ConfigDict(values))
+
+
+def test_int_is_accepted_for_a_float_key(config):
+  values = config.to_dict()
+  values["train"]["learning_rate"] = 1
+  validate_config(ml_collections.ConfigDict(values))
+
+
+def test_group_replaced_by_a_value_is_an_error(config):
+  values = config.to_dict()
+  values["loss"] = "focal"
+  with pytest.raises(ConfigError, match="config key 'loss' must be a group of keys"):
+    validate_config(ml_collections.ConfigDict(values))
+
+
+def test_alpha_must_have_one_weight_per_class(config):
+  config.loss.alpha = (1.0, 2.0)
+  with pytest.raises(ConfigError, match="loss.alpha has 2 weights but data.classes has 4"):
+    validate_config(config)
+  config.loss.alpha = (1.0, 2.0, 1.0, 0.5)
+  validate_config(config)
+
+
+def test_fold_index_out_of_range_is_an_error(config):
+  config.cv.folds = (0, 5)
+  with pytest.raises(ConfigError, match=r"cv\.folds contains 5; folds are 0\.\.4"):
+    validate_config(config)
+
+
+def test_repeated_class_is_an_error(config):
+  config.data.classes = ("neutral", "anger", "neutral")
+  with pytest.raises(ConfigError, match="repeated class names"):
+    validate_config(config)

@@ -1,0 +1,275 @@
+"""Features and audio loading match librosa's reference pipeline; bad audio is rejected."""
+
+from __future__ import annotations
+
+import pathlib
+
+import librosa
+import numpy as np
+import pytest
+import soundfile as sf
+
+from ser_jax import audio
+from ser_jax.features import FeatureParams, compute_features
+
+SR = 22050
+MAX_SAMPLES = 6 * SR  # 132300
+N_FRAMES = 259  # 1 + 132300 // 512
+
+
+def _signal(n_samples: int, seed: int = 0, sr: int = SR) -> np.ndarray:
+  """A voiced-ish test signal: two harmonics with a slow envelope plus a little noise."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(n_samples) / sr
+  envelope = 0.5 + 0.4 * np.sin(2 * np.pi * 1.3 * t)
+  tone = np.sin(2 * np.pi * 220 * t) + 0.4 * np.sin(2 * np.pi * 660 * t + 0.3)
+  x = 0.3 * envelope * tone + 0.02 * rng.standard_normal(n_samples)
+  return x.astype(np.float32)
+
+
+def _reference_logmel(clip: np.ndarray) -> np.ndarray:
+  mel = librosa.feature.melspectrogram(
+    y=clip, sr=SR, n_fft=2048, hop_length=512, win_length=2048, window="hann", n_mels=128
+  )
+  return librosa.power_to_db(mel, ref=1.0, top_db=80)
+
+
+def _reference_mfcc(clip: np.ndarray) -> np.ndarray:
+  return librosa.feature.mfcc(
+    y=clip,
+    sr=SR,
+    n_mfcc=40,
+    n_fft=2048,
+    hop_length=512,
+    win_length=2048,
+    window="hann",
+    n_mels=128,
+  )
+
+
+def _pad_or_clip(x: np.ndarray, n: int) -> np.ndarray:
+  out = np.zeros(n, dtype=np.float32)
+  out[: min(n, len(x))] = x[:n]
+  return out
+
+
+# --- compute_features against librosa -------------------------------------------------
+
+
+@pytest.mark.parametrize("n_samples", [4 * SR + 123, MAX_SAMPLES, 7 * SR])
+def test_logmel_equals_librosa_melspectrogram_in_db(n_samples):
+  """Log-mel = librosa melspectrogram + power_to_db(ref=1.0, top_db=80) of the 6 s clip."""
+  x = _signal(n_samples)
+  got = compute_features(x, FeatureParams(kind="logmel"))
+  want = _reference_logmel(_pad_or_clip(x, MAX_SAMPLES))
+  assert got.shape == (128, N_FRAMES)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("n_samples", [4 * SR + 123, MAX_SAMPLES, 7 * SR])
+def test_mfcc_equals_librosa_feature_mfcc(n_samples):
+  x = _signal(n_samples, seed=1)
+  got = compute_features(x, FeatureParams(kind="mfcc"))
+  want = _reference_mfcc(_pad_or_clip(x, MAX_SAMPLES))
+  assert got.shape == (40, N_FRAMES)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["logmel", "mfcc"])
+def test_six_second_clip_gives_259_frames(kind):
+  params = FeatureParams(kind=kind)
+  assert params.max_samples == MAX_SAMPLES
+  assert params.n_frames == N_FRAMES
+  assert compute_features(_signal(MAX_SAMPLES), params).shape == (params.n_bins, N_FRAMES)
+
+
+@pytest.mark.parametrize("kind", ["logmel", "mfcc"])
+def test_long_clip_is_clipped_to_its_first_max_seconds(kind):
+  params = FeatureParams(kind=kind)
+  x = _signal(9 * SR, seed=2)
+  np.testing.assert_array_equal(
+    compute_features(x, params), compute_features(x[:MAX_SAMPLES].copy(), params)
+  )
+  # The tail matters only if it were kept: a different tail gives the same features.
+  y = x.copy()
+  y[MAX_SAMPLES:] = _signal(3 * SR, seed=3)
+  np.testing.assert_array_equal(compute_features(x, params), compute_features(y, params))
+
+
+@pytest.mark.parametrize("kind", ["logmel", "mfcc"])
+def test_short_clip_is_zero_padded_at_the_end(kind):
+  params = FeatureParams(kind=kind)
+  x = _signal(2 * SR + 7, seed=4)
+  padded = np.concatenate([x, np.zeros(MAX_SAMPLES - len(x), np.float32)])
+  np.testing.assert_array_equal(compute_features(x, params), compute_features(padded, params))
+
+
+def test_max_seconds_and_other_parameters_are_honoured():
+  params = FeatureParams(kind="logmel", max_seconds=1.0, n_mels=64, hop_length=256)
+  x = _signal(SR + 500, seed=5)
+  mel = librosa.feature.melspectrogram(
+    y=x[:SR], sr=SR, n_fft=2048, hop_length=256, win_length=2048, window="hann", n_mels=64
+  )
+  want = librosa.power_to_db(mel, ref=1.0, top_db=80)
+  got = compute_features(x, params)
+  assert got.shape == (64, 1 + SR // 256) == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:n_fft=2048 is too large")
+@pytest.mark.parametrize("n_samples", [1, 100, 511, 512, 513, SR, MAX_SAMPLES - 1, MAX_SAMPLES])
+def test_valid_frames_is_librosas_frame_count_of_the_unpadded_clip(n_samples):
+  params = FeatureParams(kind="logmel")
+  frames = librosa.feature.melspectrogram(
+    y=np.ones(n_samples, np.float32), sr=SR, n_fft=2048, hop_length=512
+  ).shape[1]
+  assert params.valid_frames(n_samples) == frames
+
+
+@pytest.mark.parametrize("n_samples", [MAX_SAMPLES, MAX_SAMPLES + 1, 10 * SR])
+def test_valid_frames_is_capped_at_the_padded_length(n_samples):
+  assert FeatureParams().valid_frames(n_samples) == N_FRAMES
+
+
+# --- load_audio against librosa.load ---------------------------------------------------
+
+
+def _write(path: pathlib.Path, data: np.ndarray, sr: int, subtype: str) -> pathlib.Path:
+  sf.write(path, data, sr, subtype=subtype, format="WAV")
+  return path
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # librosa.load imports audioread.
+@pytest.mark.parametrize(
+  ("file_rate", "channels", "subtype"),
+  [(16000, 2, "PCM_16"), (48000, 1, "PCM_24")],
+  ids=["16k-stereo-pcm16", "48k-mono-pcm24"],
+)
+def test_load_audio_equals_librosa_load(tmp_path, file_rate, channels, subtype):
+  n = int(1.5 * file_rate)
+  x = _signal(n, seed=6, sr=file_rate)
+  data = np.stack([x, 0.5 * x[::-1]], axis=1) if channels == 2 else x
+  path = _write(tmp_path / "clip.wav", data, file_rate, subtype)
+
+  got = audio.load_audio(path, SR)
+  want, _ = librosa.load(path, sr=SR)
+  assert got.dtype == np.float32
+  assert got.ndim == 1
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+  # The whole pipeline: load + features equals librosa's load + melspectrogram.
+  for kind, reference in (("logmel", _reference_logmel), ("mfcc", _reference_mfcc)):
+    features = compute_features(got, FeatureParams(kind=kind))
+    np.testing.assert_allclose(
+      features, reference(_pad_or_clip(want, MAX_SAMPLES)), rtol=0, atol=1e-3
+    )
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT"])
+@pytest.mark.parametrize("file_rate", [8000, 16000, 44100, 48000])
+def test_wav_formats_load_to_float32_mono_at_target_rate(tmp_path, subtype, file_rate):
+  seconds = 0.25
+  n = int(seconds * file_rate)
+  t = np.arange(n) / file_rate
+  x = (0.5 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+  path = _write(tmp_path / "clip.wav", x, file_rate, subtype)
+
+  y = audio.load_audio(path, SR)
+  assert y.dtype == np.float32
+  assert y.ndim == 1
+  assert abs(len(y) - n * SR / file_rate) <= 1
+  # The content survives: a 300 Hz sine of amplitude 0.5, resampled to the target rate.
+  want = 0.5 * np.sin(2 * np.pi * 300 * np.arange(len(y)) / SR)
+  middle = slice(len(y) // 4, 3 * len(y) // 4)  # Away from resampler edge effects.
+  quantisation = 2.0 / 256 if subtype == "PCM_U8" else 1e-3
+  np.testing.assert_allclose(y[middle], want[middle], rtol=0, atol=quantisation + 2e-3)
+
+
+def test_load_audio_at_the_target_rate_does_not_resample(tmp_path):
+  x = _signal(SR // 2, seed=7)
+  path = _write(tmp_path / "clip.wav", x, SR, "FLOAT")
+  np.testing.assert_array_equal(audio.load_audio(path, SR), x)
+
+
+# --- bad audio -------------------------------------------------------------------------
+
+
+def _valid_wav_bytes(tmp_path: pathlib.Path) -> bytes:
+  path = _write(tmp_path / "valid.wav", _signal(4000, sr=16000), 16000, "PCM_16")
+  return path.read_bytes()
+
+
+def test_zero_byte_file_is_an_audio_error(tmp_path):
+  path = tmp_path / "empty.wav"
+  path.write_bytes(b"")
+  with pytest.raises(audio.AudioError, match=r"empty file \(0 bytes\)"):
+    audio.load_audio(path, SR)
+
+
+def test_missing_file_is_an_audio_error(tmp_path):
+  with pytest.raises(audio.AudioError, match="cannot open"):
+    audio.load_audio(tmp_path / "absent.wav", SR)
+
+
+def test_non_audio_bytes_named_wav_is_an_audio_error(tmp_path):
+  path = tmp_path / "notes.wav"
+  path.write_bytes(b"this is a text file, not RIFF audio\n" * 20)
+  with pytest.raises(audio.AudioError, match="unreadable audio"):
+    audio.load_audio(path, SR)
+
+
+def test_truncated_header_is_an_audio_error(tmp_path):
+  path = tmp_path / "truncated.wav"
+  path.write_bytes(_valid_wav_bytes(tmp_path)[:20])
+  with pytest.raises(audio.AudioError, match="unreadable audio"):
+    audio.load_audio(path, SR)
+
+
+def test_header_without_samples_is_an_audio_error(tmp_path):
+  path = tmp_path / "header_only.wav"
+  path.write_bytes(_valid_wav_bytes(tmp_path)[:44])
+  with pytest.raises(audio.AudioError, match="no audio samples"):
+    audio.load_audio(path, SR)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_an_audio_error(tmp_path, bad):
+  x = _signal(8000, sr=16000)
+  x[1234] = bad
+  path = _write(tmp_path / "nonfinite.wav", x, 16000, "FLOAT")
+  with pytest.raises(audio.AudioError, match=r"non-finite samples \(NaN or inf\)"):
+    audio.load_audio(path, SR)
+
+
+def test_audio_error_is_a_value_error():
+  assert issubclass(audio.AudioError, ValueError)
+
+
+@pytest.mark.parametrize("kind", ["logmel", "mfcc"])
+def test_silence_gives_finite_features(tmp_path, kind):
+  path = _write(tmp_path / "silence.wav", np.zeros(16000, np.float32), 16000, "PCM_16")
+  y = audio.load_audio(path, SR)
+  assert np.all(y == 0)
+  features = compute_features(y, FeatureParams(kind=kind))
+  assert features.shape == (FeatureParams(kind=kind).n_bins, N_FRAMES)
+  assert np.all(np.isfinite(features))
+  if kind == "logmel":
+    # Absolute reference: silence sits at librosa's amin floor, 10 * log10(1e-10) dB.
+    np.testing.assert_allclose(features, -100.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["logmel", "mfcc"])
+def test_clip_shorter_than_one_frame_gives_finite_features(tmp_path, kind):
+  path = _write(tmp_path / "blip.wav", _signal(100, seed=8), SR, "FLOAT")
+  y = audio.load_audio(path, SR)
+  assert len(y) == 100
+  params = FeatureParams(kind=kind)
+  features = compute_features(y, params)
+  assert features.shape == (params.n_bins, N_FRAMES)
+  assert np.all(np.isfinite(features))
+  reference = _reference_logmel if kind == "logmel" else _reference_mfcc
+  np.testing.assert_allclose(features, reference(_pad_or_clip(y, MAX_SAMPLES)), atol=1e-3)
+  assert params.valid_frames(len(y)) == 1

@@ -1,0 +1,188 @@
+"""The focal loss matches its closed form, stays finite, and reduces to cross entropy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy.special import logsumexp
+
+from ser_jax.losses import focal_loss, softmax_loss
+
+N_CLASSES = 4
+GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
+
+# Compiled once per input structure: op-by-op evaluation compiles every primitive separately.
+FOCAL = jax.jit(focal_loss)
+
+
+def _summed(logits, labels, gamma, alpha=None):
+  return focal_loss(logits, labels, gamma, alpha).sum()
+
+
+VALUE_AND_GRAD = jax.jit(jax.value_and_grad(_summed))
+
+
+def _batch(seed: int = 0, batch: int = 16, scale: float = 3.0):
+  rng = np.random.default_rng(seed)
+  logits = (scale * rng.standard_normal((batch, N_CLASSES))).astype(np.float32)
+  labels = rng.integers(0, N_CLASSES, batch).astype(np.int32)
+  return logits, labels
+
+
+def _reference(logits, labels, gamma, alpha=None, label_smoothing=0.0) -> np.ndarray:
+  """-alpha_t (1 - p_t)^gamma sum_k target_k log p_k, naively in float64."""
+  z = np.asarray(logits, np.float64)
+  log_probs = z - logsumexp(z, axis=-1, keepdims=True)
+  rows = np.arange(len(labels))
+  p_t = np.exp(log_probs[rows, labels])
+  one_hot = np.eye(z.shape[-1])[labels]
+  target = one_hot * (1 - label_smoothing) + label_smoothing / z.shape[-1]
+  loss = (1.0 - p_t) ** gamma * -(target * log_probs).sum(-1)
+  if alpha is not None:
+    loss = loss * np.asarray(alpha, np.float64)[labels]
+  return loss
+
+
+def _finite_difference_grad(logits, labels, gamma, alpha=None, h=1e-6) -> np.ndarray:
+  """d sum(loss) / d logits by central differences of the float64 reference."""
+  z = np.asarray(logits, np.float64)
+  grad = np.zeros_like(z)
+  for index in np.ndindex(*z.shape):
+    up, down = z.copy(), z.copy()
+    up[index] += h
+    down[index] -= h
+    grad[index] = (
+      _reference(up, labels, gamma, alpha).sum() - _reference(down, labels, gamma, alpha).sum()
+    ) / (2 * h)
+  return grad
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_focal_loss_equals_closed_form(gamma):
+  logits, labels = _batch()
+  got = np.asarray(FOCAL(jnp.asarray(logits), jnp.asarray(labels), gamma))
+  assert got.shape == (len(labels),)
+  np.testing.assert_allclose(got, _reference(logits, labels, gamma), rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_focal_loss_with_alpha_equals_closed_form(gamma):
+  logits, labels = _batch(seed=1)
+  alpha = np.array([0.25, 1.0, 2.0, 0.5], np.float32)
+  got = np.asarray(FOCAL(logits, labels, gamma, alpha=alpha))
+  np.testing.assert_allclose(got, _reference(logits, labels, gamma, alpha), rtol=2e-5, atol=1e-6)
+
+
+def test_focal_loss_decreases_with_gamma_for_every_example():
+  """(1 - p_t)^gamma < 1, so a larger gamma down-weights every example."""
+  logits, labels = _batch(seed=2)
+  values = np.stack([np.asarray(FOCAL(logits, labels, g)) for g in GAMMAS])
+  assert np.all(np.diff(values, axis=0) < 0)
+
+
+def test_gamma_zero_equals_optax_softmax_cross_entropy():
+  logits, labels = _batch(seed=3)
+  want = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  np.testing.assert_allclose(FOCAL(logits, labels, 0.0), want, rtol=1e-6, atol=1e-6)
+
+
+def test_softmax_loss_is_focal_loss_with_gamma_zero():
+  logits, labels = _batch(seed=4)
+  alpha = jnp.array([1.0, 2.0, 3.0, 4.0])
+  np.testing.assert_array_equal(softmax_loss(logits, labels), focal_loss(logits, labels, 0.0))
+  np.testing.assert_array_equal(
+    softmax_loss(logits, labels, alpha=alpha, label_smoothing=0.1),
+    focal_loss(logits, labels, 0.0, alpha=alpha, label_smoothing=0.1),
+  )
+
+
+@pytest.mark.parametrize("smoothing", [0.05, 0.1, 0.3])
+def test_label_smoothing_with_gamma_zero_equals_optax_on_smoothed_targets(smoothing):
+  logits, labels = _batch(seed=5)
+  one_hot = np.eye(N_CLASSES)[labels]
+  smoothed = one_hot * (1 - smoothing) + smoothing / N_CLASSES
+  want = optax.softmax_cross_entropy(logits, smoothed)
+  got = FOCAL(logits, labels, 0.0, label_smoothing=smoothing)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_label_smoothing_keeps_the_true_class_modulating_factor():
+  logits, labels = _batch(seed=6)
+  got = FOCAL(logits, labels, 2.0, label_smoothing=0.1)
+  np.testing.assert_allclose(
+    got, _reference(logits, labels, 2.0, label_smoothing=0.1), rtol=2e-5, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 0.9, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("scale", [50.0, 200.0])
+def test_values_and_gradients_finite_when_the_true_class_is_certain(gamma, scale):
+  """p_t -> 1 (even p_t == 1 in float32): loss -> 0 and gradients stay finite, also 0<gamma<1."""
+  logits = jnp.array([[scale, -scale, -scale, -scale], [-scale, scale, -scale, -scale]])
+  labels = jnp.array([0, 1])
+  value, grad = VALUE_AND_GRAD(logits, labels, gamma)
+  assert np.all(np.isfinite(value))
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(value, 0.0, atol=1e-30)
+  np.testing.assert_allclose(grad, 0.0, atol=1e-30)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 5.0])
+def test_values_and_gradients_finite_when_the_true_class_is_impossible(gamma):
+  """p_t -> 0: the loss is -log p_t = 2 * 50 + log(1 + 2e^-100) and the gradient p - onehot."""
+  logits = jnp.array([[50.0, -50.0, -50.0, -50.0]])
+  labels = jnp.array([1])
+  value, grad = VALUE_AND_GRAD(logits, labels, gamma)
+  np.testing.assert_allclose(value, 100.0, rtol=1e-6)
+  np.testing.assert_allclose(grad, [[1.0, -1.0, 0.0, 0.0]], atol=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.5, 1.0, 2.0, 5.0])
+def test_gradient_matches_finite_differences_of_float64_reference(gamma):
+  logits, labels = _batch(seed=7, batch=6, scale=2.0)
+  alpha = np.array([0.5, 1.0, 1.5, 2.0])
+  _, got = VALUE_AND_GRAD(jnp.asarray(logits), labels, gamma, alpha)
+  want = _finite_difference_grad(logits, labels, gamma, alpha)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-6)
+
+
+def test_gamma_may_be_a_traced_array_under_jit():
+  logits, labels = _batch(seed=8)
+  traces = []
+
+  def loss(logits, labels, gamma):
+    traces.append(gamma)
+    return focal_loss(logits, labels, gamma)
+
+  jitted = jax.jit(loss)
+  for gamma in GAMMAS:
+    got = jitted(logits, labels, jnp.float32(gamma))
+    np.testing.assert_allclose(got, _reference(logits, labels, gamma), rtol=2e-5, atol=1e-6)
+  # One trace serves every gamma: gamma is a traced argument, not a constant.
+  assert len(traces) == 1
+  assert isinstance(traces[0], jax.core.Tracer)
+
+
+def test_vmap_over_gammas_equals_per_gamma_results():
+  logits, labels = _batch(seed=9)
+  gammas = jnp.array(GAMMAS, jnp.float32)
+  stacked = jax.jit(jax.vmap(lambda g: focal_loss(logits, labels, g)))(gammas)
+  assert stacked.shape == (len(GAMMAS), len(labels))
+  for i, gamma in enumerate(GAMMAS):
+    np.testing.assert_allclose(stacked[i], FOCAL(logits, labels, gamma), rtol=1e-6, atol=1e-7)
+  # Gradients too: a vmapped sweep trains each member with its own gamma.
+  grads = jax.jit(jax.vmap(lambda g: VALUE_AND_GRAD(jnp.asarray(logits), labels, g)[1]))(gammas)
+  for i, gamma in enumerate(GAMMAS):
+    _, want = VALUE_AND_GRAD(jnp.asarray(logits), labels, gamma)
+    np.testing.assert_allclose(grads[i], want, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_logits_are_computed_in_float32():
+  logits, labels = _batch(seed=10)
+  got = FOCAL(jnp.asarray(logits, jnp.bfloat16), labels, 2.0)
+  assert got.dtype == jnp.float32
+  rounded = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
+  np.testing.assert_allclose(got, _reference(rounded, labels, 2.0), rtol=2e-5, atol=1e-6)

@@ -1,0 +1,110 @@
+"""End to end: `python -m ser_jax.main` on the demo corpus, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import result_metrics, run_module, tiny_args
+
+RESULT_KEYS = {
+  "class_names",
+  "overall_accuracy",
+  "overall_accuracy_std",
+  "class_accuracy",
+  "class_accuracy_std",
+  "macro_f1",
+  "confusion_matrix",
+  "confusion_counts",
+  "folds",
+  "num_params",
+  "feature_store",
+  "config",
+  "wall_seconds",
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("main")
+  workdir, cache = root / "run", root / "cache"
+  process = run_module("ser_jax.main", tiny_args(workdir, cache))
+  assert process.returncode == 0, process.stderr
+  return workdir, cache, process
+
+
+def test_results_json_has_the_documented_keys(finished_run):
+  workdir, _, _ = finished_run
+  summary = json.loads((workdir / "results.json").read_text())
+  assert RESULT_KEYS <= set(summary)
+  assert summary["class_names"] == ["neutral", "happiness", "sadness", "anger"]
+  assert [f["fold"] for f in summary["folds"]] == [0, 1]
+  # Every demo utterance is tested exactly once over the folds.
+  assert sum(f["n_test"] for f in summary["folds"]) == 320
+  assert np.sum(summary["confusion_counts"]) == 320
+  rows = np.array(summary["confusion_matrix"])
+  np.testing.assert_allclose(rows.sum(axis=1), 100.0)
+  for fold in summary["folds"]:
+    counts = np.array(fold["confusion_counts"])
+    assert counts.sum() == fold["n_test"]
+    assert fold["overall_accuracy"] == pytest.approx(100 * np.trace(counts) / counts.sum())
+  wa = [f["overall_accuracy"] for f in summary["folds"]]
+  assert summary["overall_accuracy"] == pytest.approx(np.mean(wa))
+  assert summary["overall_accuracy_std"] == pytest.approx(np.std(wa))
+
+
+def test_workdir_holds_checkpoints_metrics_and_tables(finished_run):
+  workdir, _, _ = finished_run
+  for fold in (0, 1):
+    steps = sorted(int(p.name) for p in (workdir / f"fold_{fold}" / "checkpoints").iterdir())
+    assert steps[-1] == 3  # The final epoch is always saved.
+    assert (workdir / f"fold_{fold}" / "normalisation.npz").exists()
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["fold"], r["epoch"]) for r in records] == [(f, e) for f in (0, 1) for e in (1, 2, 3)]
+  table = (workdir / "results.md").read_text()
+  assert "| MFCC | focal (gamma=2.0) |" in table
+  assert "| true \\ predicted | neutral | happiness | sadness | anger |" in table
+  assert list((workdir / "tensorboard" / "fold_0").iterdir())
+
+
+def test_rerun_keeps_finished_folds(finished_run):
+  workdir, cache, _ = finished_run
+  before = result_metrics(workdir)
+  process = run_module("ser_jax.main", tiny_args(workdir, cache))
+  assert process.returncode == 0, process.stderr
+  assert "Fold 0 already finished" in process.stderr
+  assert "Fold 1 already finished" in process.stderr
+  assert result_metrics(workdir) == before
+
+
+def test_preprocess_prints_store_and_class_counts(finished_run):
+  workdir, cache, _ = finished_run
+  process = run_module("ser_jax.preprocess", tiny_args(workdir, cache))
+  assert process.returncode == 0, process.stderr
+  lines = process.stdout.splitlines()
+  summary = json.loads((workdir / "results.json").read_text())
+  assert lines[0] == summary["feature_store"]
+  counts = dict(line.split("\t")[:2] for line in lines[1:5])
+  assert counts == {"neutral": "154", "happiness": "38", "sadness": "86", "anger": "42"}
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("--config.train.num_epoch=3", "unknown config key 'train.num_epoch'"),
+    ("--config.loss.gamma=-1.0", "loss.gamma=-1.0"),
+    ("--config.cv.n_folds=1", "cv.n_folds=1"),
+    ("--config.train.batch_size=0", "train.batch_size=0"),
+    ("--config.data.corpus=iemocapp", "data.corpus='iemocapp'"),
+    ("--config.data.classes=('neutral','joy')", "joy"),
+    ("--config.cv.n_folds=50", "more than class 'happiness' has examples"),
+  ],
+)
+def test_bad_config_is_one_clear_line(tmp_path, override, message):
+  args = tiny_args(tmp_path / "run", tmp_path / "cache") + [override]
+  process = run_module("ser_jax.main", args)
+  assert process.returncode != 0
+  assert message in process.stderr
+  assert "Traceback" not in process.stderr
+  assert not (tmp_path / "run" / "results.json").exists()

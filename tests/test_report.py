@@ -1,0 +1,227 @@
+"""The runs-comparison table and the run figures, on hand-written and freshly trained runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+from matplotlib import image
+from test_predict import trained_run
+
+from ser_jax import plots
+from ser_jax.report import main
+
+_CLASSES = ["neutral", "happiness", "sadness", "anger"]
+
+
+def _summary(kind: str, loss: str, gamma: float, wa, ua, f1, n_folds: int = 5) -> dict:
+  """A results.json with the keys report and plots read; (mean, std) pairs for the metrics."""
+  counts = np.array([[40, 5, 3, 2], [6, 30, 2, 2], [4, 1, 44, 1], [3, 2, 1, 34]])
+  return {
+    "class_names": _CLASSES,
+    "overall_accuracy": wa[0],
+    "overall_accuracy_std": wa[1],
+    "class_accuracy": ua[0],
+    "class_accuracy_std": ua[1],
+    "macro_f1": f1[0],
+    "macro_f1_std": f1[1],
+    "confusion_counts": counts.tolist(),
+    "confusion_matrix": (100 * counts / counts.sum(1, keepdims=True)).tolist(),
+    "folds": [{"fold": k} for k in range(n_folds)],
+    "num_params": 1000,
+    "feature_store": "/nowhere",
+    "config": {
+      "data": {"corpus": "iemocap"},
+      "features": {"kind": kind},
+      "loss": {"name": loss, "gamma": gamma},
+      "train": {"learning_rate": 1e-3},
+    },
+    "wall_seconds": 1.0,
+  }
+
+
+def _write_run(folder: pathlib.Path, summary: dict, records=()) -> pathlib.Path:
+  folder.mkdir(parents=True)
+  (folder / "results.json").write_text(json.dumps(summary))
+  (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  return folder
+
+
+def _records(n_folds: int, n_epochs: int, n_members: int = 1) -> list[dict]:
+  return [
+    {
+      "fold": fold,
+      "epoch": epoch,
+      "step": 10 * epoch,
+      "train_loss": [1.0 / (epoch + fold + m) for m in range(n_members)],
+      "train_accuracy": [30.0 + 5 * epoch + fold + m for m in range(n_members)],
+      "seconds": 1.0,
+    }
+    for fold in range(n_folds)
+    for epoch in range(1, n_epochs + 1)
+  ]
+
+
+def _sweep_summary() -> dict:
+  """Gammas 0, 1, 2 by seeds 0, 1 at one learning rate."""
+  summary = _summary("logmel", "focal", 0.0, (50.0, 1.0), (48.0, 1.5), (47.0, 1.0))
+  summary["sweep"] = [
+    {
+      "gamma": gamma,
+      "seed": seed,
+      "learning_rate": 1e-3,
+      "overall_accuracy": 50.0 + 2 * gamma + 4 * seed,
+      "overall_accuracy_std": 2.0 + 2 * seed,
+      "class_accuracy": 48.0 + 3 * gamma,
+      "class_accuracy_std": 1.0,
+    }
+    for gamma in (0.0, 1.0, 2.0)
+    for seed in (0, 1)
+  ]
+  return summary
+
+
+@pytest.fixture
+def runs(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
+  return {
+    "logmel_softmax": _write_run(
+      tmp_path / "logmel_softmax",
+      _summary("logmel", "softmax", 2.0, (61.234, 1.5), (58.0, 2.25), (57.5, 0.5)),
+      _records(5, 3),
+    ),
+    "mfcc_focal": _write_run(
+      tmp_path / "mfcc_focal",
+      _summary("mfcc", "focal", 2.0, (66.5, 1.0), (63.125, 0.75), (62.0, 1.0), n_folds=10),
+    ),
+    "mfcc_softmax": _write_run(
+      tmp_path / "mfcc_softmax",
+      _summary("mfcc", "softmax", 0.0, (64.0, 2.0), (60.0, 3.0), (59.0, 2.5)),
+    ),
+    "sweep": _write_run(tmp_path / "sweep", _sweep_summary(), _records(2, 4, n_members=6)),
+  }
+
+
+def _table_rows(text: str) -> list[list[str]]:
+  lines = text.strip().splitlines()
+  assert lines[0].startswith("| Input | Loss | WA (%) | UA (%) | Macro F1 (%) | Folds | Corpus")
+  return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_table_rows_sorted_with_numbers(runs, tmp_path, capsys) -> None:
+  names = ["logmel_softmax", "mfcc_focal", "mfcc_softmax"]
+  missing = tmp_path / "unfinished"
+  missing.mkdir()
+  assert main([str(runs[n]) for n in names] + [str(missing)]) == 0
+  captured = capsys.readouterr()
+  assert captured.err.count("error:") == 1
+  assert str(missing) in captured.err and "results.json" in captured.err
+  rows = _table_rows(captured.out)
+  assert rows == [
+    [
+      "MFCC",
+      "Softmax",
+      "64.00 +/- 2.00",
+      "60.00 +/- 3.00",
+      "59.00 +/- 2.50",
+      "5",
+      "iemocap",
+      str(runs["mfcc_softmax"]),
+    ],
+    [
+      "MFCC",
+      "Focal (gamma=2)",
+      "66.50 +/- 1.00",
+      "63.12 +/- 0.75",
+      "62.00 +/- 1.00",
+      "10",
+      "iemocap",
+      str(runs["mfcc_focal"]),
+    ],
+    [
+      "Log-mel",
+      "Softmax",
+      "61.23 +/- 1.50",
+      "58.00 +/- 2.25",
+      "57.50 +/- 0.50",
+      "5",
+      "iemocap",
+      str(runs["logmel_softmax"]),
+    ],
+  ]
+
+
+def test_sweep_rows_average_seeds(runs, capsys) -> None:
+  assert main([str(runs["sweep"])]) == 0
+  rows = _table_rows(capsys.readouterr().out)
+  assert [r[1] for r in rows] == ["Softmax", "Focal (gamma=1)", "Focal (gamma=2)"]
+  # gamma=1: seed means 52 and 56 with fold stds 2 and 4 pool to sqrt((4 + 16) / 2 + 4).
+  assert rows[1][2] == f"54.00 +/- {math.sqrt(14):.2f}"
+  assert rows[1][3] == "51.00 +/- 1.00"
+  assert rows[1][4] == "-"
+
+
+def test_no_readable_run(tmp_path, capsys) -> None:
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  (broken / "results.json").write_text("{not json")
+  assert main([str(tmp_path / "absent"), str(broken)]) == 1
+  captured = capsys.readouterr()
+  assert captured.out == ""
+  assert "absent" in captured.err and "unreadable" in captured.err
+  assert "no readable run" in captured.err
+
+
+def _check_png(path: pathlib.Path) -> None:
+  pixels = image.imread(path)
+  assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
+  assert pixels[..., :3].std() > 0.01, f"{path} is blank"
+
+
+def test_figures(runs, capsys) -> None:
+  assert main(["--figures", str(runs["logmel_softmax"]), str(runs["sweep"])]) == 0
+  for name in ("confusion.png", "learning_curves.png"):
+    _check_png(runs["logmel_softmax"] / name)
+  assert not (runs["logmel_softmax"] / "sweep.png").exists()
+  for name in ("confusion.png", "learning_curves.png", "sweep.png"):
+    _check_png(runs["sweep"] / name)
+  # Atomic writes leave no temporary files behind.
+  assert sorted(p.name for p in runs["sweep"].iterdir()) == [
+    "confusion.png",
+    "learning_curves.png",
+    "metrics.jsonl",
+    "results.json",
+    "sweep.png",
+  ]
+
+
+def test_sweep_points_with_two_learning_rates() -> None:
+  sweep = [
+    {**entry, "learning_rate": rate} for entry in _sweep_summary()["sweep"] for rate in (1e-3, 3e-4)
+  ]
+  points = plots.sweep_points(sweep)
+  assert sorted(points) == [3e-4, 1e-3]
+  np.testing.assert_allclose(points[1e-3]["gamma"], [0.0, 1.0, 2.0])
+  np.testing.assert_allclose(points[1e-3]["overall_accuracy"], [52.0, 54.0, 56.0])
+
+
+def test_confusion_shape_checked(tmp_path) -> None:
+  summary = _summary("mfcc", "focal", 2.0, (1, 1), (1, 1), (1, 1))
+  summary["class_names"] = _CLASSES[:3]
+  with pytest.raises(ValueError, match="shape"):
+    plots.plot_confusion(summary, tmp_path / "confusion.png")
+
+
+@pytest.mark.slow
+def test_trained_run(tmp_path_factory, capsys) -> None:
+  run = trained_run(tmp_path_factory)
+  summary = json.loads((run / "results.json").read_text())
+  assert main(["--figures", str(run)]) == 0
+  (row,) = _table_rows(capsys.readouterr().out)
+  wa = f"{summary['overall_accuracy']:.2f} +/- {summary['overall_accuracy_std']:.2f}"
+  assert row[:3] == ["MFCC", "Focal (gamma=2)", wa]
+  assert row[5:7] == ["2", "demo"]
+  for name in ("confusion.png", "learning_curves.png"):
+    _check_png(run / name)

@@ -1,0 +1,168 @@
+"""Killed runs resume to the same result; locks, config changes and NaN losses are refused."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import time
+
+import jax.numpy as jnp
+import pytest
+from helpers import REPO, result_metrics, run_module, start_module, tiny_args
+
+from ser_jax import io_utils
+
+EPOCHS = 4
+
+
+def _wait_for_checkpoint(process, workdir, fold: int, epoch: int, timeout: float = 300.0):
+  """Polls until the checkpoint of (fold, epoch) is committed; fails if the run ends first."""
+  path = workdir / f"fold_{fold}" / "checkpoints" / str(epoch)
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if process.poll() is not None:
+      pytest.fail(f"run ended before fold {fold} epoch {epoch}: {process.stderr.read()}")
+    if path.is_dir():  # Orbax renames a finished checkpoint to its step number.
+      return
+    time.sleep(0.05)
+  pytest.fail(f"fold {fold} epoch {epoch} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run, and the shared feature cache."""
+  root = tmp_path_factory.mktemp("reference")
+  cache = root / "cache"
+  workdir = root / "run"
+  process = run_module("ser_jax.main", tiny_args(workdir, cache, **{"train.num_epochs": EPOCHS}))
+  assert process.returncode == 0, process.stderr
+  return cache, result_metrics(workdir)
+
+
+@pytest.mark.parametrize("fold, epoch", [(0, 2), (1, 1)])
+def test_sigkill_during_training_then_rerun_gives_the_same_results(
+  tmp_path, reference, fold, epoch
+):
+  cache, expected = reference
+  workdir = tmp_path / "run"
+  args = tiny_args(workdir, cache, **{"train.num_epochs": EPOCHS})
+  process = start_module("ser_jax.main", args)
+  _wait_for_checkpoint(process, workdir, fold, epoch)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+
+  resumed = run_module("ser_jax.main", args)
+  assert resumed.returncode == 0, resumed.stderr
+  if fold == 1:
+    assert "Fold 0 already finished" in resumed.stderr
+  assert f"Fold {fold}: resuming from the checkpoint of epoch" in resumed.stderr
+  assert result_metrics(workdir) == expected
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  # The log has each (fold, epoch) once: records past the checkpoint were dropped.
+  keys = [(r["fold"], r["epoch"]) for r in records]
+  assert sorted(keys) == [(f, e) for f in (0, 1) for e in range(1, EPOCHS + 1)]
+
+
+def test_preprocess_sigkill_then_rerun_gives_identical_store(tmp_path):
+  """Kills the extractor at several moments; each rerun finishes with the same bytes."""
+  settings = {
+    "features.max_seconds": 6.0,
+    "features.kind": "logmel",
+    "data.root": str(tmp_path / "demo_corpus"),  # One corpus, so manifests match byte for byte.
+  }
+  clean_cache = tmp_path / "clean"
+  clean = run_module("ser_jax.preprocess", tiny_args(tmp_path / "w", clean_cache, **settings))
+  assert clean.returncode == 0, clean.stderr
+  clean_store = clean.stdout.splitlines()[0]
+
+  cache = tmp_path / "killed"
+  for moment in (0.5, 2.0, 3.0):
+    process = start_module("ser_jax.preprocess", tiny_args(tmp_path / "w", cache, **settings))
+    time.sleep(moment)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    complete = [p for p in cache.glob("demo-*") if (p / "meta.json").exists()]
+    partial = list(cache.glob("demo-*.partial"))
+    # Never a store that looks finished while a partial one exists.
+    assert not (complete and partial)
+  rerun = run_module("ser_jax.preprocess", tiny_args(tmp_path / "w", cache, **settings))
+  assert rerun.returncode == 0, rerun.stderr
+  store = rerun.stdout.splitlines()[0]
+  assert pathlib.Path(store).name == pathlib.Path(clean_store).name
+  for name in ("features.npy", "labels.npy", "valid_frames.npy", "manifest.csv"):
+    assert (REPO / store / name).read_bytes() == (REPO / clean_store / name).read_bytes(), name
+  assert not list(cache.glob("*.partial"))
+
+
+def test_second_process_on_the_same_workdir_is_refused(tmp_path, reference):
+  cache, _ = reference
+  args = tiny_args(tmp_path / "run", cache, **{"train.num_epochs": 50})
+  first = start_module("ser_jax.main", args)
+  try:
+    _wait_for_checkpoint(first, tmp_path / "run", 0, 1)
+    second = run_module("ser_jax.main", args)
+    assert second.returncode == 2
+    assert "is in use by another process" in second.stderr
+    assert "Traceback" not in second.stderr
+  finally:
+    first.kill()
+    first.wait()
+
+
+def test_changed_config_is_refused_unless_fresh(tmp_path, reference):
+  cache, _ = reference
+  workdir = tmp_path / "run"
+  assert (
+    run_module("ser_jax.main", tiny_args(workdir, cache, **{"train.num_epochs": 1})).returncode == 0
+  )
+  changed = tiny_args(workdir, cache, **{"train.num_epochs": 1, "loss.gamma": 0.5})
+  refused = run_module("ser_jax.main", changed)
+  assert refused.returncode == 2
+  assert "different config (changed: loss.gamma)" in refused.stderr
+  fresh = run_module("ser_jax.main", changed + ["--fresh"])
+  assert fresh.returncode == 0, fresh.stderr
+  assert json.loads((workdir / "results.json").read_text())["config"]["loss"]["gamma"] == 0.5
+
+
+def test_nan_loss_stops_with_fold_and_step_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+  from ser_jax import config as config_lib
+  from ser_jax import experiment, train
+
+  real_step = train.train_step
+
+  def poisoned_step(state, batch, hparams, *, augmentation):
+    state, metrics = real_step(state, batch, hparams, augmentation=augmentation)
+    metrics["loss"] = jnp.where(state.step > 10, jnp.nan, metrics["loss"])
+    return state, metrics
+
+  monkeypatch.setattr(train, "train_step", poisoned_step)
+  config = config_lib.default_config()
+  config.data.corpus = "demo"
+  config.data.cache_dir = str(tmp_path / "cache")
+  config.data.num_workers = 1
+  config.features.max_seconds = 1.0
+  config.model.width = 4
+  config.train.num_epochs = 4
+  config.train.checkpoint_every_epochs = 1
+  config.cv.n_folds = 2
+  with pytest.raises(experiment.NonFiniteLossError, match=r"fold 0, epoch 3, step 11,"):
+    experiment.train_and_evaluate(config, str(tmp_path / "run"))
+  # 160 clips train each fold: 5 steps an epoch, so step 11 is in epoch 3; epochs 1 and 2
+  # were checkpointed, epoch 3 was not.
+  saved = sorted(p.name for p in (tmp_path / "run" / "fold_0" / "checkpoints").iterdir())
+  assert saved == ["1", "2"]
+  assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_atomic_write_keeps_the_previous_file_when_writing_fails(tmp_path, monkeypatch):
+  target = tmp_path / "results.json"
+  io_utils.atomic_write_json(target, {"good": 1})
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(io_utils.os, "fsync", full_disk)
+  with pytest.raises(OSError, match="No space"):
+    io_utils.atomic_write_json(target, {"good": 2})
+  assert json.loads(target.read_text()) == {"good": 1}
