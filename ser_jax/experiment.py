@@ -294,49 +294,53 @@ def _run_fold(
     initial=start_epoch,
     total=config.train.num_epochs,
   )
-  for epoch in epochs:
-    epoch_start = time.time()
-    step_metrics = []
-    for batch in input_pipeline.train_batches(
-      store,
-      train_idx,
-      config.train.batch_size,
-      mean,
-      std,
-      seed=config.seed,
-      fold=fold,
-      epoch=epoch,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    ):
-      state, step_metric = programs.train_step(state, topology.global_batch(batch), hparams)
-      step_metrics.append(step_metric)
-    losses = np.asarray(jnp.stack([m["loss"] for m in step_metrics]))  # [steps, members]
-    accuracies = np.asarray(jnp.stack([m["accuracy"] for m in step_metrics]))
-    if not np.all(np.isfinite(losses)):
-      bad_step, bad_member = np.argwhere(~np.isfinite(losses))[0]
-      raise NonFiniteLossError(
-        f"non-finite training loss ({losses[bad_step, bad_member]}) in fold {fold}, epoch "
-        f"{epoch + 1}, step {epoch * steps_per_epoch + bad_step + 1}, member "
-        f"{members[bad_member]}; "
-        f"the last good checkpoint is kept in {fold_dir / 'checkpoints'}"
-      )
-    record = {
-      "fold": fold,
-      "epoch": epoch + 1,
-      "step": (epoch + 1) * steps_per_epoch,
-      "train_loss": losses.mean(0).tolist(),
-      "train_accuracy": (100 * accuracies.mean(0)).tolist(),
-      "seconds": time.time() - epoch_start,
-    }
-    log.append(record)
-    writer.scalars(record, members)
-    epochs.set_postfix(loss=f"{losses.mean():.3f}", acc=f"{100 * accuracies.mean():.1f}")
-    if (
-      epoch + 1
-    ) % config.train.checkpoint_every_epochs == 0 or epoch + 1 == config.train.num_epochs:
-      checkpoints.save(manager, epoch + 1, state)
-  manager.wait_until_finished()
+  try:
+    for epoch in epochs:
+      epoch_start = time.time()
+      step_metrics = []
+      for batch in input_pipeline.train_batches(
+        store,
+        train_idx,
+        config.train.batch_size,
+        mean,
+        std,
+        seed=config.seed,
+        fold=fold,
+        epoch=epoch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+      ):
+        state, step_metric = programs.train_step(state, topology.global_batch(batch), hparams)
+        step_metrics.append(step_metric)
+      losses = np.asarray(jnp.stack([m["loss"] for m in step_metrics]))  # [steps, members]
+      accuracies = np.asarray(jnp.stack([m["accuracy"] for m in step_metrics]))
+      if not np.all(np.isfinite(losses)):
+        bad_step, bad_member = np.argwhere(~np.isfinite(losses))[0]
+        raise NonFiniteLossError(
+          f"non-finite training loss ({losses[bad_step, bad_member]}) in fold {fold}, epoch "
+          f"{epoch + 1}, step {epoch * steps_per_epoch + bad_step + 1}, member "
+          f"{members[bad_member]}; "
+          f"the last good checkpoint is kept in {fold_dir / 'checkpoints'}"
+        )
+      record = {
+        "fold": fold,
+        "epoch": epoch + 1,
+        "step": (epoch + 1) * steps_per_epoch,
+        "train_loss": losses.mean(0).tolist(),
+        "train_accuracy": (100 * accuracies.mean(0)).tolist(),
+        "seconds": time.time() - epoch_start,
+      }
+      log.append(record)
+      writer.scalars(record, members)
+      epochs.set_postfix(loss=f"{losses.mean():.3f}", acc=f"{100 * accuracies.mean():.1f}")
+      if (
+        epoch + 1
+      ) % config.train.checkpoint_every_epochs == 0 or epoch + 1 == config.train.num_epochs:
+        checkpoints.save(manager, epoch + 1, state)
+  finally:
+    # Whatever stops training, the checkpoints already started are committed.
+    manager.wait_until_finished()
+    writer.close()
 
   probabilities = predict_probabilities(
     programs.eval_step, state, store, test_idx, mean, std, eval_batch_size, topology
@@ -356,7 +360,6 @@ def _run_fold(
   if is_writer:
     io_utils.atomic_write_json(done_path, fold_result)
   manager.close()
-  writer.close()
   for k in range(n_members):
     summary = metrics.summarise(np.array(counts[k]))
     logging.info(
