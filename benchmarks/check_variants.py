@@ -143,7 +143,9 @@ def check_models(names, batch: int) -> bool:
     logits, stats, grads = grads_of(base, x, labels, params)
     _, _, grads_rev = grads_of(base, x[::-1], labels[::-1], params)
     floor, floor_at = _worst(grads_rev, grads)
-    print(f"{kind}, batch {batch}: noise floor (ser_jax model, batch reversed) {floor:.2e} at {floor_at}")
+    print(
+      f"{kind}, batch {batch}: noise floor (ser_jax model, batch reversed) {floor:.2e} at {floor_at}"
+    )
     eval_ref = base.apply(variables, x, train=False)
     for name in names:
       model = variants.create_model(name, config.model, common.N_CLASSES)

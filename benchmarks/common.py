@@ -170,6 +170,81 @@ def peak_rss_mb() -> float:
   return kb / 1024 if sys.platform != "darwin" else kb / 2**20
 
 
+def _busy_seconds() -> float:
+  """CPU seconds all processes have run (from /proc/stat), summed over cores."""
+  with open("/proc/stat") as f:
+    fields = [int(v) for v in f.readline().split()[1:]]
+  user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+  return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
+class Foreign:
+  """Measures how much CPU other processes took while the block ran (0 = none, 1 = a core).
+
+  The machine is shared: repetitions during which others were busy are flagged and left
+  out of the medians when enough clean ones exist.
+  """
+
+  def __enter__(self):
+    self._start = (time.perf_counter(), _busy_seconds(), _own_seconds())
+    return self
+
+  def __exit__(self, *exc):
+    wall, busy, own = (
+      a - b
+      for a, b in zip(
+        (time.perf_counter(), _busy_seconds(), _own_seconds()), self._start, strict=True
+      )
+    )
+    self.cores = max(busy - own, 0.0) / max(wall, 1e-9)
+    return False
+
+
+def wait_quiet(threshold: float = 0.2, window: float = 0.5, timeout: float = 30.0) -> float:
+  """Waits (up to timeout s) until other processes use < threshold cores; returns their use."""
+  deadline = time.perf_counter() + timeout
+  while True:
+    with Foreign() as f:
+      time.sleep(window)
+    if f.cores < threshold or time.perf_counter() > deadline:
+      return f.cores
+
+
+class Samples:
+  """Repeated measurements with the foreign CPU load seen during each."""
+
+  def __init__(self, threshold: float = 0.25, min_clean: int = 3):
+    self.values, self.loads = [], []
+    self.threshold, self.min_clean = threshold, min_clean
+
+  def measure(self, fn, quiet: bool = True) -> float:
+    """Runs fn() -> value (after waiting for quiet) and records it with its foreign load."""
+    if quiet:
+      wait_quiet()
+    with Foreign() as f:
+      value = fn()
+    self.values.append(value)
+    self.loads.append(f.cores)
+    return value
+
+  def clean(self) -> list[float]:
+    kept = [v for v, c in zip(self.values, self.loads, strict=True) if c < self.threshold]
+    return kept if len(kept) >= self.min_clean else list(self.values)
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.clean())
+
+  def __str__(self) -> str:
+    kept = self.clean()
+    return f"{summary(kept)} n={len(kept)}/{len(self.values)}"
+
+
 def summary(values: list[float]) -> str:
   return f"{statistics.median(values):7.1f} [{min(values):.1f}-{max(values):.1f}]"
 

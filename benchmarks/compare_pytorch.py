@@ -14,18 +14,14 @@ variants from variants.py ('base' is ser_jax's own model).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import common
 import torch
 import torch_resnet
 
-_SETTLE = 0.1  # Seconds between frameworks, so one's spinning threads do not bill the other.
-
 
 def _rate(fn, n: int, batch: int) -> float:
-  time.sleep(_SETTLE)
   start = time.perf_counter()
   fn(n)
   return n * batch / (time.perf_counter() - start)
@@ -72,20 +68,20 @@ def run(kind: str, batch: int, args) -> list[tuple]:
     jobs[("eval", "torch compile")] = lambda n: torch_eval(n, True)
   for fn in jobs.values():
     fn(args.warmup)
-  rates = {key: [] for key in jobs}
+  rates = {key: common.Samples() for key in jobs}
   for _ in range(args.reps):
     for key, fn in jobs.items():
       n = args.steps if key[0] == "train" else args.eval_steps
-      rates[key].append(_rate(fn, n, batch))
+      rates[key].measure(lambda fn=fn, n=n: _rate(fn, n, batch))
   rows = []
   for mode in ("train", "eval"):
-    eager = statistics.median(rates[(mode, "torch eager")])
+    eager = rates[(mode, "torch eager")].median
     compiled = rates.get((mode, "torch compile"))
-    for key, values in rates.items():
+    for key, samples in rates.items():
       if key[0] == mode:
-        median = statistics.median(values)
-        vs_compile = median / statistics.median(compiled) if compiled else float("nan")
-        rows.append((kind, batch, mode, key[1], values, median / eager, vs_compile))
+        median = samples.median
+        vs_compile = median / compiled.median if compiled else float("nan")
+        rows.append((kind, batch, mode, key[1], samples, median / eager, vs_compile))
   if compile_s is not None:
     print(f"[{kind} {batch}] torch.compile of the eval model took {compile_s:.0f} s")
   return rows
@@ -110,12 +106,11 @@ def main() -> None:
       rows += run(kind, batch, args)
   print(
     f"\n{'kind':6s} {'batch':>5s} {'step':5s} {'framework':16s} "
-    f"{'samples/s median [min-max]':>27s} {'/torch eager':>12s} {'/torch compile':>14s}"
+    f"{'samples/s median [min-max] n=clean/all':>38s} {'/torch eager':>12s} {'/torch compile':>14s}"
   )
-  for kind, batch, mode, name, values, ratio, vs_compile in rows:
+  for kind, batch, mode, name, samples, ratio, vs_compile in rows:
     print(
-      f"{kind:6s} {batch:5d} {mode:5s} {name:16s} {common.summary(values):>27s} "
-      f"{ratio:12.2f} {vs_compile:14.2f}"
+      f"{kind:6s} {batch:5d} {mode:5s} {name:16s} {samples!s:>38s} {ratio:12.2f} {vs_compile:14.2f}"
     )
 
 

@@ -84,9 +84,10 @@ def augment(x, valid, freq_masks=2, freq_bins=4, time_masks=2, time_frames=20):
     pos = torch.arange(size)[None, None, :]
     return ((pos >= starts[..., None]) & (pos < (starts + widths)[..., None])).any(1)
 
-  drop = masks(freq_masks, freq_bins, n_bins)[:, :, None] | masks(time_masks, time_frames, n_frames)[
-    :, None, :
-  ]
+  drop = (
+    masks(freq_masks, freq_bins, n_bins)[:, :, None]
+    | masks(time_masks, time_frames, n_frames)[:, None, :]
+  )
   return x.masked_fill(drop, 0.0)
 
 

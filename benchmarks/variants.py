@@ -62,7 +62,9 @@ def patches(x, kernel_hw, strides, padding):
   if kh == kw == 1:
     return lax.slice(xp, (0, 0, 0, 0), (b, (ho - 1) * sh + 1, (wo - 1) * sw + 1, c), (1, sh, sw, 1))
   cols = [
-    lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+    lax.slice(
+      xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+    )
     for i in range(kh)
     for j in range(kw)
   ]
@@ -91,7 +93,9 @@ def col2im(dpatches, x_shape, kernel_hw, strides, padding):
       ),
     )
     total = placed if total is None else total + placed
-  return lax.slice(total, (0, padding[0][0], padding[1][0], 0), (b, padding[0][0] + h, padding[1][0] + w, c))
+  return lax.slice(
+    total, (0, padding[0][0], padding[1][0], 0), (b, padding[0][0] + h, padding[1][0] + w, c)
+  )
 
 
 def _matmul(a, b):
@@ -175,7 +179,9 @@ def _pool_slices(xp, out_hw, strides):
   b, _, _, c = xp.shape
   (ho, wo), (sh, sw) = out_hw, strides
   return [
-    lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+    lax.slice(
+      xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+    )
     for i in range(3)
     for j in range(3)
   ]
@@ -213,7 +219,12 @@ def _pool_bwd(residuals, g):
     placed = lax.pad(
       jnp.where(first, g, zero),
       zero,
-      ((0, 0, 0), (i, h + 2 - i - (ho - 1) * 2 - 1, 1), (j, w + 2 - j - (wo - 1) * 2 - 1, 1), (0, 0, 0)),
+      (
+        (0, 0, 0),
+        (i, h + 2 - i - (ho - 1) * 2 - 1, 1),
+        (j, w + 2 - j - (wo - 1) * 2 - 1, 1),
+        (0, 0, 0),
+      ),
     )
     total = placed if total is None else total + placed
   return (lax.slice(total, (0, 1, 1, 0), (b, h + 1, w + 1, c)),)
@@ -325,9 +336,7 @@ VARIANTS = {
   "bwd": dict(impl=ConvImpl("lax", "im2col", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col")),
   "mm": dict(impl=_MM, stem_impl=_MM, pool="lax"),
   "mm_pool": dict(impl=_MM, stem_impl=_MM, pool="slices"),
-  "mm2_pool": dict(
-    impl=ConvImpl("im2col", "im2col", "im2col"), stem_impl=_MM, pool="slices"
-  ),
+  "mm2_pool": dict(impl=ConvImpl("im2col", "im2col", "im2col"), stem_impl=_MM, pool="slices"),
   "mm_save_pool": dict(
     impl=dataclasses.replace(_MM, save_patches=True),
     stem_impl=dataclasses.replace(_MM, save_patches=True),
@@ -337,7 +346,9 @@ VARIANTS = {
     impl=ConvImpl("lax", "lax", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col"), pool="slices"
   ),
   "bwd_pool": dict(
-    impl=ConvImpl("lax", "im2col", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col"), pool="slices"
+    impl=ConvImpl("lax", "im2col", "im2col"),
+    stem_impl=ConvImpl("lax", "lax", "im2col"),
+    pool="slices",
   ),
 }
 

@@ -125,10 +125,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   start_time = time.time()
   topology = Topology.create()
   topology.check_batch_size("train.batch_size", config.train.batch_size)
-  # Evaluation pads its last batch, so any batch size works once rounded to the devices.
-  eval_batch_size = topology.num_devices * math.ceil(
-    config.train.eval_batch_size / topology.num_devices
-  )
+  eval_batch_size = config.train.eval_batch_size
   store = prepare_store(config)
   class_names = store.class_names
   logging.info(
@@ -220,6 +217,24 @@ class Programs:
     )
 
 
+def stacked_hparams(config, members, n_classes: int, fold: int, steps_per_epoch: int):
+  """Each member's hyperparameters as arrays with a leading member axis."""
+  alpha = tuple(config.loss.alpha) or (1.0,) * n_classes
+  per_member = [
+    train.make_hparams(
+      gamma=m.gamma,
+      learning_rate=m.learning_rate,
+      alpha=alpha,
+      label_smoothing=config.train.label_smoothing,
+      rng_seed=m.seed * 1000 + fold,
+      warmup_steps=steps_per_epoch * config.train.warmup_epochs,
+      total_steps=steps_per_epoch * config.train.num_epochs,
+    )
+    for m in members
+  ]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *per_member)
+
+
 def _run_fold(
   config,
   workdir,
@@ -253,23 +268,8 @@ def _run_fold(
   n_members = len(members)
   seeds = jnp.array([m.seed for m in members], jnp.uint32)
   state = programs.init(seeds, fold)
-  alpha = tuple(config.loss.alpha) or (1.0,) * len(store.class_names)
   hparams = jax.device_put(
-    jax.tree.map(
-      lambda *xs: jnp.stack(xs),
-      *[
-        train.make_hparams(
-          gamma=m.gamma,
-          learning_rate=m.learning_rate,
-          alpha=alpha,
-          label_smoothing=config.train.label_smoothing,
-          rng_seed=m.seed * 1000 + fold,
-          warmup_steps=steps_per_epoch * config.train.warmup_epochs,
-          total_steps=steps_per_epoch * config.train.num_epochs,
-        )
-        for m in members
-      ],
-    ),
+    stacked_hparams(config, members, len(store.class_names), fold, steps_per_epoch),
     topology.replicated,
   )
 
@@ -379,6 +379,8 @@ def predict_probabilities(
   eval_step, state, store, indices, mean, std, batch_size, topology
 ) -> np.ndarray:
   """[members, len(indices), n_classes] probabilities; each example counted exactly once."""
+  # The last batch is padded, so any batch size works once rounded up to the devices.
+  batch_size = topology.num_devices * math.ceil(batch_size / topology.num_devices)
   outputs = []
   for batch, n_real in input_pipeline.eval_batches(
     store,

@@ -9,6 +9,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ser_jax.config import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -40,7 +42,7 @@ class Topology:
   def check_batch_size(self, key: str, batch_size: int) -> None:
     """The global batch must split evenly over devices and processes."""
     if batch_size % self.num_devices:
-      raise ValueError(
+      raise ConfigError(
         f"{key}={batch_size} does not divide among {self.num_devices} devices; use a multiple "
         f"of {self.num_devices} (e.g. {self.num_devices * max(1, batch_size // self.num_devices)})"
       )

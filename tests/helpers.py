@@ -7,8 +7,18 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# Subprocesses share compiled programs through JAX's persistent cache: the tiny runs
+# compile the same few programs, and compilation is most of their time.
+TEST_ENV = {
+  "JAX_PLATFORMS": "cpu",
+  "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "ser_jax_test_xla_cache"),
+  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
 
 
 def tiny_args(workdir, cache_dir, **overrides) -> list[str]:
@@ -36,7 +46,7 @@ def run_module(module: str, args: list[str], env: dict | None = None, **kwargs):
   return subprocess.run(
     [sys.executable, "-m", module, *args],
     cwd=REPO,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+    env={**os.environ, **TEST_ENV, **(env or {})},
     capture_output=True,
     text=True,
     **kwargs,
@@ -47,7 +57,7 @@ def start_module(module: str, args: list[str], env: dict | None = None) -> subpr
   return subprocess.Popen(
     [sys.executable, "-m", module, *args],
     cwd=REPO,
-    env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+    env={**os.environ, **TEST_ENV, **(env or {})},
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

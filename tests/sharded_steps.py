@@ -1,0 +1,77 @@
+"""Runs a few train steps and an evaluation on however many devices JAX sees; saves the outputs.
+
+Used by test_sharding.py in subprocesses that simulate N CPU devices.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+
+from ser_jax import experiment, input_pipeline, models
+from ser_jax.config import default_config
+from ser_jax.sharding import Topology
+from ser_jax.store import FeatureStore
+
+
+def tiny_store(n: int = 37, n_bins: int = 8, n_frames: int = 16) -> FeatureStore:
+  rng = np.random.default_rng(0)
+  labels = np.arange(n) % 4
+  features = rng.normal(size=(n, n_bins, n_frames)).astype(np.float32) + labels[:, None, None]
+  return FeatureStore(
+    path=pathlib.Path("."),
+    features=features,
+    labels=labels.astype(np.int32),
+    valid_frames=rng.integers(4, n_frames + 1, size=n).astype(np.int32),
+    manifest=tuple({"speaker": str(i % 5), "group": str(i % 5)} for i in range(n)),
+    meta={"class_names": ["a", "b", "c", "d"]},
+  )
+
+
+def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, fsdp: str) -> None:
+  config = default_config()
+  config.model.width = 4
+  config.train.batch_size = batch_size
+  store = tiny_store()
+  topology = Topology.create()
+  members = [experiment.Member(2.0, 0, 1e-2)]
+  model = models.create_model(ml_collections.ConfigDict(config.model), 4)
+  programs = experiment.Programs.create(
+    config, model, len(members), store.features.shape[1:], topology
+  )
+  state = programs.init(np.zeros(1, np.uint32), 0)
+  if fsdp == "fsdp":
+    state = jax.device_put(state, topology.fsdp(state))
+  hparams = experiment.stacked_hparams(config, members, 4, fold=0, steps_per_epoch=n_steps)
+  hparams = jax.device_put(hparams, topology.replicated)
+  mean = np.zeros(store.features.shape[1], np.float32)
+  std = np.ones_like(mean)
+  losses = []
+  indices = np.arange(len(store))
+  for step in range(n_steps):
+    batch = input_pipeline.read_batch(
+      store, np.random.default_rng(step).choice(indices, batch_size, replace=False), mean, std
+    )
+    state, metrics = programs.train_step(state, topology.global_batch(batch), hparams)
+    losses.append(np.asarray(metrics["loss"]))
+  probabilities = experiment.predict_probabilities(
+    programs.eval_step, state, store, indices, mean, std, eval_batch_size, topology
+  )
+  leaves = {f"param_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
+  stats = {f"stat_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.batch_stats))}
+  np.savez(
+    out_path,
+    losses=np.array(losses),
+    probabilities=probabilities,
+    n_devices=jax.device_count(),
+    **leaves,
+    **stats,
+  )
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

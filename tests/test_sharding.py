@@ -1,0 +1,90 @@
+"""Data parallelism on simulated CPU devices: same numbers as one device, no example lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from helpers import REPO, TEST_ENV, result_metrics, run_module, tiny_args
+
+
+def _run_steps(tmp_path, n_devices: int, batch_size: int, layout: str = "replicated") -> dict:
+  out = tmp_path / f"steps_{n_devices}_{batch_size}_{layout}.npz"
+  env = {**TEST_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}"}
+  process = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / "tests" / "sharded_steps.py"),
+      str(out),
+      "3",
+      str(batch_size),
+      "8",
+      layout,
+    ],
+    env={**__import__("os").environ, **env},
+    capture_output=True,
+    text=True,
+  )
+  assert process.returncode == 0, process.stderr
+  with np.load(out) as data:
+    result = dict(data)
+  assert int(result.pop("n_devices")) == n_devices
+  return result
+
+
+def _assert_same_training(one: dict, many: dict) -> None:
+  np.testing.assert_allclose(many["losses"], one["losses"], rtol=1e-5)
+  np.testing.assert_allclose(many["probabilities"], one["probabilities"], atol=1e-4)
+  for key in one:
+    if key.startswith("stat_"):
+      np.testing.assert_allclose(many[key], one[key], atol=1e-4, err_msg=key)
+    if key.startswith("param_"):
+      # Adam divides by sqrt(v): gradients near zero turn float32 summation-order noise
+      # into updates of up to lr; 3 steps at lr 1e-2 move a parameter by at most 3e-2.
+      np.testing.assert_allclose(many[key], one[key], atol=1e-3, err_msg=key)
+
+
+def test_eight_devices_train_like_one(tmp_path):
+  _assert_same_training(_run_steps(tmp_path, 1, 16), _run_steps(tmp_path, 8, 16))
+
+
+def test_fsdp_layout_trains_like_replicated(tmp_path):
+  _assert_same_training(_run_steps(tmp_path, 1, 16), _run_steps(tmp_path, 8, 16, "fsdp"))
+
+
+@pytest.mark.parametrize("n_devices", [1, 3, 8])
+def test_evaluation_counts_every_example_once(tmp_path, n_devices):
+  result = _run_steps(tmp_path, n_devices, 24)
+  # 37 examples with an evaluation batch of 8 (rounded up to 9 on 3 devices): padded, masked.
+  assert result["probabilities"].shape == (1, 37, 4)
+  np.testing.assert_allclose(result["probabilities"].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_batch_size_that_does_not_divide_among_devices_is_a_clear_error(tmp_path):
+  args = tiny_args(tmp_path / "run", tmp_path / "cache", **{"train.batch_size": 12})
+  process = run_module(
+    "ser_jax.main", args, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  )
+  assert process.returncode == 2
+  assert "train.batch_size=12 does not divide among 8 devices" in process.stderr
+
+
+def test_main_on_eight_devices_gives_the_results_of_one(tmp_path):
+  cache = tmp_path / "cache"
+  runs = {}
+  for n_devices in (1, 8):
+    workdir = tmp_path / f"run_{n_devices}"
+    process = run_module(
+      "ser_jax.main",
+      tiny_args(workdir, cache, **{"train.num_epochs": 2}),
+      env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}"},
+    )
+    assert process.returncode == 0, process.stderr
+    assert "process 0 of 1" in process.stderr
+    runs[n_devices] = result_metrics(workdir)
+    summary = json.loads((workdir / "results.json").read_text())
+    assert sum(f["n_test"] for f in summary["folds"]) == 320
+  assert runs[8] == runs[1]
