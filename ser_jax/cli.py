@@ -61,6 +61,9 @@ def define_distributed_flags() -> None:
 def maybe_initialize_distributed() -> None:
   """Starts jax.distributed when flags or --distributed ask for a multi-process run."""
   values = flags.FLAGS
+  if values.coordinator_address or values.distributed:
+    # CPU processes exchange collectives through gloo; accelerators ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if values.coordinator_address:
     jax.distributed.initialize(
       coordinator_address=values.coordinator_address,

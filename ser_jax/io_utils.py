@@ -46,13 +46,16 @@ class LockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
-  """Holds an flock on `path` for the block; the OS releases it if the process dies."""
+def exclusive_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
+  """Holds an flock on `path` for the block; the OS releases it if the process dies.
+
+  With `wait`, blocks until the holder finishes instead of raising LockedError.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "a+") as f:
     try:
-      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError as error:
       f.seek(0)
       holder = f.read().strip() or "unknown"

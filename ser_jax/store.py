@@ -132,7 +132,10 @@ def build_store(
   if (final / "meta.json").exists():
     return final
   partial = final.with_name(final.name + ".partial")
-  with io_utils.exclusive_lock(final.with_name(final.name + ".lock"), f"feature store {final}"):
+  # Another process building the same store (a second run, or another host's process on a
+  # shared disk) is waited for, then its finished store is used.
+  lock = final.with_name(final.name + ".lock")
+  with io_utils.exclusive_lock(lock, f"feature store {final}", wait=True):
     if (final / "meta.json").exists():  # Finished by another process while we waited.
       return final
     partial.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, TEST_ENV, result_metrics, run_module, tiny_args
+from helpers import REPO, TEST_ENV, result_metrics, run_module, start_module, tiny_args
 
 
 def _run_steps(tmp_path, n_devices: int, batch_size: int, layout: str = "replicated") -> dict:
@@ -24,7 +26,7 @@ def _run_steps(tmp_path, n_devices: int, batch_size: int, layout: str = "replica
       "8",
       layout,
     ],
-    env={**__import__("os").environ, **env},
+    env={**os.environ, **env},
     capture_output=True,
     text=True,
   )
@@ -88,3 +90,28 @@ def test_main_on_eight_devices_gives_the_results_of_one(tmp_path):
     summary = json.loads((workdir / "results.json").read_text())
     assert sum(f["n_test"] for f in summary["folds"]) == 320
   assert runs[8] == runs[1]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_results_of_one(tmp_path):
+  """jax.distributed over localhost with gloo: each process reads its slice of each batch."""
+  cache = tmp_path / "cache"
+  settings = {"train.num_epochs": 2}
+  single = run_module("ser_jax.main", tiny_args(tmp_path / "one", cache, **settings))
+  assert single.returncode == 0, single.stderr
+  port = _free_port()
+  args = tiny_args(tmp_path / "two", cache, **settings) + [
+    f"--coordinator_address=localhost:{port}",
+    "--num_processes=2",
+  ]
+  processes = [start_module("ser_jax.main", args + [f"--process_id={i}"]) for i in (0, 1)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  for process, (_, stderr) in zip(processes, outputs, strict=True):
+    assert process.returncode == 0, stderr
+  assert "process 1 of 2" in outputs[1][1]
+  assert result_metrics(tmp_path / "two") == result_metrics(tmp_path / "one")
