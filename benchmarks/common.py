@@ -20,6 +20,8 @@ from ser_jax import experiment, models, train
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 
+sys.stdout.reconfigure(line_buffering=True)
+
 N_FRAMES = 259
 N_BINS = {"mfcc": 40, "logmel": 128}
 N_CLASSES = 4
@@ -205,8 +207,12 @@ class Foreign:
     return False
 
 
-def wait_quiet(threshold: float = 0.2, window: float = 0.5, timeout: float = 30.0) -> float:
+def wait_quiet(
+  threshold: float = 0.2, window: float = 0.5, timeout: float | None = None
+) -> float:
   """Waits (up to timeout s) until other processes use < threshold cores; returns their use."""
+  if timeout is None:
+    timeout = float(os.environ.get("BENCH_QUIET_TIMEOUT", "5"))
   deadline = time.perf_counter() + timeout
   while True:
     with Foreign() as f:

@@ -76,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.sweep.gammas = ()  # Non-empty: train one model per (gamma, seed) in one program.
   config.sweep.seeds = ()
   config.sweep.learning_rates = ()
+  config.sweep.members_per_chunk = 0  # Members trained at once; 0 means all. Lower it for memory.
 
   config.seed = 0
   return config
@@ -134,6 +135,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   for gamma in config.sweep.gammas:
     at_least("sweep.gammas[]", gamma, 0.0)
+  at_least("sweep.members_per_chunk", config.sweep.members_per_chunk, 0)
   for rate in config.sweep.learning_rates:
     at_least("sweep.learning_rates[]", rate, 0.0, strict=True)
   at_least("train.num_epochs", config.train.num_epochs, 1)

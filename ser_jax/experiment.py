@@ -21,7 +21,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from ser_jax import checkpoints, input_pipeline, io_utils, metrics, models, plots, results, train
-from ser_jax.config import validate_config
+from ser_jax.config import ConfigError, validate_config
 from ser_jax.data import corpora, demo
 from ser_jax.features import FeatureParams
 from ser_jax.folds import FoldError, make_folds
@@ -142,19 +142,39 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   )
   members = members_of(config)
   model = models.create_model(config.model, len(class_names))
-  programs = Programs.create(config, model, len(members), store.features.shape[1:], topology)
+  chunks = member_chunks(len(members), config.sweep.members_per_chunk)
+  programs = {}
+  for size in sorted({stop - start for start, stop in chunks}):
+    programs[size] = Programs.create(config, model, size, store.features.shape[1:], topology)
   fold_ids = list(config.cv.folds) or list(range(config.cv.n_folds))
   log = results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer)
   fold_results = []
   for fold in fold_ids:
     train_idx, test_idx = folds[fold]
-    fold_results.append(
-      _run_fold(
+    fold_dir = workdir / f"fold_{fold}"
+    done_path = fold_dir / "result.json"
+    if done_path.exists():
+      logging.info("Fold %d already finished; keeping its result (%s)", fold, done_path)
+      fold_results.append(json.loads(done_path.read_text()))
+      continue
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
+    if is_writer:
+      results.save_normalisation(fold_dir / "normalisation.npz", mean, std)
+    counts = []
+    for start, stop in chunks:
+      # One chunk keeps the plain layout; several get a folder each.
+      chunk_name = "" if len(chunks) == 1 else f"members_{start}-{stop - 1}"
+      counts += _run_fold(
         config,
-        workdir,
+        fold_dir / chunk_name,
+        workdir / "tensorboard" / f"fold_{fold}" / chunk_name,
+        mean,
+        std,
         store,
-        programs,
-        members,
+        programs[stop - start],
+        members[start:stop],
+        start,
         topology,
         fold,
         train_idx,
@@ -163,7 +183,15 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
         log,
         is_writer,
       )
-    )
+    fold_result = {
+      "fold": fold,
+      "n_train": int(len(train_idx)),
+      "n_test": int(len(test_idx)),
+      "confusion_counts": counts,
+    }
+    if is_writer:
+      io_utils.atomic_write_json(done_path, fold_result)
+    fold_results.append(fold_result)
   summary = results.summarise_run(
     config=config,
     class_names=class_names,
@@ -235,12 +263,22 @@ def stacked_hparams(config, members, n_classes: int, fold: int, steps_per_epoch:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *per_member)
 
 
+def member_chunks(n_members: int, members_per_chunk: int) -> list[tuple[int, int]]:
+  """[start, stop) ranges of members trained together; 0 means all at once."""
+  size = members_per_chunk or n_members
+  return [(start, min(start + size, n_members)) for start in range(0, n_members, size)]
+
+
 def _run_fold(
   config,
-  workdir,
+  run_dir: pathlib.Path,
+  tensorboard_dir: pathlib.Path,
+  mean: np.ndarray,
+  std: np.ndarray,
   store,
   programs: Programs,
   members,
+  first_member: int,
   topology,
   fold,
   train_idx,
@@ -248,20 +286,16 @@ def _run_fold(
   eval_batch_size,
   log,
   is_writer,
-) -> dict:
-  fold_dir = workdir / f"fold_{fold}"
-  done_path = fold_dir / "result.json"
-  if done_path.exists():
-    logging.info("Fold %d already finished; keeping its result (%s)", fold, done_path)
-    return json.loads(done_path.read_text())
-  fold_dir.mkdir(parents=True, exist_ok=True)
-  mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
-  if is_writer:
-    results.save_normalisation(fold_dir / "normalisation.npz", mean, std)
+) -> list:
+  """Trains one chunk of members on one fold (resuming), returns their confusion counts."""
+  done_path = run_dir / "result.json"
+  if done_path.exists():  # A finished chunk of a fold that was interrupted later.
+    return json.loads(done_path.read_text())["confusion_counts"]
+  run_dir.mkdir(parents=True, exist_ok=True)
 
   steps_per_epoch = len(train_idx) // config.train.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(
+    raise ConfigError(
       f"fold {fold} has {len(train_idx)} training examples, fewer than train.batch_size="
       f"{config.train.batch_size}; lower train.batch_size"
     )
@@ -273,7 +307,7 @@ def _run_fold(
     topology.replicated,
   )
 
-  manager = checkpoints.checkpoint_manager(fold_dir / "checkpoints")
+  manager = checkpoints.checkpoint_manager(run_dir / "checkpoints")
   start_epoch, state = checkpoints.restore_latest(manager, state)
   if start_epoch:
     logging.info(
@@ -282,9 +316,9 @@ def _run_fold(
       start_epoch,
       start_epoch * steps_per_epoch,
     )
-    log.truncate(fold, start_epoch)
+    log.truncate(fold, start_epoch, first_member)
 
-  writer = results.TensorBoard(workdir / "tensorboard" / f"fold_{fold}", enabled=is_writer)
+  writer = results.TensorBoard(tensorboard_dir, enabled=is_writer)
   epochs = tqdm.trange(
     start_epoch,
     config.train.num_epochs,
@@ -320,10 +354,11 @@ def _run_fold(
           f"non-finite training loss ({losses[bad_step, bad_member]}) in fold {fold}, epoch "
           f"{epoch + 1}, step {epoch * steps_per_epoch + bad_step + 1}, member "
           f"{members[bad_member]}; "
-          f"the last good checkpoint is kept in {fold_dir / 'checkpoints'}"
+          f"the last good checkpoint is kept in {run_dir / 'checkpoints'}"
         )
       record = {
         "fold": fold,
+        "first_member": first_member,
         "epoch": epoch + 1,
         "step": (epoch + 1) * steps_per_epoch,
         "train_loss": losses.mean(0).tolist(),
@@ -365,14 +400,14 @@ def _run_fold(
     logging.info(
       "Fold %d%s: WA %.2f  UA %.2f  macro-F1 %.2f  (train %d, test %d)",
       fold,
-      f" member {members[k]}" if n_members > 1 else "",
+      f" member {first_member + k} {members[k]}" if len(members) > 1 or first_member else "",
       summary["overall_accuracy"],
       summary["class_accuracy"],
       summary["macro_f1"],
       len(train_idx),
       len(test_idx),
     )
-  return fold_result
+  return counts
 
 
 def predict_probabilities(

@@ -23,7 +23,7 @@ class MetricsLog:
       with open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
-  def truncate(self, fold: int, epoch: int) -> None:
+  def truncate(self, fold: int, epoch: int, first_member: int = 0) -> None:
     if not (self.enabled and self.path.exists()):
       return
     kept = []
@@ -32,7 +32,8 @@ class MetricsLog:
         record = json.loads(line)
       except json.JSONDecodeError:  # A line cut short by a kill.
         continue
-      if not (record["fold"] == fold and record["epoch"] > epoch):
+      same_run = record["fold"] == fold and record.get("first_member", 0) == first_member
+      if not (same_run and record["epoch"] > epoch):
         kept.append(line)
     io_utils.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
