@@ -131,6 +131,12 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   logging.info(
     "Feature store %s: %d clips, classes %s", store.path, len(store), store.meta["class_names"]
   )
+  for skipped in _skipped(store):
+    logging.warning("Skipped %s: %s", skipped["path"], skipped["reason"])
+  if store.meta["n_skipped"]:
+    logging.warning(
+      "%d files skipped; listed in %s", store.meta["n_skipped"], store.path / "skipped.csv"
+    )
   folds = make_folds(
     store.labels,
     store.speakers,
