@@ -21,6 +21,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from ser_jax import checkpoints, input_pipeline, io_utils, metrics, models, plots, results, train
+from ser_jax.audio import AudioError
 from ser_jax.config import ConfigError, validate_config
 from ser_jax.data import corpora, demo
 from ser_jax.features import FeatureParams
@@ -102,7 +103,16 @@ def prepare_store(config: ml_collections.ConfigDict, progress: bool | None = Non
     strict=config.data.strict,
     progress=progress,
   )
-  return open_store(path)
+  store = open_store(path)
+  skipped = _skipped(store)
+  if config.data.strict and skipped:
+    # A store built earlier without strict may hold skips; strict still refuses them.
+    first = skipped[0]
+    raise AudioError(
+      f"{first['path']}: {first['reason']} ({len(skipped)} bad files in all; listed in "
+      f"{store.path / 'skipped.csv'}; data.strict=False skips them)"
+    )
+  return store
 
 
 def train_and_evaluate(

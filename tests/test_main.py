@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -108,3 +109,41 @@ def test_bad_config_is_one_clear_line(tmp_path, override, message):
   assert message in process.stderr
   assert "Traceback" not in process.stderr
   assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_broken_files_among_good_ones_are_skipped_and_listed(finished_run, tmp_path):
+  """A user's csv corpus: the demo's clips plus files that cannot be audio."""
+  _, cache, _ = finished_run
+  demo_root = cache / "demo_corpus"
+  rows = (demo_root / "manifest.csv").read_text().splitlines()[1:]
+  broken = {"empty.wav": b"", "text.wav": b"not audio at all", "truncated.wav": b"RIFF\x00\x00"}
+  for name, data in broken.items():
+    (tmp_path / name).write_bytes(data)
+  lines = ["path,label,speaker"]
+  lines += [f"{demo_root / r.split(',')[1]},{r.split(',')[2]},{r.split(',')[3]}" for r in rows]
+  lines += [f"{name},anger,spk_x" for name in broken]
+  (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+  csv_args = [
+    "--config.data.corpus=csv",
+    f"--config.data.root={tmp_path / 'manifest.csv'}",
+    "--config.data.classes=('neutral','happiness','sadness','anger')",
+  ]
+  workdir = tmp_path / "run"
+  process = run_module(
+    "ser_jax.main", tiny_args(workdir, cache, **{"train.num_epochs": 1}) + csv_args
+  )
+  assert process.returncode == 0, process.stderr
+  summary = json.loads((workdir / "results.json").read_text())
+  skipped = {pathlib.Path(s["path"]).name: s["reason"] for s in summary["skipped_files"]}
+  assert set(skipped) == set(broken)
+  assert "empty" in skipped["empty.wav"]
+  assert sum(f["n_test"] for f in summary["folds"]) == 320
+  assert "3 files skipped" in process.stderr
+
+  strict = run_module(
+    "ser_jax.main",
+    tiny_args(tmp_path / "strict", cache, **{"train.num_epochs": 1, "data.strict": True})
+    + csv_args,
+  )
+  assert strict.returncode == 2
+  assert "error:" in strict.stderr and ".wav" in strict.stderr
