@@ -46,6 +46,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.name = "resnet18"
   config.model.width = 64  # Channels of the first stage; 64 is ResNet-18.
   config.model.compute_dtype = "float32"  # 'bfloat16' on accelerators; params stay float32.
+  config.model.shard_params = False  # True: params and optimiser state split over devices (FSDP).
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = "focal"

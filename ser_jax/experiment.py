@@ -246,7 +246,10 @@ class Programs:
 
     # Shapes first (eval_shape), then a jitted init that lays the state out replicated.
     abstract = jax.eval_shape(init, jnp.zeros((n_members,), jnp.uint32), 0)
-    state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
+    if config.model.shard_params:
+      state_sharding = topology.fsdp(abstract)
+    else:
+      state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
 
     augmentation = train.Augmentation.from_config(config.train)
     return cls(

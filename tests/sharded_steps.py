@@ -32,20 +32,23 @@ def tiny_store(n: int = 37, n_bins: int = 8, n_frames: int = 16) -> FeatureStore
   )
 
 
-def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, fsdp: str) -> None:
+def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, layout: str) -> None:
+  """`layout`: 'replicated', 'fsdp' (config.model.shard_params) or 'sweep' (3 members)."""
   config = default_config()
   config.model.width = 4
+  config.model.shard_params = layout == "fsdp"
   config.train.batch_size = batch_size
   store = tiny_store()
   topology = Topology.create()
-  members = [experiment.Member(2.0, 0, 1e-2)]
+  gammas = (0.0, 2.0, 5.0) if layout == "sweep" else (2.0,)
+  members = [experiment.Member(gamma, 0, 1e-2) for gamma in gammas]
   model = models.create_model(ml_collections.ConfigDict(config.model), 4)
   programs = experiment.Programs.create(
     config, model, len(members), store.features.shape[1:], topology
   )
-  state = programs.init(np.zeros(1, np.uint32), 0)
-  if fsdp == "fsdp":
-    state = jax.device_put(state, topology.fsdp(state))
+  state = programs.init(np.zeros(len(members), np.uint32), 0)
+  if layout == "fsdp":  # Large enough leaves are split over the data axis.
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
   hparams = experiment.stacked_hparams(config, members, 4, fold=0, steps_per_epoch=n_steps)
   hparams = jax.device_put(hparams, topology.replicated)
   mean = np.zeros(store.features.shape[1], np.float32)
