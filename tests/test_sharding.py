@@ -42,7 +42,7 @@ def _assert_same_training(one: dict, many: dict) -> None:
   np.testing.assert_allclose(many["probabilities"], one["probabilities"], atol=1e-3)
   for key in one:
     if key.startswith("stat_"):
-      np.testing.assert_allclose(many[key], one[key], atol=1e-4, err_msg=key)
+      np.testing.assert_allclose(many[key], one[key], atol=1e-3, err_msg=key)
     if key.startswith("param_"):
       # Adam divides by sqrt(v): for parameters whose gradient is ~0 (BatchNorm offsets
       # behind zero-initialised scales) float32 summation-order noise becomes an update of
