@@ -94,8 +94,6 @@ def test_preprocess_prints_store_and_class_counts(finished_run):
   "override, message",
   [
     ("--config.train.num_epoch=3", "unknown config key 'train.num_epoch'"),
-    ("--config.loss.gamma=-1.0", "loss.gamma=-1.0"),
-    ("--config.cv.n_folds=1", "cv.n_folds=1"),
     ("--config.train.batch_size=0", "train.batch_size=0"),
     ("--config.data.corpus=iemocapp", "data.corpus='iemocapp'"),
     ("--config.data.classes=('neutral','joy')", "joy"),
