@@ -199,15 +199,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
         log,
         is_writer,
       )
-    fold_result = {
-      "fold": fold,
-      "n_train": int(len(train_idx)),
-      "n_test": int(len(test_idx)),
-      "confusion_counts": counts,
-    }
-    if is_writer:
-      io_utils.atomic_write_json(done_path, fold_result)
-    fold_results.append(fold_result)
+    fold_results.append(_save_fold_result(done_path, fold, train_idx, test_idx, counts, is_writer))
   summary = results.summarise_run(
     config=config,
     class_names=class_names,
@@ -405,14 +397,7 @@ def _run_fold(
     metrics.confusion_counts(store.labels[test_idx], predictions[k], n_classes).tolist()
     for k in range(n_members)
   ]
-  fold_result = {
-    "fold": fold,
-    "n_train": int(len(train_idx)),
-    "n_test": int(len(test_idx)),
-    "confusion_counts": counts,
-  }
-  if is_writer:
-    io_utils.atomic_write_json(done_path, fold_result)
+  _save_fold_result(done_path, fold, train_idx, test_idx, counts, is_writer)
   manager.close()
   for k in range(n_members):
     summary = metrics.summarise(np.array(counts[k]))
@@ -427,6 +412,19 @@ def _run_fold(
       len(test_idx),
     )
   return counts
+
+
+def _save_fold_result(path, fold, train_idx, test_idx, counts, is_writer) -> dict:
+  """Writes what a finished fold (or chunk of members) keeps: its size and confusion counts."""
+  fold_result = {
+    "fold": fold,
+    "n_train": int(len(train_idx)),
+    "n_test": int(len(test_idx)),
+    "confusion_counts": counts,
+  }
+  if is_writer:
+    io_utils.atomic_write_json(path, fold_result)
+  return fold_result
 
 
 def predict_probabilities(
