@@ -30,7 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.merge_excited = False  # IEMOCAP only: 'exc' counts as happiness.
   config.data.strict = False  # True: a bad audio file is an error, not a logged skip.
   config.data.cache_dir = ""  # Feature stores; empty means $SER_JAX_CACHE or ~/.cache/ser_jax.
-  config.data.num_workers = 0  # Preprocessing processes; 0 means one per CPU core.
+  config.data.num_workers = 0  # Preprocessing processes; 0: one per core, >= 1000 clips each.
 
   config.features = ml_collections.ConfigDict()
   config.features.kind = "mfcc"

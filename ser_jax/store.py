@@ -39,6 +39,7 @@ from ser_jax.features import FeatureParams, compute_features
 STORE_FORMAT = 1
 PENDING, SKIPPED = -1, -2  # Values of the progress array; >= 0 is the clip's sample count.
 _CHUNK = 8
+_CLIPS_PER_WORKER = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +176,10 @@ def _extract(corpus, params, partial, num_workers, strict, progress) -> pathlib.
     [(int(i), corpus.utterances[i].path) for i in pending[start : start + _CHUNK]]
     for start in range(0, len(pending), _CHUNK)
   ]
-  num_workers = num_workers or os.cpu_count() or 1
+  if not num_workers:
+    # A spawned worker costs seconds to start (imports, numba compilation in librosa), so
+    # the automatic choice gives each worker at least _CLIPS_PER_WORKER clips.
+    num_workers = max(1, min(os.cpu_count() or 1, len(pending) // _CLIPS_PER_WORKER))
   bar = tqdm.tqdm(
     total=n, initial=n - len(pending), desc="features", unit="clip", disable=_quiet(progress)
   )
