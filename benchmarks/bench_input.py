@@ -58,7 +58,9 @@ def make_store(path: pathlib.Path, n: int, n_bins: int, seed: int = 0) -> pathli
     writer.writerow(("utt_id", "path", "label", "speaker", "group"))
     for i in range(n):
       speaker = f"spk{i % 10:02d}"
-      writer.writerow((f"utt{i:07d}", f"/synthetic/utt{i:07d}.wav", CLASSES[labels[i]], speaker, speaker))
+      writer.writerow(
+        (f"utt{i:07d}", f"/synthetic/utt{i:07d}.wav", CLASSES[labels[i]], speaker, speaker)
+      )
   with open(path / "skipped.csv", "w", newline="") as f:
     csv.writer(f).writerow(("path", "reason"))
   kind = "logmel" if n_bins == 128 else "mfcc"
@@ -116,7 +118,9 @@ def child_memory(path: str, batch: int) -> None:
   peak_anon = start["RssAnon"]
   mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
   peak_anon = max(peak_anon, _status()["RssAnon"])
-  for _ in input_pipeline.train_batches(store, train_idx, batch, mean, std, seed=0, fold=0, epoch=0):
+  for _ in input_pipeline.train_batches(
+    store, train_idx, batch, mean, std, seed=0, fold=0, epoch=0
+  ):
     peak_anon = max(peak_anon, _status()["RssAnon"])
   for _ in input_pipeline.eval_batches(store, test_idx, 64, mean, std):
     peak_anon = max(peak_anon, _status()["RssAnon"])
@@ -160,8 +164,12 @@ def main() -> None:
     cold = epoch_rate(store, train_idx, args.batch, mean, std, 0)
     warm = [epoch_rate(store, train_idx, args.batch, mean, std, e) for e in range(1, args.epochs)]
     train_rate = args.train_rate or measure_train_rate(args.kind, args.batch)
-    print(f"\ninput pipeline, {args.kind} {args.clips} clips x {n_bins} x {N_FRAMES}, batch {args.batch}:")
-    print(f"  train_batches cold cache  {cold:9.0f} samples/s  ({cold / train_rate:6.0f}x the train step)")
+    print(
+      f"\ninput pipeline, {args.kind} {args.clips} clips x {n_bins} x {N_FRAMES}, batch {args.batch}:"
+    )
+    print(
+      f"  train_batches cold cache  {cold:9.0f} samples/s  ({cold / train_rate:6.0f}x the train step)"
+    )
     print(
       f"  train_batches warm cache  {np.median(warm):9.0f} samples/s  ({np.median(warm) / train_rate:6.0f}x the "
       f"train step at {train_rate:.1f} samples/s)"
@@ -179,7 +187,9 @@ def main() -> None:
       )
       rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print("\nmemory of one epoch's data work (stats + train batches + eval batches), MiB:")
-    print(f"  {'clips':>7s} {'store':>7s} {'start RSS':>9s} {'peak RSS':>8s} {'peak anon':>9s} {'file pages':>10s}")
+    print(
+      f"  {'clips':>7s} {'store':>7s} {'start RSS':>9s} {'peak RSS':>8s} {'peak anon':>9s} {'file pages':>10s}"
+    )
     for r in rows:
       print(
         f"  {r['clips']:7d} {r['store_mib']:7.0f} {r['start_rss']:9d} {r['peak_rss']:8d} "

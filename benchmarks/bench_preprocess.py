@@ -39,7 +39,9 @@ def librosa_loop(corpus: Corpus, params: FeatureParams) -> np.ndarray:
       y=y, sr=sr, n_fft=params.n_fft, hop_length=params.hop_length, n_mels=params.n_mels
     )
     log_mel = librosa.power_to_db(mel, ref=1.0, top_db=80.0)
-    feats = log_mel if params.kind == "logmel" else librosa.feature.mfcc(S=log_mel, n_mfcc=params.n_mfcc)
+    feats = (
+      log_mel if params.kind == "logmel" else librosa.feature.mfcc(S=log_mel, n_mfcc=params.n_mfcc)
+    )
     out.append(feats.astype(np.float32))
   return np.stack(out)
 
@@ -93,7 +95,9 @@ def main() -> None:
       start = time.perf_counter()
       path = build_store(corpus, params, cache, num_workers=workers, progress=False)
       rate = n / (time.perf_counter() - start)
-      print(f"  {f'build_store num_workers={workers}':28s} {rate:7.1f} clips/s   {rate / base:.2f}x")
+      print(
+        f"  {f'build_store num_workers={workers}':28s} {rate:7.1f} clips/s   {rate / base:.2f}x"
+      )
       store = open_store(path)
       if len(store) == n:
         diff = np.abs(np.asarray(store.features) - reference).max()

@@ -15,7 +15,7 @@ own model) in the same process, alternating them repetition by repetition.
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import time
 
 import common
@@ -43,6 +43,7 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--variants", default="base", help="comma-separated; see variants.py")
   parser.add_argument("--no-eval", action="store_true")
+  parser.add_argument("--json", default="", help="also write the results to this file")
   args = parser.parse_args()
   print(common.machine_line())
   config = common.make_config(args.kind, args.batch, args.dtype, args.width)
@@ -70,42 +71,63 @@ def main() -> None:
       runner.eval_many(args.warmup)
     runners[name] = runner
   modes = ("train",) if args.no_eval else ("train", "eval")
-  rates = {(n, m): [] for n in names for m in modes}
-  peaks = []
+  rates = {(n, m): common.Samples() for n in names for m in modes}
+  peaks = common.Samples()
   for _ in range(args.reps):
-    peaks.append(common.matmul_gflops(reps=3))
+    peaks.measure(lambda: common.matmul_gflops(reps=3))
     for name in names:
       for mode in modes:
         run = runners[name].train_many if mode == "train" else runners[name].eval_many
-        start = time.perf_counter()
-        run(args.steps)
-        rates[(name, mode)].append(args.batch * args.steps / (time.perf_counter() - start))
-  peak = statistics.median(peaks)
+
+        def rate(run=run):
+          start = time.perf_counter()
+          run(args.steps)
+          return args.batch * args.steps / (time.perf_counter() - start)
+
+        rates[(name, mode)].measure(rate)
+  peak = peaks.median
   print(
     f"\n{args.kind} batch {args.batch} {args.dtype} width {args.width}: {args.reps} reps x "
-    f"{args.steps} steps; 4096^2 jnp.dot {peak:.0f} GFLOP/s [{min(peaks):.0f}-{max(peaks):.0f}]"
+    f"{args.steps} steps; 4096^2 jnp.dot {peak:.0f} GFLOP/s ({peaks})"
   )
   header = (
-    f"{'variant':10s} {'step':5s} {'samples/s median [min-max]':>27s} {'ms/step':>8s} "
-    f"{'GFLOP/step':>10s} {'GFLOP/s':>8s} {'of dot':>6s} {'compile s':>9s}"
+    f"{'variant':10s} {'step':5s} {'samples/s median [min-max], clean reps, load':>46s} "
+    f"{'ms/step':>8s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'of dot':>6s} {'compile s':>9s}"
   )
   print(header)
   print("-" * len(header))
+  results = []
   for name in names:
     for mode in modes:
-      values = rates[(name, mode)]
-      median = statistics.median(values)
-      compile_s, flops, _ = info[name][mode]
+      samples = rates[(name, mode)]
+      median = samples.median
+      compile_s, flops, memory = info[name][mode]
       gflops = flops / 1e9 * median / args.batch
       print(
-        f"{name:10s} {mode:5s} {common.summary(values):>27s} {1e3 * args.batch / median:8.1f} "
+        f"{name:10s} {mode:5s} {samples!s:>46s} {1e3 * args.batch / median:8.1f} "
         f"{flops / 1e9:10.1f} {gflops:8.1f} {100 * gflops / peak:5.0f}% {compile_s:9.1f}"
+      )
+      results.append(
+        {
+          "variant": name,
+          "step": mode,
+          "samples_per_s": median,
+          "values": samples.values,
+          "foreign_load": samples.loads,
+          "gflop_per_step": flops / 1e9,
+          "compile_s": compile_s,
+          "dot_gflops": peak,
+          "memory": memory,
+        }
       )
   print("\nXLA buffers:")
   for name in names:
     for mode in modes:
       print(f"  {name:10s} {mode:5s} {info[name][mode][2]}")
   print(f"peak RSS of this process: {common.peak_rss_mb():.0f} MiB")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"args": vars(args), "peak_rss_mib": common.peak_rss_mb(), "results": results}, f)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ IMPLS = [
   variants.ConvImpl("im2col", "col2im", "im2col"),
   variants.ConvImpl("im2col", "im2col", "im2col", save_patches=True),
   variants.ConvImpl("lax", "im2col", "im2col"),
+  variants.ConvImpl("lax", "lax", "xt"),
 ]
 
 

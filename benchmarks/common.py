@@ -68,6 +68,18 @@ def build_steps(config, model=None, n_train: int = 1824, fold: int = 0) -> Steps
     abstract = jax.eval_shape(init, seeds)
     state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
     state = jax.jit(init, out_shardings=state_sharding)(seeds)
+  if hasattr(experiment, "stacked_hparams"):
+    members = experiment.members_of(config)
+    hparams = experiment.stacked_hparams(config, members, N_CLASSES, fold, steps_per_epoch)
+    hparams = jax.device_put(hparams, topology.replicated)
+    return Steps(
+      state=state,
+      hparams=hparams,
+      train_step=programs.train_step,
+      eval_step=programs.eval_step,
+      topology=topology,
+      input_shape=(1, *feature_shape, 1),
+    )
   options = {
     "gamma": config.loss.gamma,
     "learning_rate": config.train.learning_rate,
@@ -207,9 +219,7 @@ class Foreign:
     return False
 
 
-def wait_quiet(
-  threshold: float = 0.2, window: float = 0.5, timeout: float | None = None
-) -> float:
+def wait_quiet(threshold: float = 0.2, window: float = 0.5, timeout: float | None = None) -> float:
   """Waits (up to timeout s) until other processes use < threshold cores; returns their use."""
   if timeout is None:
     timeout = float(os.environ.get("BENCH_QUIET_TIMEOUT", "5"))
@@ -239,8 +249,13 @@ class Samples:
     return value
 
   def clean(self) -> list[float]:
+    """The values measured while others used < threshold cores (all, if too few)."""
     kept = [v for v, c in zip(self.values, self.loads, strict=True) if c < self.threshold]
     return kept if len(kept) >= self.min_clean else list(self.values)
+
+  @property
+  def n_clean(self) -> int:
+    return sum(c < self.threshold for c in self.loads)
 
   @property
   def median(self) -> float:
@@ -248,7 +263,8 @@ class Samples:
 
   def __str__(self) -> str:
     kept = self.clean()
-    return f"{summary(kept)} n={len(kept)}/{len(self.values)}"
+    load = statistics.median(self.loads)
+    return f"{summary(kept)} clean {self.n_clean}/{len(self.values)} load {load:.1f}"
 
 
 def summary(values: list[float]) -> str:

@@ -22,7 +22,11 @@ import variants
 
 
 def geometries(kind: str, batch: int):
-  """(name, x shape, w shape, stride, pad) of each distinct ResNet-18 conv."""
+  """(name, x shape, w shape, stride, pad) of each distinct ResNet-18 conv.
+
+  Stage 1 has four 3x3 convs of its geometry; stages 2-4 have one strided 3x3, one 1x1
+  projection and three 3x3 convs each (see count).
+  """
 
   def size(n, k, s, p):
     return (n + 2 * p - k) // s + 1
@@ -43,7 +47,16 @@ def geometries(kind: str, batch: int):
   return out
 
 
-def jax_calls(x_shape, w_shape, stride, pad, rng):
+def count(name: str) -> int:
+  """How many convs of this geometry ResNet-18 has."""
+  if name.startswith("stem") or "/2" in name:
+    return 1
+  return 4 if name.startswith("s1") else 3
+
+
+def jax_calls(
+  x_shape, w_shape, stride, pad, rng, keep=("lax", "im2col", "col2im", "patches", "matmul")
+):
   """{name: zero-argument blocking call} for one geometry, and its GFLOP."""
   strides, padding = (stride, stride), ((pad, pad), (pad, pad))
   x = jnp.asarray(rng.standard_normal(x_shape, dtype=np.float32))
@@ -87,6 +100,7 @@ def jax_calls(x_shape, w_shape, stride, pad, rng):
     ),
   }
   calls = {}
+  fns = {k: v for k, v in fns.items() if k.split()[-1] in keep}
   for name, (fn, a, b) in fns.items():
     jitted = jax.jit(fn)
     jitted(a, b).block_until_ready()
@@ -130,6 +144,9 @@ def main() -> None:
   parser.add_argument("--inner", type=int, default=3)
   parser.add_argument("--layers", default="", help="comma-separated name prefixes to keep")
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument(
+    "--impls", default="lax", help="JAX lowerings: lax,im2col,col2im,patches,matmul"
+  )
   args = parser.parse_args()
   print(common.machine_line())
   rng = np.random.default_rng(0)
@@ -137,7 +154,9 @@ def main() -> None:
   for name, x_shape, w_shape, stride, pad in geometries(args.kind, args.batch):
     if args.layers and not any(name.startswith(p) for p in args.layers.split(",")):
       continue
-    calls, gflop, arrays = jax_calls(x_shape, w_shape, stride, pad, rng)
+    calls, gflop, arrays = jax_calls(
+      x_shape, w_shape, stride, pad, rng, tuple(args.impls.split(","))
+    )
     if not args.no_torch:
       calls.update(torch_calls(arrays, stride, pad))
     samples = {key: common.Samples() for key in calls}
@@ -147,9 +166,10 @@ def main() -> None:
     print(f"\n{name}: x {x_shape} w {w_shape}, {gflop:.2f} GFLOP per pass")
     for key, s in samples.items():
       ms = s.median
-      totals[key] = totals.get(key, 0.0) + ms
+      if not (name.startswith("stem") and key.startswith("dgrad")):
+        totals[key] = totals.get(key, 0.0) + ms * count(name)
       print(f"  {key:14s} {ms:8.2f} ms  {gflop / ms * 1e3:7.1f} GFLOP/s   {s}")
-  print("\nsum over one use of each geometry (ms):")
+  print("\nwhole network: sum over ResNet-18's 20 convs (ms; the stem's input gradient excluded):")
   for key, ms in totals.items():
     print(f"  {key:14s} {ms:8.1f}")
 

@@ -154,6 +154,7 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--variant", default="", help="a model from variants.py (default: ser_jax)")
   parser.add_argument("--eval", action="store_true", help="profile the eval step instead")
+  parser.add_argument("--top", type=int, default=15, help="list this many slowest ops")
   args = parser.parse_args()
   print(common.machine_line())
   config = common.make_config(args.kind, args.batch)
@@ -174,7 +175,7 @@ def main() -> None:
   for _ in range(2):
     once()
   np.set_printoptions(precision=3)
-  profile(once, compiled.as_text(), args.steps)
+  profile(once, compiled.as_text(), args.steps, args.top)
 
 
 if __name__ == "__main__":

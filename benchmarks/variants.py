@@ -112,6 +112,8 @@ def conv_forward(x, w, strides, padding, how: str):
 
 def conv_dgrad(dy, w, x_shape, strides, padding, how: str):
   kh, kw, cin, cout = w.shape
+  if how == "skip":  # Ablation only (wrong gradients): the step without input gradients.
+    return jnp.zeros(x_shape, dy.dtype) + 0 * dy[0, 0, 0, 0]
   if how == "lax":
     x0 = jnp.zeros(x_shape, dy.dtype)
     _, vjp = jax.vjp(lambda x: _lax_conv(x, w, strides, padding), x0)
@@ -129,10 +131,33 @@ def conv_dgrad(dy, w, x_shape, strides, padding, how: str):
 
 def conv_wgrad(x, dy, w_shape, strides, padding, how: str, p=None):
   kh, kw, cin, cout = w_shape
-  if how == "lax":
+  if how == "skip":  # Ablation only (wrong gradients): the step without weight gradients.
+    return jnp.zeros(w_shape, dy.dtype) + 0 * dy[0, 0, 0, 0]
+  if how == "cond2":
+    # As "cond", and the gradient is also materialised in HWIO order, so the optimiser's
+    # fusions read it contiguously instead of each transposing XLA's [C_in, kh, kw, C_out].
+    keep = dy[0, 0, 0, 0] == dy[0, 0, 0, 0]
+    x = lax.cond(keep, lambda: x, lambda: -(-x))
+    w0 = jnp.zeros(w_shape, dy.dtype)
+    _, vjp = jax.vjp(lambda w: _lax_conv(x, w, strides, padding), w0)
+    dw = vjp(dy)[0]
+    return lax.cond(keep, lambda: dw, lambda: -(-dw))
+  if how in ("lax", "barrier", "cond"):
+    if how == "barrier":
+      x = lax.optimization_barrier(x)
+    if how == "cond":
+      # Both branches return x: a conditional's result is a buffer XLA cannot fuse
+      # through, so the transposes for this gradient read x instead of recomputing it.
+      x = lax.cond(dy[0, 0, 0, 0] == dy[0, 0, 0, 0], lambda: x, lambda: -(-x))
     w0 = jnp.zeros(w_shape, dy.dtype)
     _, vjp = jax.vjp(lambda w: _lax_conv(x, w, strides, padding), w0)
     return vjp(dy)[0]
+  if how == "xt":
+    # The weight gradient as the convolution XLA would build, but on an explicitly
+    # transposed, materialised x ([C, H, W, B]: channels as batch, batch as features).
+    xt = jnp.transpose(lax.optimization_barrier(x), (3, 1, 2, 0))
+    pads = _wgrad_pads(x.shape, dy.shape, w_shape, strides, padding)
+    return wgrad_from_xt(xt, dy, w_shape, strides, pads)
   if p is None:
     p = patches(x, (kh, kw), strides, padding)
   dw = lax.dot_general(
@@ -156,7 +181,27 @@ def conv(x, w, strides, padding, impl: ConvImpl):
   return conv_forward(x, w, strides, padding, impl.fwd)
 
 
+def _wgrad_pads(x_shape, y_shape, w_shape, strides, padding):
+  """Padding of the weight-gradient convolution of x [B, H, W, C] with dy."""
+  return tuple(
+    (p[0], k + (o - 1) * s - n - p[0])
+    for k, o, s, n, p in zip(w_shape[:2], y_shape[1:3], strides, x_shape[1:3], padding, strict=True)
+  )
+
+
+def wgrad_from_xt(xt, dy, w_shape, strides, pads):
+  """dW from x already transposed to [C, H, W, B] (channels as batch, batch as features)."""
+  dw = lax.conv_general_dilated(
+    xt, dy, (1, 1), pads, rhs_dilation=strides, dimension_numbers=("NHWC", "IHWO", "NHWC")
+  )
+  return jnp.transpose(dw, (1, 2, 0, 3))
+
+
 def _conv_fwd(x, w, strides, padding, impl):
+  if impl.wgrad == "fwd_xt":
+    # Transpose x for the weight gradient while it is produced in the forward pass.
+    y = conv_forward(x, w, strides, padding, impl.fwd)
+    return y, (jnp.transpose(x, (3, 1, 2, 0)), w, jnp.zeros(x.shape[:0], x.dtype))
   if impl.fwd == "im2col" and impl.save_patches and impl.wgrad == "im2col":
     kh, kw, cin, cout = w.shape
     p = patches(x, (kh, kw), strides, padding)
@@ -166,6 +211,12 @@ def _conv_fwd(x, w, strides, padding, impl):
 
 
 def _conv_bwd(strides, padding, impl, residuals, dy):
+  if impl.wgrad == "fwd_xt":
+    xt, w, _ = residuals
+    x_shape = (xt.shape[3], xt.shape[1], xt.shape[2], xt.shape[0])
+    dx = conv_dgrad(dy, w, x_shape, strides, padding, impl.dgrad)
+    pads = _wgrad_pads(x_shape, dy.shape, w.shape, strides, padding)
+    return dx, wgrad_from_xt(xt, dy, w.shape, strides, pads).astype(w.dtype)
   x, w, p = residuals
   dx = conv_dgrad(dy, w, x.shape, strides, padding, impl.dgrad)
   dw = conv_wgrad(x, dy, w.shape, strides, padding, impl.wgrad, p)
@@ -340,6 +391,30 @@ VARIANTS = {
   "mm_save_pool": dict(
     impl=dataclasses.replace(_MM, save_patches=True),
     stem_impl=dataclasses.replace(_MM, save_patches=True),
+    pool="slices",
+  ),
+  "pool_xt": dict(
+    impl=ConvImpl("lax", "lax", "xt"), stem_impl=ConvImpl("lax", "lax", "xt"), pool="slices"
+  ),
+  "pool_fxt": dict(
+    impl=ConvImpl("lax", "lax", "fwd_xt"), stem_impl=ConvImpl("lax", "lax", "fwd_xt"), pool="slices"
+  ),
+  # Ablations (wrong gradients; for timing only): no weight / no input gradients of convs.
+  "abl_no_wgrad": dict(
+    impl=ConvImpl("lax", "lax", "skip"), stem_impl=ConvImpl("lax", "lax", "skip"), pool="slices"
+  ),
+  "abl_no_dgrad": dict(
+    impl=ConvImpl("lax", "skip", "lax"), stem_impl=ConvImpl("lax", "skip", "lax"), pool="slices"
+  ),
+  "pool_cond": dict(
+    impl=ConvImpl("lax", "lax", "cond"), stem_impl=ConvImpl("lax", "lax", "cond"), pool="slices"
+  ),
+  "pool_cond2": dict(
+    impl=ConvImpl("lax", "lax", "cond2"), stem_impl=ConvImpl("lax", "lax", "cond2"), pool="slices"
+  ),
+  "pool_bar": dict(
+    impl=ConvImpl("lax", "lax", "barrier"),
+    stem_impl=ConvImpl("lax", "lax", "barrier"),
     pool="slices",
   ),
   "wgrad_pool": dict(
