@@ -76,6 +76,22 @@ def main() -> None:
   print(f"{args.members} sequential runs: {sequential:.2f} s")
   print(f"{args.members}-member vmapped sweep: {together:.2f} s")
   print(f"speed-up (sequential / vmapped): {sequential / together:.2f}x")
+  for name, programs, group in (("1 member", single, members[:1]), ("sweep", stacked, members)):
+    print(f"{name}: {_step_memory_mib(programs, group, config, batches[0]):.0f} MiB per train step")
+
+
+def _step_memory_mib(programs, members, config, batch) -> float:
+  """XLA's own account of a compiled train step's memory: arguments + outputs + temporaries."""
+  state = jax.eval_shape(programs.init, np.array([m.seed for m in members], np.uint32), 0)
+  hparams = experiment.stacked_hparams(config, members, 4, fold=0, steps_per_epoch=1)
+  memory = programs.train_step.lower(state, batch, hparams).compile().memory_analysis()
+  used = (
+    memory.argument_size_in_bytes
+    + memory.output_size_in_bytes
+    + memory.temp_size_in_bytes
+    - memory.alias_size_in_bytes
+  )
+  return used / 2**20
 
 
 if __name__ == "__main__":
