@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import common
+import cpu_fast_ops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,6 +75,42 @@ def check_convs() -> bool:
       ok &= _close(tag + " y", y2, y)
       ok &= _close(tag + " dx", dx2, dx_ref)
       ok &= _close(tag + " dw", dw2, dw_ref)
+  return ok
+
+
+def check_fast_ops() -> bool:
+  """nn.Conv(conv_general_dilated=cpu_fast_ops.conv_general_dilated) and cpu_fast_ops.max_pool."""
+  print("cpu_fast_ops inside nn.Conv vs plain nn.Conv (bit-identical expected):")
+  ok = True
+  rng = np.random.default_rng(2)
+  for x_shape, w_shape, strides, padding in GEOMETRIES:
+    x = jnp.asarray(rng.standard_normal(x_shape, dtype=np.float32))
+    kwargs = dict(features=w_shape[3], kernel_size=w_shape[:2], strides=strides, padding=padding)
+    plain = nn.Conv(use_bias=False, **kwargs)
+    fast = nn.Conv(use_bias=False, conv_general_dilated=cpu_fast_ops.conv_general_dilated, **kwargs)
+    params = plain.init(jax.random.key(0), x)
+    same_tree = jax.tree.structure(fast.init(jax.random.key(0), x)) == jax.tree.structure(params)
+
+    def loss(p, x, m):
+      return (jnp.tanh(m.apply(p, x)) ** 2).sum()
+
+    ref = jax.jit(jax.value_and_grad(lambda p, x, m=plain: loss(p, x, m), argnums=(0, 1)))(
+      params, x
+    )
+    got = jax.jit(jax.value_and_grad(lambda p, x, m=fast: loss(p, x, m), argnums=(0, 1)))(params, x)
+    tag = f"{x_shape[1:]} k{w_shape} s{strides[0]}"
+    ok &= same_tree
+    ok &= _close(tag + " loss", got[0], ref[0], 0, 0)
+    ok &= _close(tag + " dx", got[1][1], ref[1][1], 0, 0)
+    ok &= _close(
+      tag + " dkernel", got[1][0]["params"]["kernel"], ref[1][0]["params"]["kernel"], 0, 0
+    )
+  x = jnp.asarray(np.maximum(rng.integers(-3, 4, (2, 20, 130, 8)), 0).astype(np.float32))
+  y, vjp = jax.vjp(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
+  g = jnp.asarray(rng.standard_normal(y.shape, dtype=np.float32))
+  y2, vjp2 = jax.vjp(jax.jit(cpu_fast_ops.max_pool), x)
+  ok &= _close("max_pool value", y2, y, 0, 0)
+  ok &= _close("max_pool gradient (ties to the first maximum)", vjp2(g)[0], vjp(g)[0], 1e-6, 1e-6)
   return ok
 
 
@@ -176,7 +213,7 @@ def check_models(names, batch: int) -> bool:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--variants", default="mm_pool,mm2_pool,mm_save_pool,bwd_pool")
+  parser.add_argument("--variants", default="fast")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--skip-pieces", action="store_true")
   args = parser.parse_args()
@@ -185,6 +222,7 @@ def main() -> None:
   if not args.skip_pieces:
     ok &= check_convs()
     ok &= check_pool()
+    ok &= check_fast_ops()
   ok &= check_models(args.variants.split(","), args.batch)
   print("ALL OK" if ok else "MISMATCHES FOUND")
   raise SystemExit(0 if ok else 1)

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
+import cpu_fast_ops
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -137,18 +138,18 @@ def conv_wgrad(x, dy, w_shape, strides, padding, how: str, p=None):
     # As "cond", and the gradient is also materialised in HWIO order, so the optimiser's
     # fusions read it contiguously instead of each transposing XLA's [C_in, kh, kw, C_out].
     keep = dy[0, 0, 0, 0] == dy[0, 0, 0, 0]
-    x = lax.cond(keep, lambda: x, lambda: -(-x))
+    x = lax.cond(keep, lambda: x, lambda: x + 0)
     w0 = jnp.zeros(w_shape, dy.dtype)
     _, vjp = jax.vjp(lambda w: _lax_conv(x, w, strides, padding), w0)
     dw = vjp(dy)[0]
-    return lax.cond(keep, lambda: dw, lambda: -(-dw))
+    return lax.cond(keep, lambda: dw, lambda: dw + 0)
   if how in ("lax", "barrier", "cond"):
     if how == "barrier":
       x = lax.optimization_barrier(x)
     if how == "cond":
       # Both branches return x: a conditional's result is a buffer XLA cannot fuse
       # through, so the transposes for this gradient read x instead of recomputing it.
-      x = lax.cond(dy[0, 0, 0, 0] == dy[0, 0, 0, 0], lambda: x, lambda: -(-x))
+      x = lax.cond(dy[0, 0, 0, 0] == dy[0, 0, 0, 0], lambda: x, lambda: x + 0)
     w0 = jnp.zeros(w_shape, dy.dtype)
     _, vjp = jax.vjp(lambda w: _lax_conv(x, w, strides, padding), w0)
     return vjp(dy)[0]
@@ -284,6 +285,79 @@ def _pool_bwd(residuals, g):
 max_pool_3x3_s2.defvjp(_pool_fwd, _pool_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+  """Flax BatchNorm's training-mode output and batch statistics, with a closed-form VJP.
+
+  Same formulas as flax (mean and E[x^2] - mean^2 over all but the last axis, clipped at
+  0); the backward pass is the exact derivative in two reductions and one element-wise
+  pass: dx = scale * inv * (g - mean(g) - xhat * mean(g * xhat)).
+  """
+  return _bn_forward(x, scale, bias, epsilon)[0]
+
+
+def _bn_forward(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  xf = x.astype(jnp.float32)
+  mean = xf.mean(axes)
+  var = jnp.maximum(0.0, (xf * xf).mean(axes) - mean * mean)
+  inv = lax.rsqrt(var + epsilon)
+  y = (xf - mean) * (inv * scale) + bias
+  return (y.astype(x.dtype), mean, var), (x, mean, inv, scale)
+
+
+def _bn_fwd(x, scale, bias, epsilon):
+  out, residuals = _bn_forward(x, scale, bias, epsilon)
+  return out, residuals
+
+
+def _bn_bwd(epsilon, residuals, cotangents):
+  x, mean, inv, scale = residuals
+  g, g_mean, g_var = cotangents
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  g = g.astype(jnp.float32)
+  xhat = (x.astype(jnp.float32) - mean) * inv
+  dbias = g.sum(axes)
+  dscale = (g * xhat).sum(axes)
+  dx = (scale * inv) * (g - dbias / n - xhat * (dscale / n))
+  # The batch statistics are outputs too (for the running averages).
+  dx = dx + g_mean / n + g_var * (2.0 / n) * (xhat / inv)
+  return dx.astype(x.dtype), dscale, dbias
+
+
+batch_norm_train.defvjp(lambda *a: _bn_fwd(*a), _bn_bwd)
+
+
+class BatchNorm(nn.Module):
+  """nn.BatchNorm (same variables, initialisers and formulas) with batch_norm_train's VJP."""
+
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+  scale_init: nn.initializers.Initializer = nn.initializers.ones
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
+    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+    scale = self.param("scale", self.scale_init, features, jnp.float32)
+    bias = self.param("bias", self.bias_init, features, jnp.float32)
+    if self.use_running_average:
+      y = (x.astype(jnp.float32) - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale)
+      return (y + bias).astype(self.dtype)
+    if self.is_initializing():
+      y, _, _ = _bn_forward(x, scale, bias, self.epsilon)[0]
+      return y.astype(self.dtype)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y.astype(self.dtype)
+
+
 class Conv(nn.Module):
   """nn.Conv without bias (same 'kernel' parameter and initialiser), lowered by `impl`."""
 
@@ -308,6 +382,11 @@ class Conv(nn.Module):
     strides, padding = tuple(self.strides), tuple(tuple(p) for p in self.padding)
     if self.impl.plain:
       return _lax_conv(x, kernel, strides, padding)
+    if self.impl.fwd == "fast":  # What nn.Conv(conv_general_dilated=...) passes.
+      dn = lax.conv_dimension_numbers(x.shape, kernel.shape, _DN)
+      return cpu_fast_ops.conv_general_dilated(
+        x, kernel, strides, padding, (1, 1), (1, 1), dn, 1, precision=None
+      )
     return conv(x, kernel, strides, padding, self.impl)
 
 
@@ -318,12 +397,17 @@ class BasicBlock(nn.Module):
   strides: int = 1
   dtype: jnp.dtype = jnp.float32
   impl: ConvImpl = ConvImpl()
+  fused_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv_ = functools.partial(Conv, use_bias=False, dtype=self.dtype, impl=self.impl)
     norm = functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+      BatchNorm if self.fused_bn else nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=self.dtype,
     )
     residual = x
     y = conv_(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)))(x)
@@ -348,6 +432,7 @@ class ResNet(nn.Module):
   impl: ConvImpl = ConvImpl()
   stem_impl: ConvImpl = ConvImpl()
   pool: str = "lax"
+  fused_bn: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -362,25 +447,32 @@ class ResNet(nn.Module):
       impl=self.stem_impl,
       name="stem_conv",
     )(x)
-    x = nn.BatchNorm(
+    x = (BatchNorm if self.fused_bn else nn.BatchNorm)(
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="stem_norm"
     )(x)
     x = nn.relu(x)
     if self.pool == "slices":
       x = max_pool_3x3_s2(x)
+    elif self.pool == "fast":
+      x = cpu_fast_ops.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     else:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(self.width * 2**stage, strides, self.dtype, self.impl)(x, train)
+        x = BasicBlock(self.width * 2**stage, strides, self.dtype, self.impl, self.fused_bn)(
+          x, train
+        )
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
 _LAX = ConvImpl()
+_FAST = ConvImpl("fast", "fast", "fast")
 _MM = ConvImpl("im2col", "col2im", "im2col")
 VARIANTS = {
+  # The integration candidate: cpu_fast_ops' conv and max-pool (run with its XLA flags).
+  "fast": dict(impl=_FAST, stem_impl=_FAST, pool="fast"),
   "lax": dict(impl=_LAX, stem_impl=_LAX, pool="lax"),
   "pool": dict(impl=_LAX, stem_impl=_LAX, pool="slices"),
   "wgrad": dict(impl=ConvImpl("lax", "lax", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col")),
@@ -412,6 +504,13 @@ VARIANTS = {
   "pool_cond2": dict(
     impl=ConvImpl("lax", "lax", "cond2"), stem_impl=ConvImpl("lax", "lax", "cond2"), pool="slices"
   ),
+  "pool_cond_bn": dict(
+    impl=ConvImpl("lax", "lax", "cond"),
+    stem_impl=ConvImpl("lax", "lax", "cond"),
+    pool="slices",
+    fused_bn=True,
+  ),
+  "pool_bn": dict(pool="slices", fused_bn=True),
   "pool_bar": dict(
     impl=ConvImpl("lax", "lax", "barrier"),
     stem_impl=ConvImpl("lax", "lax", "barrier"),

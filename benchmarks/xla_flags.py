@@ -42,6 +42,21 @@ FLAG_SETS = {
     "--xla_cpu_experimental_ynn_fusion_type= "
     "--xla_cpu_experimental_xnn_fusion_type=individual_convolution"
   ),
+  "xnn_conv_conc_sched": (
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
+    "--xla_cpu_experimental_xnn_fusion_type=individual_convolution "
+    "--xla_cpu_enable_concurrency_optimized_scheduler=true"
+  ),
+  "xnn_conv_no_conc_sched": (
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
+    "--xla_cpu_experimental_xnn_fusion_type=individual_convolution "
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+  ),
+  "xnn_conv_1thread_eigen": (
+    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution "
+    "--xla_cpu_experimental_xnn_fusion_type=individual_convolution "
+    "--xla_cpu_multi_thread_eigen=false"
+  ),
   "onednn": (
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution --xla_cpu_use_onednn=true "
     "--xla_cpu_experimental_onednn_fusion_type=individual_convolution"
