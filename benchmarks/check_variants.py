@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 
 import common
-import cpu_fast_ops
 import jax
 import jax.numpy as jnp
 import numpy as np
 import variants
 from flax import linen as nn
 
-from ser_jax import losses, models
+from ser_jax import cpu_kernels, losses, models
 
 # (input shape, kernel shape, strides, padding) of every ResNet-18 conv for MFCC input.
 GEOMETRIES = [
@@ -79,15 +78,15 @@ def check_convs() -> bool:
 
 
 def check_fast_ops() -> bool:
-  """nn.Conv(conv_general_dilated=cpu_fast_ops.conv_general_dilated) and cpu_fast_ops.max_pool."""
-  print("cpu_fast_ops inside nn.Conv vs plain nn.Conv (bit-identical expected):")
+  """nn.Conv(conv_general_dilated=cpu_kernels.conv_general_dilated) and cpu_kernels.max_pool."""
+  print("cpu_kernels inside nn.Conv vs plain nn.Conv (bit-identical expected):")
   ok = True
   rng = np.random.default_rng(2)
   for x_shape, w_shape, strides, padding in GEOMETRIES:
     x = jnp.asarray(rng.standard_normal(x_shape, dtype=np.float32))
     kwargs = dict(features=w_shape[3], kernel_size=w_shape[:2], strides=strides, padding=padding)
     plain = nn.Conv(use_bias=False, **kwargs)
-    fast = nn.Conv(use_bias=False, conv_general_dilated=cpu_fast_ops.conv_general_dilated, **kwargs)
+    fast = nn.Conv(use_bias=False, conv_general_dilated=cpu_kernels.conv_general_dilated, **kwargs)
     params = plain.init(jax.random.key(0), x)
     same_tree = jax.tree.structure(fast.init(jax.random.key(0), x)) == jax.tree.structure(params)
 
@@ -108,7 +107,7 @@ def check_fast_ops() -> bool:
   x = jnp.asarray(np.maximum(rng.integers(-3, 4, (2, 20, 130, 8)), 0).astype(np.float32))
   y, vjp = jax.vjp(lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))), x)
   g = jnp.asarray(rng.standard_normal(y.shape, dtype=np.float32))
-  y2, vjp2 = jax.vjp(jax.jit(cpu_fast_ops.max_pool), x)
+  y2, vjp2 = jax.vjp(jax.jit(cpu_kernels.max_pool), x)
   ok &= _close("max_pool value", y2, y, 0, 0)
   ok &= _close("max_pool gradient (ties to the first maximum)", vjp2(g)[0], vjp(g)[0], 1e-6, 1e-6)
   return ok

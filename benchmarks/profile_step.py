@@ -132,9 +132,10 @@ def profile(runner_once, compiled_text: str, n_steps: int, top: int = 15) -> Non
   by_cat = collections.Counter()
   rows = []
   for name, seconds in totals.items():
-    if name not in entry:
-      continue
-    cat, detail = categorise(name, comps, entry)
+    if name in entry:
+      cat, detail = categorise(name, comps, entry)
+    else:  # Runtime events without an entry instruction (e.g. library calls, executables).
+      cat, detail = f"unmapped: {name[:30]}", name
     by_cat[cat] += seconds / n_steps
     rows.append((seconds / n_steps, name, cat, detail))
   op_sum = sum(by_cat.values())

@@ -23,13 +23,14 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-import cpu_fast_ops
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from ser_jax import cpu_kernels
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -384,7 +385,7 @@ class Conv(nn.Module):
       return _lax_conv(x, kernel, strides, padding)
     if self.impl.fwd == "fast":  # What nn.Conv(conv_general_dilated=...) passes.
       dn = lax.conv_dimension_numbers(x.shape, kernel.shape, _DN)
-      return cpu_fast_ops.conv_general_dilated(
+      return cpu_kernels.conv_general_dilated(
         x, kernel, strides, padding, (1, 1), (1, 1), dn, 1, precision=None
       )
     return conv(x, kernel, strides, padding, self.impl)
@@ -454,7 +455,7 @@ class ResNet(nn.Module):
     if self.pool == "slices":
       x = max_pool_3x3_s2(x)
     elif self.pool == "fast":
-      x = cpu_fast_ops.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+      x = cpu_kernels.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     else:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
@@ -471,8 +472,13 @@ _LAX = ConvImpl()
 _FAST = ConvImpl("fast", "fast", "fast")
 _MM = ConvImpl("im2col", "col2im", "im2col")
 VARIANTS = {
-  # The integration candidate: cpu_fast_ops' conv and max-pool (run with its XLA flags).
+  # The integration candidate: ser_jax.cpu_kernels (what the model uses on CPU).
   "fast": dict(impl=_FAST, stem_impl=_FAST, pool="fast"),
+  "fast_bn": dict(impl=_FAST, stem_impl=_FAST, pool="fast", fused_bn=True),
+  "fast_stem": dict(impl=_FAST, stem_impl=ConvImpl("im2col", "lax", "im2col"), pool="fast"),
+  "fast_bn_stem": dict(
+    impl=_FAST, stem_impl=ConvImpl("im2col", "lax", "im2col"), pool="fast", fused_bn=True
+  ),
   "lax": dict(impl=_LAX, stem_impl=_LAX, pool="lax"),
   "pool": dict(impl=_LAX, stem_impl=_LAX, pool="slices"),
   "wgrad": dict(impl=ConvImpl("lax", "lax", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col")),

@@ -1,3 +1,7 @@
 """Speech emotion recognition in JAX/Flax: focal-loss ResNet-18 on log-mel and MFCC features."""
 
+from ser_jax import xla_flags
+
+xla_flags.apply()
+
 __version__ = "0.1.0"

@@ -47,6 +47,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.width = 64  # Channels of the first stage; 64 is ResNet-18.
   config.model.compute_dtype = "float32"  # 'bfloat16' on accelerators; params stay float32.
   config.model.shard_params = False  # True: params and optimiser state split over devices (FSDP).
+  # How gradients are lowered, same values: 'auto' ('cpu' on a CPU backend), 'xla', 'cpu'.
+  config.model.lowering = "auto"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.name = "focal"
@@ -125,6 +127,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   allowed("model.name", config.model.name, ("resnet18", "resnet34"))
   at_least("model.width", config.model.width, 1)
   allowed("model.compute_dtype", config.model.compute_dtype, COMPUTE_DTYPES)
+  allowed("model.lowering", config.model.lowering, ("auto", "xla", "cpu"))
   allowed("loss.name", config.loss.name, LOSSES)
   at_least("loss.gamma", config.loss.gamma, 0.0)
   if (

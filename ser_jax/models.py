@@ -5,8 +5,13 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from ser_jax import cpu_kernels
+
+LOWERINGS = ("auto", "xla", "cpu")
 
 
 class BasicBlock(nn.Module):
@@ -15,10 +20,13 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: jnp.dtype = jnp.float32
+  cpu_lowering: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    conv = functools.partial(
+      nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=_conv_op(self.cpu_lowering)
+    )
     norm = functools.partial(
       nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
     )
@@ -43,6 +51,7 @@ class ResNet(nn.Module):
   num_classes: int
   width: int = 64
   dtype: jnp.dtype = jnp.float32
+  cpu_lowering: bool = False  # cpu_kernels' gradients: same values, faster on XLA:CPU.
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -55,17 +64,19 @@ class ResNet(nn.Module):
       padding=((3, 3), (3, 3)),
       use_bias=False,
       dtype=self.dtype,
+      conv_general_dilated=_conv_op(self.cpu_lowering),
       name="stem_conv",
     )(x)
     x = nn.BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="stem_norm"
     )(x)
     x = nn.relu(x)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    pool = cpu_kernels.max_pool if self.cpu_lowering else nn.max_pool
+    x = pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(self.width * 2**stage, strides, self.dtype)(x, train)
+        x = BasicBlock(self.width * 2**stage, strides, self.dtype, self.cpu_lowering)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
@@ -75,6 +86,20 @@ ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
 MODELS = {"resnet18": ResNet18, "resnet34": ResNet34}
 
 
+def _conv_op(cpu_lowering: bool):
+  return cpu_kernels.conv_general_dilated if cpu_lowering else jax.lax.conv_general_dilated
+
+
+def uses_cpu_lowering(lowering: str) -> bool:
+  """model.lowering: 'cpu' always, 'auto' when JAX's default backend is the CPU."""
+  return lowering == "cpu" or (lowering == "auto" and jax.default_backend() == "cpu")
+
+
 def create_model(model_config, num_classes: int) -> ResNet:
   dtype = jnp.bfloat16 if model_config.compute_dtype == "bfloat16" else jnp.float32
-  return MODELS[model_config.name](num_classes=num_classes, width=model_config.width, dtype=dtype)
+  return MODELS[model_config.name](
+    num_classes=num_classes,
+    width=model_config.width,
+    dtype=dtype,
+    cpu_lowering=uses_cpu_lowering(model_config.lowering),
+  )

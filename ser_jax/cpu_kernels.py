@@ -1,0 +1,159 @@
+"""ResNet's convolution and max-pool with gradients that XLA:CPU lowers faster.
+
+Values and gradients are those of lax.conv_general_dilated and nn.max_pool; only the
+program that computes the gradients differs (measurements: benchmarks/NOTES.md).
+
+- `conv_general_dilated`: the weight gradient reads a materialised copy of the input.
+  Left alone, XLA fuses the input's producer (BatchNorm, ReLU, residual add) into the
+  transposes that feed the weight-gradient convolution and recomputes it there.
+- `max_pool`: the gradient goes to each window's first maximum in row-major order, as
+  reduce_window's own gradient does, but from strided slices and pads instead of the
+  select-and-scatter that XLA:CPU expands into index tuples and a scatter.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _hashable(value):
+  """Lists (e.g. padding pairs) as tuples; named tuples such as ConvDimensionNumbers kept."""
+  if isinstance(value, list) or type(value) is tuple:
+    return tuple(_hashable(v) for v in value)
+  return value
+
+
+def conv_general_dilated(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+):
+  """lax.conv_general_dilated (same signature) with the VJP described in the module doc."""
+  options = tuple(
+    _hashable(v)
+    for v in (
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      batch_group_count,
+      precision,
+      preferred_element_type,
+    )
+  )
+  return _conv(lhs, rhs, options)
+
+
+def _lax_conv(lhs, rhs, options):
+  strides, padding, lhs_dil, rhs_dil, dims, groups, batch_groups, precision, out_type = options
+  return lax.conv_general_dilated(
+    lhs,
+    rhs,
+    strides,
+    padding,
+    lhs_dil,
+    rhs_dil,
+    dims,
+    groups,
+    batch_groups,
+    precision=precision,
+    preferred_element_type=out_type,
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(lhs, rhs, options):
+  return _lax_conv(lhs, rhs, options)
+
+
+def _conv_fwd(lhs, rhs, options):
+  return _lax_conv(lhs, rhs, options), (lhs, rhs)
+
+
+def _materialised(x, like):
+  """x as a buffer that XLA cannot fuse x's producer through: a conditional's result.
+
+  Both branches return x; the predicate depends on `like`, so XLA cannot fold it away.
+  """
+  keep = like.ravel()[0] == like.ravel()[0]
+  return lax.cond(keep, lambda: x, lambda: x + 0)
+
+
+def _conv_bwd(options, residuals, dy):
+  lhs, rhs = residuals
+  lhs = _materialised(lhs, rhs)
+  _, vjp = jax.vjp(lambda x, w: _lax_conv(x, w, options), lhs, rhs)
+  return vjp(dy)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window, strides, padding):
+  """nn.max_pool(x, window, strides, padding) of NHWC x; padding is ((top, bottom), (left, right))."""
+  return _reduce_window_max(x, window, strides, padding)
+
+
+def _reduce_window_max(x, window, strides, padding):
+  return lax.reduce_window(
+    x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *padding, (0, 0))
+  )
+
+
+def _max_pool_fwd(x, window, strides, padding):
+  return _reduce_window_max(x, window, strides, padding), x
+
+
+def _max_pool_bwd(window, strides, padding, x, g):
+  b, h, w, c = x.shape
+  (ho, wo), (sh, sw) = g.shape[1:3], strides
+  (top, bottom), (left, right) = padding
+  hp, wp = h + top + bottom, w + left + right
+  # XLA may recompute x's producer for the backward pass with other rounding than the
+  # forward's, so the maxima are taken again here from the same taps they are matched to.
+  xp = jnp.pad(_materialised(x, g), ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+  taps = [
+    lax.slice(
+      xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+    )
+    for i in range(window[0])
+    for j in range(window[1])
+  ]
+  out = functools.reduce(jnp.maximum, taps)
+  zero = jnp.zeros((), g.dtype)
+  taken = jnp.zeros(out.shape, bool)
+  total = None
+  for k, tap in enumerate(taps):
+    i, j = divmod(k, window[1])
+    first = (tap == out) & ~taken
+    taken = taken | first
+    placed = lax.pad(
+      jnp.where(first, g, zero),
+      zero,
+      (
+        (0, 0, 0),
+        (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+        (j, wp - j - (wo - 1) * sw - 1, sw - 1),
+        (0, 0, 0),
+      ),
+    )
+    total = placed if total is None else total + placed
+  return (lax.slice(total, (0, top, left, 0), (b, top + h, left + w, c)),)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

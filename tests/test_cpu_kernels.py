@@ -1,0 +1,90 @@
+"""cpu_kernels: the same values and gradients as lax.conv_general_dilated and nn.max_pool."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from ser_jax import cpu_kernels
+from ser_jax.models import ResNet18
+
+DIMS = ("NHWC", "HWIO", "NHWC")
+# (input shape, kernel shape, strides, padding): ResNet-18's kinds of convolution.
+CONVS = [
+  ((2, 12, 20, 1), (7, 7, 1, 4), (2, 2), ((3, 3), (3, 3))),
+  ((2, 6, 10, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))),
+  ((2, 6, 10, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),
+  ((2, 6, 10, 4), (1, 1, 4, 8), (2, 2), ((0, 0), (0, 0))),
+]
+
+
+def _loss(conv, x, w, strides, padding):
+  # A non-linear function of the output, so the cotangent is not constant.
+  y = conv(x, w, strides, padding, dimension_numbers=DIMS)
+  return jnp.sum(jnp.sin(y) * jnp.cos(3.0 * y))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, strides, padding", CONVS)
+def test_conv_value_and_gradients_equal_lax(x_shape, w_shape, strides, padding):
+  kx, kw = jax.random.split(jax.random.key(0))
+  # A producer before the conv (what BatchNorm + ReLU are in the model) that XLA could fuse.
+  x = jax.nn.relu(jax.random.normal(kx, x_shape) - 0.2)
+  w = jax.random.normal(kw, w_shape)
+  results = []
+  for conv in (jax.lax.conv_general_dilated, cpu_kernels.conv_general_dilated):
+    grad = jax.jit(
+      jax.value_and_grad(functools.partial(_loss, conv), argnums=(0, 1)), static_argnums=(2, 3)
+    )
+    results.append(grad(x, w, strides, padding))
+  (ref_value, (ref_dx, ref_dw)), (value, (dx, dw)) = results
+  np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5)
+  assert np.abs(dw).max() > 0 and np.abs(dx).max() > 0
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 14, 3), (1, 10, 7, 2)])
+def test_max_pool_routes_ties_like_reduce_window(shape):
+  # Small integers make many windows hold their maximum more than once.
+  x = jnp.round(2.0 * jax.random.normal(jax.random.key(1), shape))
+  g = jax.random.normal(
+    jax.random.key(2), (shape[0], (shape[1] + 1) // 2, (shape[2] + 1) // 2, shape[3])
+  )
+  window, strides, padding = (3, 3), (2, 2), ((1, 1), (1, 1))
+  outs = []
+  for pool in (nn.max_pool, cpu_kernels.max_pool):
+    value, vjp = jax.vjp(lambda x, pool=pool: pool(x, window, strides, padding), x)
+    outs.append((value, vjp(g)[0]))
+  (ref_value, ref_dx), (value, dx) = outs
+  np.testing.assert_array_equal(value, ref_value)
+  # An input that is the maximum of several windows sums their gradients in another order.
+  np.testing.assert_allclose(dx, ref_dx, rtol=1e-6, atol=1e-6)
+  assert np.count_nonzero(dx) < x.size  # Not every input is a maximum: routing is tested.
+
+
+def test_resnet_cpu_lowering_same_parameters_logits_and_gradients():
+  shape = (2, 16, 24, 1)
+  x = jax.random.normal(jax.random.key(3), shape)
+  labels = jnp.array([1, 3])
+
+  def loss(model, variables):
+    logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
+
+  plain = ResNet18(num_classes=4, width=4)
+  tuned = ResNet18(num_classes=4, width=4, cpu_lowering=True)
+  variables = plain.init(jax.random.key(0), x, train=False)
+  tuned_variables = tuned.init(jax.random.key(0), x, train=False)
+  assert jax.tree.structure(variables) == jax.tree.structure(tuned_variables)
+  for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(tuned_variables), strict=True):
+    np.testing.assert_array_equal(a, b)
+  ref_loss, ref_grads = jax.jit(jax.value_and_grad(functools.partial(loss, plain)))(variables)
+  tuned_loss, grads = jax.jit(jax.value_and_grad(functools.partial(loss, tuned)))(variables)
+  np.testing.assert_allclose(tuned_loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

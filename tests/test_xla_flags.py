@@ -1,0 +1,40 @@
+"""xla_flags: the tuned XLA:CPU flags are added once, never over a user's own setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ser_jax import xla_flags
+
+
+def test_adds_each_tuned_flag_once():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  xla_flags.apply(env, jaxlib_version="0.10.2")
+  flags = env["XLA_FLAGS"].split()
+  assert flags[0] == "--xla_force_host_platform_device_count=8"
+  assert flags[1:] == list(xla_flags.TUNED_CPU_FLAGS)
+  xla_flags.apply(env, jaxlib_version="0.10.2")
+  assert env["XLA_FLAGS"].split() == flags
+
+
+def test_user_setting_wins_and_opt_out_and_old_jaxlib():
+  own = "--xla_cpu_experimental_xnn_fusion_type="
+  env = {"XLA_FLAGS": own}
+  xla_flags.apply(env, jaxlib_version="0.10.2")
+  assert env["XLA_FLAGS"].split() == [own, xla_flags.TUNED_CPU_FLAGS[0]]
+  env = {xla_flags.OPT_OUT: "0"}
+  xla_flags.apply(env, jaxlib_version="0.10.2")
+  assert "XLA_FLAGS" not in env
+  env = {}
+  xla_flags.apply(env, jaxlib_version="0.9.0")
+  assert env == {}
+
+
+def test_importing_ser_jax_sets_the_flags_before_jax_starts():
+  code = "import os, ser_jax, jax; jax.devices(); print(os.environ['XLA_FLAGS'])"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_OUT)}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == list(xla_flags.TUNED_CPU_FLAGS)
