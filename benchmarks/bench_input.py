@@ -5,17 +5,21 @@
    and times input_pipeline.train_batches over an epoch, with the file's pages evicted
    first (cold, posix_fadvise DONTNEED) and cached (warm); compares with the train step.
 2. Runs one epoch's data work (normalisation_stats, train_batches, eval_batches) in a
-   fresh subprocess for a store of N and of 10N clips and reports peak memory: VmHWM
-   (peak RSS, which counts mapped file pages), peak anonymous RSS (private memory,
-   sampled per batch) and the file pages mapped at the end.
+   fresh subprocess for a store of N and of 10N clips (with --with-step, after building
+   and running ser_jax's train step, i.e. a run's JAX footprint) and reports peak
+   memory: VmHWM (peak RSS, which counts mapped file pages), peak anonymous RSS
+   (private memory, sampled per batch) and the file pages mapped at the end.
+Readers: 'store' is ser_jax's store as opened (DiskRows: rows copied out with os.preadv);
+'memmap' maps features.npy with numpy instead (what the store did before).
 
-  python benchmarks/bench_input.py --kind mfcc --clips 2280 --batch 32
+  python benchmarks/bench_input.py --kind mfcc --clips 2280 --batch 32 --with-step
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import pathlib
@@ -98,6 +102,19 @@ def epoch_rate(store, train_idx, batch: int, mean, std, epoch: int) -> float:
   return n / (time.perf_counter() - start)
 
 
+READERS = ("store", "memmap")
+
+
+def open_with_reader(path, reader: str):
+  """The store at `path`: as ser_jax opens it ('store', DiskRows) or as a numpy memmap."""
+  store = open_store(path)
+  if reader == "memmap":
+    return dataclasses.replace(
+      store, features=np.load(pathlib.Path(path) / "features.npy", mmap_mode="r")
+    )
+  return store
+
+
 def _status() -> dict[str, int]:
   out = {}
   with open("/proc/self/status") as f:
@@ -108,19 +125,20 @@ def _status() -> dict[str, int]:
   return out
 
 
-def child_memory(path: str, batch: int) -> None:
+def child_memory(path: str, batch: int, reader: str) -> None:
   """One epoch's data work on the store at `path`; prints peak memory as JSON."""
   start = _status()
-  store = open_store(path)
+  store = open_with_reader(path, reader)
   n = len(store)
   idx = np.random.default_rng(0).permutation(n)
   train_idx, test_idx = np.sort(idx[: int(0.8 * n)]), np.sort(idx[int(0.8 * n) :])
   peak_anon = start["RssAnon"]
   mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
   peak_anon = max(peak_anon, _status()["RssAnon"])
-  for _ in input_pipeline.train_batches(
+  batches = input_pipeline.train_batches(
     store, train_idx, batch, mean, std, seed=0, fold=0, epoch=0
-  ):
+  )
+  for _ in batches:
     peak_anon = max(peak_anon, _status()["RssAnon"])
   for _ in input_pipeline.eval_batches(store, test_idx, 64, mean, std):
     peak_anon = max(peak_anon, _status()["RssAnon"])
@@ -128,8 +146,9 @@ def child_memory(path: str, batch: int) -> None:
   print(
     json.dumps(
       {
+        "reader": reader,
         "clips": n,
-        "store_mib": store.features.nbytes / 2**20,
+        "store_mib": int(np.prod(store.features.shape)) * 4 / 2**20,
         "start_rss": start["VmRSS"],
         "peak_rss": end["VmHWM"],
         "peak_anon": peak_anon,
@@ -147,72 +166,85 @@ def main() -> None:
   parser.add_argument("--epochs", type=int, default=3, help="timed epochs (cold, then warm)")
   parser.add_argument("--scale", type=int, default=10, help="the larger store has scale x clips")
   parser.add_argument("--train-rate", type=float, default=0.0, help="train samples/s; 0: measure")
+  parser.add_argument("--readers", default=",".join(READERS))
+  parser.add_argument(
+    "--with-step",
+    action="store_true",
+    help="memory children first build and run ser_jax's train step (a run's JAX footprint)",
+  )
   parser.add_argument("--dir", default="", help="where to write stores (default: a temp dir)")
   parser.add_argument("--child-memory", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--reader", default="store", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child_memory:
-    child_memory(args.child_memory, args.batch)
+    if args.with_step:
+      measure_train_rate(args.kind, args.batch, reps=1)
+    child_memory(args.child_memory, args.batch, args.reader)
     return
   n_bins = 128 if args.kind == "logmel" else 40
+  readers = args.readers.split(",")
   root = pathlib.Path(tempfile.mkdtemp(prefix="ser_jax_store_", dir=args.dir or None))
   try:
     small = make_store(root / "small", args.clips, n_bins)
-    store = open_store(small)
-    train_idx = np.sort(np.random.default_rng(0).permutation(args.clips)[: int(0.8 * args.clips)])
-    mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
-    evict(small / "features.npy")
-    cold = epoch_rate(store, train_idx, args.batch, mean, std, 0)
-    warm = [epoch_rate(store, train_idx, args.batch, mean, std, e) for e in range(1, args.epochs)]
     train_rate = args.train_rate or measure_train_rate(args.kind, args.batch)
     print(
-      f"\ninput pipeline, {args.kind} {args.clips} clips x {n_bins} x {N_FRAMES}, batch {args.batch}:"
+      f"\ninput pipeline, {args.kind} {args.clips} clips x {n_bins} x {N_FRAMES}, "
+      f"batch {args.batch}; train step {train_rate:.1f} samples/s"
     )
-    print(
-      f"  train_batches cold cache  {cold:9.0f} samples/s  ({cold / train_rate:6.0f}x the train step)"
-    )
-    print(
-      f"  train_batches warm cache  {np.median(warm):9.0f} samples/s  ({np.median(warm) / train_rate:6.0f}x the "
-      f"train step at {train_rate:.1f} samples/s)"
-    )
-    del store
+    train_idx = np.sort(np.random.default_rng(0).permutation(args.clips)[: int(0.8 * args.clips)])
+    for reader in readers:
+      store = open_with_reader(small, reader)
+      mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
+      evict(small / "features.npy")
+      cold = epoch_rate(store, train_idx, args.batch, mean, std, 0)
+      warm = np.median(
+        [epoch_rate(store, train_idx, args.batch, mean, std, e) for e in range(1, args.epochs)]
+      )
+      print(
+        f"  train_batches {reader:8s} cold cache {cold:8.0f} samples/s ({cold / train_rate:5.0f}x "
+        f"the step), warm {warm:8.0f} ({warm / train_rate:5.0f}x)"
+      )
+      del store
     big = make_store(root / "big", args.clips * args.scale, n_bins, seed=1)
     rows = []
-    for path in (small, big):
-      evict(path / "features.npy")
-      out = subprocess.run(
-        [sys.executable, __file__, "--child-memory", str(path), "--batch", str(args.batch)],
-        check=True,
-        capture_output=True,
-        text=True,
-      )
-      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print("\nmemory of one epoch's data work (stats + train batches + eval batches), MiB:")
+    for reader in readers:
+      for path in (small, big):
+        evict(path / "features.npy")
+        cmd = [sys.executable, __file__, f"--child-memory={path}", f"--batch={args.batch}"]
+        cmd += [f"--reader={reader}", f"--kind={args.kind}"]
+        cmd += ["--with-step"] if args.with_step else []
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    what = "ser_jax train step + " if args.with_step else ""
+    print(f"\nmemory of a process doing {what}one epoch's data work, MiB:")
     print(
-      f"  {'clips':>7s} {'store':>7s} {'start RSS':>9s} {'peak RSS':>8s} {'peak anon':>9s} {'file pages':>10s}"
+      f"  {'reader':8s} {'clips':>7s} {'store':>6s} {'peak RSS':>8s} {'peak anon':>9s} "
+      f"{'mapped file':>11s}"
     )
     for r in rows:
       print(
-        f"  {r['clips']:7d} {r['store_mib']:7.0f} {r['start_rss']:9d} {r['peak_rss']:8d} "
-        f"{r['peak_anon']:9d} {r['end_file']:10d}"
+        f"  {r['reader']:8s} {r['clips']:7d} {r['store_mib']:6.0f} {r['peak_rss']:8d} "
+        f"{r['peak_anon']:9d} {r['end_file']:11d}"
       )
-    a, b = rows
-    print(
-      f"  growth for {args.scale}x the clips: peak RSS {100 * (b['peak_rss'] / a['peak_rss'] - 1):+.1f}%, "
-      f"peak anonymous {100 * (b['peak_anon'] / a['peak_anon'] - 1):+.1f}%"
-    )
+    for a, b in zip(rows[::2], rows[1::2], strict=True):
+      print(
+        f"  {a['reader']:8s} growth for {args.scale}x the clips: peak RSS "
+        f"{100 * (b['peak_rss'] / a['peak_rss'] - 1):+.1f}%, peak anonymous "
+        f"{100 * (b['peak_anon'] / a['peak_anon'] - 1):+.1f}%"
+      )
   finally:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def measure_train_rate(kind: str, batch: int) -> float:
-  """samples/s of ser_jax's train step (median of 3 repetitions of 3 steps)."""
+def measure_train_rate(kind: str, batch: int, reps: int = 3) -> float:
+  """samples/s of ser_jax's train step (median of `reps` repetitions of 3 steps)."""
   import common
 
   steps = common.build_steps(common.make_config(kind, batch))
   runner = common.JaxRunner(steps, common.synthetic_batch(kind, batch))
   runner.train_many(2)
   rates = []
-  for _ in range(3):
+  for _ in range(reps):
     start = time.perf_counter()
     runner.train_many(3)
     rates.append(3 * batch / (time.perf_counter() - start))

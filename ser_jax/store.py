@@ -1,4 +1,4 @@
-"""The feature store: a corpus's features as memory-mapped arrays, built once and reused.
+"""The feature store: a corpus's features as arrays on disk, built once and reused.
 
 A store is a folder `<cache_dir>/<corpus>-<kind>-<key>/` holding
   features.npy      float32 [N, n_bins, n_frames]
@@ -10,7 +10,8 @@ A store is a folder `<cache_dir>/<corpus>-<kind>-<key>/` holding
 
 The key hashes the corpus listing (with file sizes) and the feature parameters. It is
 built in `<name>.partial/`, resumable row by row, and renamed into place only when
-complete, so a folder without `.partial` is always finished.
+complete, so a folder without `.partial` is always finished. An opened store reads
+feature rows from disk on demand (`DiskRows`), so a run's memory does not grow with it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -42,12 +44,82 @@ _CHUNK = 8
 _CLIPS_PER_WORKER = 1000
 
 
+class DiskRows:
+  """A read-only .npy array [N, ...] whose rows are read from disk when indexed.
+
+  Unlike a memmap, nothing is mapped into the process: rows are copied out with
+  os.preadv, so resident memory does not grow with the file (the kernel's page cache
+  still keeps what was read). Index with an int, a slice or an integer array of rows,
+  optionally followed by indices into each row: rows[idx], rows[i, :, :n].
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+      else:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+      self._offset = f.tell()
+    if fortran_order or dtype.hasobject or not shape:
+      raise ValueError(f"{path}: expected a C-ordered numeric array with rows")
+    self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+    self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+    self._fd = os.open(path, os.O_RDONLY)
+    weakref.finalize(self, os.close, self._fd)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def __len__(self) -> int:
+    return self.shape[0]
+
+  def __getitem__(self, key) -> np.ndarray:
+    rows, within = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+    if isinstance(rows, slice):
+      rows = np.arange(*rows.indices(len(self)))
+    indices = np.asarray(rows)
+    if indices.dtype.kind not in "iu":
+      raise IndexError(f"rows must be an int, a slice or integers, not {indices.dtype}")
+    flat = indices.ravel().astype(np.int64)
+    flat = np.where(flat < 0, flat + len(self), flat)
+    if flat.size and (flat.min() < 0 or flat.max() >= len(self)):
+      raise IndexError(f"row index out of range for {len(self)} rows")
+    out = self._read(flat).reshape(indices.shape + self.shape[1:])
+    return out[(slice(None),) * indices.ndim + within] if within else out
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    out = self[:]
+    return out if dtype is None else out.astype(dtype)
+
+  def _read(self, indices: np.ndarray) -> np.ndarray:
+    """Rows `indices` in that order, one read per run of consecutive rows."""
+    out = np.empty((len(indices),) + self.shape[1:], self.dtype)
+    buffer = out.reshape(len(indices), self._row_bytes // self.dtype.itemsize).view(np.uint8)
+    start = 0
+    while start < len(indices):
+      stop = start + 1
+      while stop < len(indices) and indices[stop] == indices[stop - 1] + 1:
+        stop += 1
+      offset = self._offset + int(indices[start]) * self._row_bytes
+      expected = (stop - start) * self._row_bytes
+      done = 0
+      while done < expected:  # preadv may return less than asked for.
+        n = os.preadv(self._fd, [buffer[start:stop].reshape(-1)[done:]], offset + done)
+        if n == 0:
+          raise OSError(f"feature file ends early at byte {offset + done}")
+        done += n
+      start = stop
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureStore:
-  """An opened, complete store; `features` is a read-only memmap."""
+  """An opened, complete store; `features` reads its rows from disk on demand."""
 
   path: pathlib.Path
-  features: np.ndarray  # [N, n_bins, n_frames]
+  features: DiskRows  # [N, n_bins, n_frames]
   labels: np.ndarray  # [N]
   valid_frames: np.ndarray  # [N]
   manifest: tuple[dict[str, str], ...]
@@ -100,7 +172,7 @@ def store_path(corpus: Corpus, params: FeatureParams, cache_dir: str | os.PathLi
 
 
 def open_store(path: str | os.PathLike) -> FeatureStore:
-  """Opens a complete store; the features stay on disk (memmap)."""
+  """Opens a complete store; the features stay on disk until rows are read."""
   path = pathlib.Path(path)
   if not (path / "meta.json").exists():
     raise FileNotFoundError(f"{path} is not a complete feature store (no meta.json)")
@@ -109,7 +181,7 @@ def open_store(path: str | os.PathLike) -> FeatureStore:
     manifest = tuple(csv.DictReader(f))
   return FeatureStore(
     path=path,
-    features=np.load(path / "features.npy", mmap_mode="r"),
+    features=DiskRows(path / "features.npy"),
     labels=np.load(path / "labels.npy"),
     valid_frames=np.load(path / "valid_frames.npy"),
     manifest=manifest,

@@ -260,3 +260,41 @@ def test_two_spawned_workers_give_the_same_bytes_as_one(corpus, reference_build,
   path = _build(corpus, tmp_path, num_workers=2)
   assert path.name == reference_build.name
   assert _bytes(path) == _bytes(reference_build)
+
+
+def test_disk_rows_index_like_the_array_without_mapping_it(tmp_path):
+  path = tmp_path / "rows.npy"
+  array = np.random.default_rng(0).standard_normal((50, 3, 7)).astype(np.float32)
+  np.save(path, array)
+  rows = store.DiskRows(path)
+  assert (rows.shape, rows.dtype, rows.ndim, len(rows)) == (array.shape, array.dtype, 3, 50)
+  keys = [
+    4,
+    -1,
+    slice(10, 20, 3),
+    np.array([3, 4, 5, 9, 0, 0, 49]),  # Runs, repeats and an unsorted order.
+    np.array([[1, 2], [7, 8]]),
+    (6, slice(None), slice(0, 4)),
+    (np.array([2, 3]), 1),
+    np.array([], np.int64),
+  ]
+  for key in keys:
+    np.testing.assert_array_equal(rows[key], array[key])
+  np.testing.assert_array_equal(np.asarray(rows), array)
+  with pytest.raises(IndexError):
+    rows[np.array([50])]
+  with pytest.raises(IndexError):
+    rows[np.array([0.5])]
+  # Read rows are copies: nothing of the file is mapped into the process.
+  assert str(path) not in pathlib.Path("/proc/self/maps").read_text()
+
+
+def test_disk_rows_reject_a_truncated_file(tmp_path):
+  path = tmp_path / "rows.npy"
+  np.save(path, np.ones((10, 4), np.float32))
+  with open(path, "r+b") as f:
+    f.truncate(path.stat().st_size - 8)
+  rows = store.DiskRows(path)
+  np.testing.assert_array_equal(rows[:5], np.ones((5, 4)))
+  with pytest.raises(OSError, match="ends early"):
+    rows[9]
