@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Sequence
 
 import numpy as np
+import threadpoolctl
 import tqdm
 
 from ser_jax import audio, io_utils
@@ -286,19 +287,26 @@ def _extract(corpus, params, partial, num_workers, strict, progress) -> pathlib.
 
 
 def _extract_chunk(raw_path: str, params: FeatureParams, job: Sequence[tuple[int, str]]):
-  """Worker: computes features for (index, path) pairs and writes them into the raw memmap."""
+  """Worker: computes features for (index, path) pairs and writes them into the raw memmap.
+
+  BLAS runs single-threaded here, in-process and in every worker: the bytes then do not
+  depend on the worker count, and 2 workers on 2 cores no longer run 2 BLAS threads each
+  (which made them slower than 1 worker; benchmarks/NOTES.md).
+  """
   raw = np.load(raw_path, mmap_mode="r+")
-  results = []
-  for index, path in job:
-    try:
-      waveform = audio.load_audio(path, params.sample_rate)
-    except audio.AudioError as error:
-      results.append((index, 0, str(error)))
-      continue
-    raw[index] = compute_features(waveform, params)
-    results.append((index, len(waveform), None))
+  with threadpoolctl.threadpool_limits(1):
+    results = [_extract_one(raw, index, path, params) for index, path in job]
   raw.flush()
   return results
+
+
+def _extract_one(raw, index: int, path: str, params: FeatureParams):
+  try:
+    waveform = audio.load_audio(path, params.sample_rate)
+  except audio.AudioError as error:
+    return index, 0, str(error)
+  raw[index] = compute_features(waveform, params)
+  return index, len(waveform), None
 
 
 def _finalise(corpus: Corpus, params: FeatureParams, partial: pathlib.Path, progress_path) -> None:
