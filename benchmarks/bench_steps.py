@@ -44,7 +44,9 @@ def main() -> None:
   parser.add_argument("--variants", default="base", help="comma-separated; see variants.py")
   parser.add_argument("--no-eval", action="store_true")
   parser.add_argument("--json", default="", help="also write the results to this file")
+  parser.add_argument("--n-frames", type=int, default=common.N_FRAMES, help="input width")
   args = parser.parse_args()
+  common.N_FRAMES = args.n_frames
   print(common.machine_line())
   config = common.make_config(args.kind, args.batch, args.dtype, args.width)
   names = args.variants.split(",")

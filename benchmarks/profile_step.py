@@ -156,7 +156,9 @@ def main() -> None:
   parser.add_argument("--variant", default="", help="a model from variants.py (default: ser_jax)")
   parser.add_argument("--eval", action="store_true", help="profile the eval step instead")
   parser.add_argument("--top", type=int, default=15, help="list this many slowest ops")
+  parser.add_argument("--n-frames", type=int, default=common.N_FRAMES, help="input width")
   args = parser.parse_args()
+  common.N_FRAMES = args.n_frames
   print(common.machine_line())
   config = common.make_config(args.kind, args.batch)
   model = None

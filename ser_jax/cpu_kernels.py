@@ -1,11 +1,15 @@
 """ResNet's convolution and max-pool with gradients that XLA:CPU lowers faster.
 
-Values and gradients are those of lax.conv_general_dilated and nn.max_pool; only the
-program that computes the gradients differs (measurements: benchmarks/NOTES.md).
+Values and gradients are those of lax.conv_general_dilated and nn.max_pool (up to the
+order of float sums); only the program that computes them differs (measurements:
+benchmarks/NOTES.md).
 
 - `conv_general_dilated`: the weight gradient reads a materialised copy of the input.
   Left alone, XLA fuses the input's producer (BatchNorm, ReLU, residual add) into the
   transposes that feed the weight-gradient convolution and recomputes it there.
+  Feature maps no larger than the kernel (the last stage of 2 s clips: 2x3) are
+  convolved as patches times a matrix: XLA:CPU swaps the operands of such convolutions
+  and runs them about 90x slower.
 - `max_pool`: the gradient goes to each window's first maximum in row-major order, as
   reduce_window's own gradient does, but from strided slices and pads instead of the
   select-and-scatter that XLA:CPU expands into index tuples and a scatter.
@@ -75,13 +79,65 @@ def _lax_conv(lhs, rhs, options):
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv(lhs, rhs, options):
+def _within_kernel(map_shape, options, kernel_shape) -> bool:
+  """Whether an NHWC map is no larger than the HWIO kernel in every spatial dimension."""
+  strides, padding, lhs_dil, rhs_dil, dims, groups, batch_groups, *_ = options
+  nhwc_hwio = lax.conv_dimension_numbers(map_shape, kernel_shape, ("NHWC", "HWIO", "NHWC"))
+  plain = (
+    dims is not None
+    and lax.conv_dimension_numbers(map_shape, kernel_shape, dims) == nhwc_hwio
+    and groups == batch_groups == 1
+    and all(d is None or set(d) == {1} for d in (lhs_dil, rhs_dil))
+    and not isinstance(padding, str)
+  )
+  return plain and all(m <= k for m, k in zip(map_shape[1:3], kernel_shape[:2], strict=True))
+
+
+def _taps(xp, window, strides, out_hw):
+  """The window's taps as strided slices of padded NHWC xp, in row-major window order."""
+  b, _, _, c = xp.shape
+  (ho, wo), (sh, sw) = out_hw, strides
+  return [
+    lax.slice(
+      xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
+    )
+    for i in range(window[0])
+    for j in range(window[1])
+  ]
+
+
+def _matmul_conv(lhs, rhs, options):
+  """The NHWC x HWIO convolution as [patches] @ [kh * kw * C_in, C_out]."""
+  strides, padding, *_, precision, out_type = options
+  kh, kw, c_in, c_out = rhs.shape
+  out_hw = tuple(
+    (n + lo + hi - k) // s + 1
+    for n, (lo, hi), k, s in zip(lhs.shape[1:3], padding, (kh, kw), strides, strict=True)
+  )
+  xp = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
+  patches = jnp.concatenate(_taps(xp, (kh, kw), strides, out_hw), axis=-1)
+  return lax.dot_general(
+    patches,
+    rhs.reshape(kh * kw * c_in, c_out),
+    (((3,), (0,)), ((), ())),
+    precision=precision,
+    preferred_element_type=out_type,
+  )
+
+
+def _forward(lhs, rhs, options):
+  if _within_kernel(lhs.shape, options, rhs.shape):
+    return _matmul_conv(lhs, rhs, options)
   return _lax_conv(lhs, rhs, options)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(lhs, rhs, options):
+  return _forward(lhs, rhs, options)
+
+
 def _conv_fwd(lhs, rhs, options):
-  return _lax_conv(lhs, rhs, options), (lhs, rhs)
+  return _forward(lhs, rhs, options), (lhs, rhs)
 
 
 def _materialised(x, like):
@@ -95,6 +151,10 @@ def _materialised(x, like):
 
 def _conv_bwd(options, residuals, dy):
   lhs, rhs = residuals
+  # The input gradient convolves dy with the kernel: a small dy takes the slow path too.
+  if _within_kernel(lhs.shape, options, rhs.shape) or _within_kernel(dy.shape, options, rhs.shape):
+    _, vjp = jax.vjp(lambda x, w: _matmul_conv(x, w, options), lhs, rhs)
+    return vjp(dy)
   lhs = _materialised(lhs, rhs)
   _, vjp = jax.vjp(lambda x, w: _lax_conv(x, w, options), lhs, rhs)
   return vjp(dy)
@@ -127,13 +187,7 @@ def _max_pool_bwd(window, strides, padding, x, g):
   # XLA may recompute x's producer for the backward pass with other rounding than the
   # forward's, so the maxima are taken again here from the same taps they are matched to.
   xp = jnp.pad(_materialised(x, g), ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-  taps = [
-    lax.slice(
-      xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
-    )
-    for i in range(window[0])
-    for j in range(window[1])
-  ]
+  taps = _taps(xp, window, strides, (ho, wo))
   out = functools.reduce(jnp.maximum, taps)
   zero = jnp.zeros((), g.dtype)
   taken = jnp.zeros(out.shape, bool)
