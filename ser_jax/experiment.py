@@ -29,8 +29,15 @@ from ser_jax.folds import FoldError, make_folds
 from ser_jax.sharding import Topology
 from ser_jax.store import build_store, default_cache_dir, open_store
 
-# Keys that do not change results; a rerun may change them without a fresh start.
-_RESULT_NEUTRAL_KEYS = ("data.num_workers", "data.cache_dir", "cv.folds", "train.eval_batch_size")
+# Keys that do not change the mathematics of a run; a rerun may change them without a
+# fresh start.
+_RESULT_NEUTRAL_KEYS = (
+  "data.num_workers",
+  "data.cache_dir",
+  "cv.folds",
+  "train.eval_batch_size",
+  "model.lowering",
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -67,7 +74,9 @@ def members_of(config: ml_collections.ConfigDict) -> list[Member]:
 
 def load_corpus(config: ml_collections.ConfigDict):
   root = config.data.root
-  if config.data.corpus == "demo":
+  if config.data.corpus == "demo" and not (root and demo.is_demo_corpus(root)):
+    # The default demo corpus, written on first use; a data.root that already holds a
+    # demo corpus (of any size, see write_demo_corpus) is read as it is.
     root = root or str(_cache_dir(config) / "demo_corpus")
     demo.write_demo_corpus(root)
   return corpora.read_corpus(

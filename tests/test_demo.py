@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ser_jax.data.demo import DEMO_CLASSES, write_demo_corpus
+from ser_jax import experiment
+from ser_jax.config import default_config
+from ser_jax.data.demo import DEMO_CLASSES, is_demo_corpus, write_demo_corpus
 
 _SHARES = {"neutral": 0.48, "happiness": 0.12, "sadness": 0.27, "anger": 0.13}
 _N_SPEAKERS = 8
@@ -142,3 +144,14 @@ def test_learnable_but_not_trivial(corpus: pathlib.Path) -> None:
   ua = balanced_accuracy_score(labels, predicted)
   print(f"speaker-grouped 4-fold MFCC logistic regression UA: {ua:.3f}")
   assert 0.45 < ua < 0.97
+
+
+def test_a_demo_corpus_of_another_size_at_data_root_is_read_as_it_is(tmp_path):
+  root = write_demo_corpus(tmp_path / "big", n_utterances=40, n_speakers=4, seed=1)
+  assert is_demo_corpus(root) and not is_demo_corpus(tmp_path)
+  config = default_config()
+  config.data.corpus = "demo"
+  config.data.root = str(root)
+  config.data.cache_dir = str(tmp_path / "cache")
+  corpus = experiment.load_corpus(config)
+  assert len(corpus.utterances) == 40  # Not replaced by the default 320-clip corpus.

@@ -131,6 +131,17 @@ def write_demo_corpus(
   return root
 
 
+def is_demo_corpus(root: str | os.PathLike) -> bool:
+  """Whether `root` holds a finished demo corpus of this format (of any size or seed)."""
+  try:
+    stored = json.loads((pathlib.Path(root) / "demo.json").read_text())
+  except (OSError, ValueError):
+    return False
+  return (
+    stored.get("version") == _FORMAT_VERSION and (pathlib.Path(root) / "manifest.csv").is_file()
+  )
+
+
 def _is_complete(root: pathlib.Path, params: dict[str, int]) -> bool:
   try:
     stored = json.loads((root / "demo.json").read_text())
