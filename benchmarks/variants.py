@@ -12,9 +12,8 @@ Convolution pieces (NHWC activations, HWIO kernels, no bias):
         'im2col' stride 1: patches of the padded dy times the flipped kernel; else col2im
   wgrad 'lax'    autodiff of lax.conv_general_dilated
         'im2col' patches^T @ dy (one matmul over batch x positions)
-Max-pool 'lax' is nn.max_pool; 'slices' takes the max of the nine strided slices and
-routes each window's gradient to its first maximum (row-major), as reduce_window's
-select-and-scatter does.
+Max-pool 'lax' is nn.max_pool; 'fast' is ser_jax.cpu_kernels.max_pool (the gradient from
+strided slices, routed to each window's first maximum as select-and-scatter does).
 """
 
 from __future__ import annotations
@@ -228,64 +227,6 @@ def _conv_bwd(strides, padding, impl, residuals, dy):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _pool_slices(xp, out_hw, strides):
-  b, _, _, c = xp.shape
-  (ho, wo), (sh, sw) = out_hw, strides
-  return [
-    lax.slice(
-      xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
-    )
-    for i in range(3)
-    for j in range(3)
-  ]
-
-
-def _pool_geometry(x):
-  _, h, w, _ = x.shape
-  return (_out_size(h, 3, 2, (1, 1)), _out_size(w, 3, 2, (1, 1)))
-
-
-@jax.custom_vjp
-def max_pool_3x3_s2(x):
-  """nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))) from nine slices."""
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  return functools.reduce(jnp.maximum, _pool_slices(xp, _pool_geometry(x), (2, 2)))
-
-
-def _pool_fwd(x):
-  out = max_pool_3x3_s2(x)
-  return out, (x, out)
-
-
-def _pool_bwd(residuals, g):
-  x, out = residuals
-  b, h, w, c = x.shape
-  ho, wo = _pool_geometry(x)
-  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
-  taken = jnp.zeros(out.shape, bool)
-  zero = jnp.zeros((), g.dtype)
-  total = None
-  for k, window in enumerate(_pool_slices(xp, (ho, wo), (2, 2))):
-    i, j = divmod(k, 3)
-    first = (window == out) & ~taken
-    taken = taken | first
-    placed = lax.pad(
-      jnp.where(first, g, zero),
-      zero,
-      (
-        (0, 0, 0),
-        (i, h + 2 - i - (ho - 1) * 2 - 1, 1),
-        (j, w + 2 - j - (wo - 1) * 2 - 1, 1),
-        (0, 0, 0),
-      ),
-    )
-    total = placed if total is None else total + placed
-  return (lax.slice(total, (0, 1, 1, 0), (b, h + 1, w + 1, c)),)
-
-
-max_pool_3x3_s2.defvjp(_pool_fwd, _pool_bwd)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def batch_norm_train(x, scale, bias, epsilon: float):
   """Flax BatchNorm's training-mode output and batch statistics, with a closed-form VJP.
@@ -452,9 +393,7 @@ class ResNet(nn.Module):
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="stem_norm"
     )(x)
     x = nn.relu(x)
-    if self.pool == "slices":
-      x = max_pool_3x3_s2(x)
-    elif self.pool == "fast":
+    if self.pool == "fast":
       x = cpu_kernels.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     else:
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -480,55 +419,55 @@ VARIANTS = {
     impl=_FAST, stem_impl=ConvImpl("im2col", "lax", "im2col"), pool="fast", fused_bn=True
   ),
   "lax": dict(impl=_LAX, stem_impl=_LAX, pool="lax"),
-  "pool": dict(impl=_LAX, stem_impl=_LAX, pool="slices"),
+  "pool": dict(impl=_LAX, stem_impl=_LAX, pool="fast"),
   "wgrad": dict(impl=ConvImpl("lax", "lax", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col")),
   "bwd": dict(impl=ConvImpl("lax", "im2col", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col")),
   "mm": dict(impl=_MM, stem_impl=_MM, pool="lax"),
-  "mm_pool": dict(impl=_MM, stem_impl=_MM, pool="slices"),
-  "mm2_pool": dict(impl=ConvImpl("im2col", "im2col", "im2col"), stem_impl=_MM, pool="slices"),
+  "mm_pool": dict(impl=_MM, stem_impl=_MM, pool="fast"),
+  "mm2_pool": dict(impl=ConvImpl("im2col", "im2col", "im2col"), stem_impl=_MM, pool="fast"),
   "mm_save_pool": dict(
     impl=dataclasses.replace(_MM, save_patches=True),
     stem_impl=dataclasses.replace(_MM, save_patches=True),
-    pool="slices",
+    pool="fast",
   ),
   "pool_xt": dict(
-    impl=ConvImpl("lax", "lax", "xt"), stem_impl=ConvImpl("lax", "lax", "xt"), pool="slices"
+    impl=ConvImpl("lax", "lax", "xt"), stem_impl=ConvImpl("lax", "lax", "xt"), pool="fast"
   ),
   "pool_fxt": dict(
-    impl=ConvImpl("lax", "lax", "fwd_xt"), stem_impl=ConvImpl("lax", "lax", "fwd_xt"), pool="slices"
+    impl=ConvImpl("lax", "lax", "fwd_xt"), stem_impl=ConvImpl("lax", "lax", "fwd_xt"), pool="fast"
   ),
   # Ablations (wrong gradients; for timing only): no weight / no input gradients of convs.
   "abl_no_wgrad": dict(
-    impl=ConvImpl("lax", "lax", "skip"), stem_impl=ConvImpl("lax", "lax", "skip"), pool="slices"
+    impl=ConvImpl("lax", "lax", "skip"), stem_impl=ConvImpl("lax", "lax", "skip"), pool="fast"
   ),
   "abl_no_dgrad": dict(
-    impl=ConvImpl("lax", "skip", "lax"), stem_impl=ConvImpl("lax", "skip", "lax"), pool="slices"
+    impl=ConvImpl("lax", "skip", "lax"), stem_impl=ConvImpl("lax", "skip", "lax"), pool="fast"
   ),
   "pool_cond": dict(
-    impl=ConvImpl("lax", "lax", "cond"), stem_impl=ConvImpl("lax", "lax", "cond"), pool="slices"
+    impl=ConvImpl("lax", "lax", "cond"), stem_impl=ConvImpl("lax", "lax", "cond"), pool="fast"
   ),
   "pool_cond2": dict(
-    impl=ConvImpl("lax", "lax", "cond2"), stem_impl=ConvImpl("lax", "lax", "cond2"), pool="slices"
+    impl=ConvImpl("lax", "lax", "cond2"), stem_impl=ConvImpl("lax", "lax", "cond2"), pool="fast"
   ),
   "pool_cond_bn": dict(
     impl=ConvImpl("lax", "lax", "cond"),
     stem_impl=ConvImpl("lax", "lax", "cond"),
-    pool="slices",
+    pool="fast",
     fused_bn=True,
   ),
-  "pool_bn": dict(pool="slices", fused_bn=True),
+  "pool_bn": dict(pool="fast", fused_bn=True),
   "pool_bar": dict(
     impl=ConvImpl("lax", "lax", "barrier"),
     stem_impl=ConvImpl("lax", "lax", "barrier"),
-    pool="slices",
+    pool="fast",
   ),
   "wgrad_pool": dict(
-    impl=ConvImpl("lax", "lax", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col"), pool="slices"
+    impl=ConvImpl("lax", "lax", "im2col"), stem_impl=ConvImpl("lax", "lax", "im2col"), pool="fast"
   ),
   "bwd_pool": dict(
     impl=ConvImpl("lax", "im2col", "im2col"),
     stem_impl=ConvImpl("lax", "lax", "im2col"),
-    pool="slices",
+    pool="fast",
   ),
 }
 
