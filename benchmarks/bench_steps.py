@@ -45,6 +45,13 @@ def main() -> None:
   parser.add_argument("--no-eval", action="store_true")
   parser.add_argument("--json", default="", help="also write the results to this file")
   parser.add_argument("--n-frames", type=int, default=common.N_FRAMES, help="input width")
+  parser.add_argument(
+    "--peak-tflops",
+    type=float,
+    default=0.0,
+    help="the device's peak for --dtype (e.g. H100 SXM dense: 67 float32, 989 bfloat16); "
+    "adds model FLOPs utilisation (XLA's FLOP count / step time / peak)",
+  )
   args = parser.parse_args()
   common.N_FRAMES = args.n_frames
   print(common.machine_line())
@@ -94,7 +101,8 @@ def main() -> None:
   )
   header = (
     f"{'variant':10s} {'step':5s} {'samples/s median [min-max], clean reps, load':>46s} "
-    f"{'ms/step':>8s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'of dot':>6s} {'compile s':>9s}"
+    f"{'ms/step':>8s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'of dot':>6s} {'MFU':>5s} "
+    f"{'compile s':>9s}"
   )
   print(header)
   print("-" * len(header))
@@ -105,9 +113,10 @@ def main() -> None:
       median = samples.median
       compile_s, flops, memory = info[name][mode]
       gflops = flops / 1e9 * median / args.batch
+      mfu = f"{gflops / (10 * args.peak_tflops):4.1f}%" if args.peak_tflops else "-"
       print(
         f"{name:10s} {mode:5s} {samples!s:>46s} {1e3 * args.batch / median:8.1f} "
-        f"{flops / 1e9:10.1f} {gflops:8.1f} {100 * gflops / peak:5.0f}% {compile_s:9.1f}"
+        f"{flops / 1e9:10.1f} {gflops:8.1f} {100 * gflops / peak:5.0f}% {mfu:>5s} {compile_s:9.1f}"
       )
       results.append(
         {
@@ -119,6 +128,7 @@ def main() -> None:
           "gflop_per_step": flops / 1e9,
           "compile_s": compile_s,
           "dot_gflops": peak,
+          "mfu": gflops / (1e3 * args.peak_tflops) if args.peak_tflops else None,
           "memory": memory,
         }
       )
