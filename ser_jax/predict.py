@@ -72,6 +72,28 @@ def window_starts(n_samples: int, window: int) -> list[int]:
   return [*range(0, n_samples - window, hop), n_samples - window]
 
 
+def _member_checkpoints(fold_dir: pathlib.Path, member: int) -> tuple[pathlib.Path, int]:
+  """(checkpoint folder that holds sweep member `member`, the member's index in it).
+
+  A sweep trained in chunks (sweep.members_per_chunk) keeps members a..b of each fold in
+  fold_<k>/members_<a>-<b>/checkpoints; otherwise every member is in fold_<k>/checkpoints.
+  """
+  chunks = []
+  for path in fold_dir.glob("members_*-*"):
+    match = re.fullmatch(r"members_(\d+)-(\d+)", path.name)
+    if match:
+      chunks.append((int(match.group(1)), int(match.group(2)), path / "checkpoints"))
+  if not chunks:
+    return fold_dir / "checkpoints", member
+  for first, last, path in chunks:
+    if first <= member <= last:
+      return path, member - first
+  n_members = max(last for _, last, _ in chunks) + 1
+  raise PredictorError(
+    f"member={member} is out of range; the run has {n_members} member(s), 0..{n_members - 1}"
+  )
+
+
 class Predictor:
   """Class probabilities of waveforms from one fold's model or the ensemble of all folds."""
 
@@ -118,9 +140,10 @@ class Predictor:
     class_names = _class_names(workdir, config)
     fold_variables, means, stds = [], [], []
     for k in folds:
-      variables = _restore_variables(workdir / f"fold_{k}" / "checkpoints")
+      checkpoint_dir, index = _member_checkpoints(workdir / f"fold_{k}", member)
+      variables = _restore_variables(checkpoint_dir)
       n_members, n_outputs = variables["params"]["head"]["bias"].shape
-      if not 0 <= member < n_members:
+      if not 0 <= index < n_members:
         raise PredictorError(
           f"member={member} is out of range; the run has {n_members} member(s), 0..{n_members - 1}"
         )
@@ -129,7 +152,7 @@ class Predictor:
           f"fold {k}'s model has {n_outputs} outputs but the run lists {len(class_names)} "
           f"classes {class_names}"
         )
-      fold_variables.append(jax.tree.map(lambda x: x[member], variables))
+      fold_variables.append(jax.tree.map(lambda x, i=index: x[i], variables))
       with np.load(workdir / f"fold_{k}" / "normalisation.npz") as stats:
         means.append(stats["mean"])
         stds.append(stats["std"])

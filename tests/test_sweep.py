@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 from helpers import result_metrics, run_module, tiny_args
+
+from ser_jax.predict import Predictor, PredictorError
 
 SWEEP = {"sweep.gammas": "(0.0,2.0)", "sweep.seeds": "(0,)", "train.num_epochs": 2}
 
@@ -34,6 +38,13 @@ def test_chunked_sweep_members_equal_separate_runs(tmp_path):
     assert member["gamma"] == gamma
     assert member["overall_accuracy"] == expected["overall_accuracy"]
     assert member["class_accuracy"] == expected["class_accuracy"]
+    # ser_jax.predict finds each member in its chunk's checkpoints.
+    waveform = np.sin(2 * np.pi * 220.0 * np.arange(16000) / 16000).astype(np.float32)
+    from_sweep = Predictor.from_workdir(tmp_path / "sweep", member=k).predict(waveform, 16000)
+    from_single = Predictor.from_workdir(single).predict(waveform, 16000)
+    np.testing.assert_allclose(list(from_sweep.values()), list(from_single.values()), rtol=1e-5)
+  with pytest.raises(PredictorError, match=r"member=2 is out of range; the run has 2 member"):
+    Predictor.from_workdir(tmp_path / "sweep", member=2)
 
 
 def test_vmapped_sweep_writes_every_member_and_the_curve(tmp_path):
