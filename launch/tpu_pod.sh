@@ -19,6 +19,7 @@ if [ $# -lt 4 ]; then
   exit 2
 fi
 tpu=$1; zone=$2; config=$3; workdir=$4; shift 4
-remote="cd ~/ser_jax && python -m ser_jax.main --config=$config --workdir=$workdir --distributed --config.model.compute_dtype=bfloat16 $*"
+# SER_JAX_XLA_CPU_TUNING=0: ser_jax's XLA:CPU flags do nothing for TPU training.
+remote="cd ~/ser_jax && SER_JAX_XLA_CPU_TUNING=0 python -m ser_jax.main --config=$config --workdir=$workdir --distributed --config.model.compute_dtype=bfloat16 $*"
 echo "+ gcloud compute tpus tpu-vm ssh $tpu --zone=$zone --worker=all --command=\"$remote\""
 gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="$remote"
