@@ -7,7 +7,8 @@
 #
 # It runs, on all workers at once:
 #   gcloud compute tpus tpu-vm ssh TPU_NAME --zone=ZONE --worker=all --command="
-#     cd ~/ser_jax && python -m ser_jax.main --config=CONFIG --workdir=WORKDIR --distributed \
+#     cd ~/ser_jax && SER_JAX_XLA_CPU_TUNING=0 python -m ser_jax.main --config=CONFIG \
+#       --workdir=WORKDIR --distributed \
 #       --config.model.compute_dtype=bfloat16 [overrides]"
 # Preparation, once: clone the repository to ~/ser_jax on every worker and
 # `pip install -e . 'jax[tpu]'` there (the same --worker=all ssh); put the corpus and the
