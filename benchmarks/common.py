@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 import os
 import resource
 import statistics
@@ -56,45 +54,14 @@ def build_steps(config, model=None, n_train: int = 1824, fold: int = 0) -> Steps
   topology = Topology.create()
   model = model if model is not None else models.create_model(config.model, N_CLASSES)
   feature_shape = (N_BINS[config.features.kind], N_FRAMES)
-  create = experiment.Programs.create
-  extra = {"topology": topology} if "topology" in inspect.signature(create).parameters else {}
-  programs = create(config, model, 1, feature_shape, **extra)
+  programs = experiment.Programs.create(config, model, 1, feature_shape, topology)
   steps_per_epoch = n_train // config.train.batch_size
-  seeds = jnp.array([config.seed], jnp.uint32)
-  if extra:  # Programs.init is jitted with replicated outputs.
-    state = programs.init(seeds, fold)
-  else:
-    init = functools.partial(programs.init, fold=fold)
-    abstract = jax.eval_shape(init, seeds)
-    state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
-    state = jax.jit(init, out_shardings=state_sharding)(seeds)
-  if hasattr(experiment, "stacked_hparams"):
-    members = experiment.members_of(config)
-    hparams = experiment.stacked_hparams(config, members, N_CLASSES, fold, steps_per_epoch)
-    hparams = jax.device_put(hparams, topology.replicated)
-    return Steps(
-      state=state,
-      hparams=hparams,
-      train_step=programs.train_step,
-      eval_step=programs.eval_step,
-      topology=topology,
-      input_shape=(1, *feature_shape, 1),
-    )
-  options = {
-    "gamma": config.loss.gamma,
-    "learning_rate": config.train.learning_rate,
-    "alpha": (1.0,) * N_CLASSES,
-    "label_smoothing": config.train.label_smoothing,
-    "rng_seed": config.seed * 1000 + fold,
-    "warmup_steps": steps_per_epoch * config.train.warmup_epochs,
-    "total_steps": steps_per_epoch * config.train.num_epochs,
-  }
-  accepted = inspect.signature(train.make_hparams).parameters
-  hparams = train.make_hparams(**{k: v for k, v in options.items() if k in accepted})
-  hparams = jax.device_put(jax.tree.map(lambda x: x[None], hparams), topology.replicated)
+  state = programs.init(jnp.array([config.seed], jnp.uint32), fold)
+  members = experiment.members_of(config)
+  hparams = experiment.stacked_hparams(config, members, N_CLASSES, fold, steps_per_epoch)
   return Steps(
     state=state,
-    hparams=hparams,
+    hparams=jax.device_put(hparams, topology.replicated),
     train_step=programs.train_step,
     eval_step=programs.eval_step,
     topology=topology,

@@ -57,43 +57,18 @@ def _out_size(size: int, k: int, s: int, pad: tuple[int, int]) -> int:
 def patches(x, kernel_hw, strides, padding):
   """[B, Ho, Wo, kh*kw*C] with feature order (kh, kw, C), matching an HWIO kernel's rows."""
   (kh, kw), (sh, sw) = kernel_hw, strides
-  b, h, w, c = x.shape
-  ho, wo = _out_size(h, kh, sh, padding[0]), _out_size(w, kw, sw, padding[1])
+  _, h, w, _ = x.shape
+  out_hw = (_out_size(h, kh, sh, padding[0]), _out_size(w, kw, sw, padding[1]))
   xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  if kh == kw == 1:
-    return lax.slice(xp, (0, 0, 0, 0), (b, (ho - 1) * sh + 1, (wo - 1) * sw + 1, c), (1, sh, sw, 1))
-  cols = [
-    lax.slice(
-      xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1)
-    )
-    for i in range(kh)
-    for j in range(kw)
-  ]
-  return jnp.concatenate(cols, axis=-1)
+  return jnp.concatenate(cpu_kernels.window_taps(xp, kernel_hw, strides, out_hw), axis=-1)
 
 
 def col2im(dpatches, x_shape, kernel_hw, strides, padding):
   """Transpose of `patches`: overlap-adds the column blocks back into [B, H, W, C]."""
-  (kh, kw), (sh, sw) = kernel_hw, strides
   b, h, w, c = x_shape
-  _, ho, wo, _ = dpatches.shape
-  hp, wp = h + sum(padding[0]), w + sum(padding[1])
-  zero = jnp.zeros((), dpatches.dtype)
-  total = None
-  for k in range(kh * kw):
-    i, j = divmod(k, kw)
-    block = dpatches[..., k * c : (k + 1) * c]
-    placed = lax.pad(
-      block,
-      zero,
-      (
-        (0, 0, 0),
-        (i, hp - i - (ho - 1) * sh - 1, sh - 1),
-        (j, wp - j - (wo - 1) * sw - 1, sw - 1),
-        (0, 0, 0),
-      ),
-    )
-    total = placed if total is None else total + placed
+  blocks = [dpatches[..., k * c : (k + 1) * c] for k in range(kernel_hw[0] * kernel_hw[1])]
+  padded_hw = (h + sum(padding[0]), w + sum(padding[1]))
+  total = cpu_kernels.overlap_add(blocks, padded_hw, kernel_hw, strides)
   return lax.slice(
     total, (0, padding[0][0], padding[1][0], 0), (b, padding[0][0] + h, padding[1][0] + w, c)
   )

@@ -93,7 +93,7 @@ def _within_kernel(map_shape, options, kernel_shape) -> bool:
   return plain and all(m <= k for m, k in zip(map_shape[1:3], kernel_shape[:2], strict=True))
 
 
-def _taps(xp, window, strides, out_hw):
+def window_taps(xp, window, strides, out_hw):
   """The window's taps as strided slices of padded NHWC xp, in row-major window order."""
   b, _, _, c = xp.shape
   (ho, wo), (sh, sw) = out_hw, strides
@@ -106,6 +106,28 @@ def _taps(xp, window, strides, out_hw):
   ]
 
 
+def overlap_add(blocks, padded_hw, window, strides):
+  """The transpose of window_taps: each tap's [B, Ho, Wo, C] block summed into [B, Hp, Wp, C]."""
+  (hp, wp), (sh, sw) = padded_hw, strides
+  ho, wo = blocks[0].shape[1:3]
+  zero = jnp.zeros((), blocks[0].dtype)
+  total = None
+  for k, block in enumerate(blocks):
+    i, j = divmod(k, window[1])
+    placed = lax.pad(
+      block,
+      zero,
+      (
+        (0, 0, 0),
+        (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+        (j, wp - j - (wo - 1) * sw - 1, sw - 1),
+        (0, 0, 0),
+      ),
+    )
+    total = placed if total is None else total + placed
+  return total
+
+
 def _matmul_conv(lhs, rhs, options):
   """The NHWC x HWIO convolution as [patches] @ [kh * kw * C_in, C_out]."""
   strides, padding, *_, precision, out_type = options
@@ -115,7 +137,7 @@ def _matmul_conv(lhs, rhs, options):
     for n, (lo, hi), k, s in zip(lhs.shape[1:3], padding, (kh, kw), strides, strict=True)
   )
   xp = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-  patches = jnp.concatenate(_taps(xp, (kh, kw), strides, out_hw), axis=-1)
+  patches = jnp.concatenate(window_taps(xp, (kh, kw), strides, out_hw), axis=-1)
   return lax.dot_general(
     patches,
     rhs.reshape(kh * kw * c_in, c_out),
@@ -181,32 +203,19 @@ def _max_pool_fwd(x, window, strides, padding):
 
 def _max_pool_bwd(window, strides, padding, x, g):
   b, h, w, c = x.shape
-  (ho, wo), (sh, sw) = g.shape[1:3], strides
   (top, bottom), (left, right) = padding
-  hp, wp = h + top + bottom, w + left + right
   # XLA may recompute x's producer for the backward pass with other rounding than the
   # forward's, so the maxima are taken again here from the same taps they are matched to.
   xp = jnp.pad(_materialised(x, g), ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-  taps = _taps(xp, window, strides, (ho, wo))
+  taps = window_taps(xp, window, strides, g.shape[1:3])
   out = functools.reduce(jnp.maximum, taps)
-  zero = jnp.zeros((), g.dtype)
   taken = jnp.zeros(out.shape, bool)
-  total = None
-  for k, tap in enumerate(taps):
-    i, j = divmod(k, window[1])
+  routed = []
+  for tap in taps:
     first = (tap == out) & ~taken
     taken = taken | first
-    placed = lax.pad(
-      jnp.where(first, g, zero),
-      zero,
-      (
-        (0, 0, 0),
-        (i, hp - i - (ho - 1) * sh - 1, sh - 1),
-        (j, wp - j - (wo - 1) * sw - 1, sw - 1),
-        (0, 0, 0),
-      ),
-    )
-    total = placed if total is None else total + placed
+    routed.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
+  total = overlap_add(routed, (h + top + bottom, w + left + right), window, strides)
   return (lax.slice(total, (0, top, left, 0), (b, top + h, left + w, c)),)
 
 

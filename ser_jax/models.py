@@ -11,8 +11,6 @@ from flax import linen as nn
 
 from ser_jax import cpu_kernels
 
-LOWERINGS = ("auto", "xla", "cpu")
-
 
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions, each followed by BatchNorm; ReLU after the residual sum."""
