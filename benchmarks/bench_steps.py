@@ -5,7 +5,8 @@ Builds the steps through experiment.Programs (as a run does), then reports sampl
 from XLA's cost_analysis, achieved GFLOP/s against a 4096x4096 jnp.dot timed in the
 same run, XLA's buffer sizes and the process's peak RSS.
 
---variants runs several model variants (benchmarks/variants.py; 'base' is ser_jax's
+--variants runs several model variants ('xla', 'cpu', 'onednn': ser_jax's model with
+that model.lowering; others from benchmarks/variants.py; 'base' is ser_jax's
 own model) in the same process, alternating them repetition by repetition.
 
   python benchmarks/bench_steps.py --kind mfcc --batch 32
@@ -41,7 +42,11 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="steps per repetition")
   parser.add_argument("--warmup", type=int, default=2)
-  parser.add_argument("--variants", default="base", help="comma-separated; see variants.py")
+  parser.add_argument(
+    "--variants",
+    default="base",
+    help="comma-separated: base, xla, cpu, onednn or names in variants.py",
+  )
   parser.add_argument("--no-eval", action="store_true")
   parser.add_argument("--json", default="", help="also write the results to this file")
   parser.add_argument("--n-frames", type=int, default=common.N_FRAMES, help="input width")
@@ -59,12 +64,7 @@ def main() -> None:
   names = args.variants.split(",")
   runners, info = {}, {}
   for name in names:
-    model = None
-    if name != "base":
-      import variants
-
-      model = variants.create_model(name, config.model, common.N_CLASSES)
-    steps = common.build_steps(config, model=model)
+    steps = common.build_steps(config, model=common.variant_model(name, config))
     runner = common.JaxRunner(steps, common.synthetic_batch(args.kind, args.batch))
     batch = steps.topology.global_batch(runner.batch_np)
     train_s, train_c = common.compile_seconds(steps.train_step, steps.state, batch, steps.hparams)

@@ -46,6 +46,20 @@ class Steps:
   input_shape: tuple[int, ...]
 
 
+def variant_model(name: str, config):
+  """None for 'base' (ser_jax's model as configured); the model with model.lowering=name for
+  'xla', 'cpu' and 'onednn'; else the variants.py model of that name."""
+  if name == "base":
+    return None
+  if name in models.CONV_OPS:
+    model_config = config.model.copy_and_resolve_references()
+    model_config.lowering = name
+    return models.create_model(model_config, N_CLASSES)
+  import variants
+
+  return variants.create_model(name, config.model, N_CLASSES)
+
+
 def build_steps(config, model=None, n_train: int = 1824, fold: int = 0) -> Steps:
   """Builds state, hparams, train and eval steps through experiment.Programs, as _run_fold does.
 

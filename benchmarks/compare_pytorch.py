@@ -5,20 +5,23 @@ For each input kind and batch size, alternates the frameworks repetition by repe
 ratio JAX/PyTorch of the medians. PyTorch: eager train step (channels-last, AdamW,
 focal loss, same augmentation) and eval eager and, unless --no-compile, torch.compile.
 JAX: ser_jax's jitted steps as experiment.Programs builds them; --variants adds model
-variants from variants.py ('base' is ser_jax's own model).
+variants: 'base' is ser_jax's own model, 'xla', 'cpu' and 'onednn' the same with that
+model.lowering, other names come from variants.py. With --processes separate, each
+framework runs in a spawned process of its own (two OpenMP runtimes in one process
+slow each other down), still alternating repetition by repetition.
 
   python benchmarks/compare_pytorch.py                      # mfcc+logmel, batch 32+64
-  python benchmarks/compare_pytorch.py --kinds mfcc --batches 32 --variants base,fast
+  python benchmarks/compare_pytorch.py --kinds mfcc --batches 32 --variants onednn,cpu
+  python benchmarks/compare_pytorch.py --processes separate --no-compile
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import time
 
 import common
-import torch
-import torch_resnet
 
 
 def _rate(fn, n: int, batch: int) -> float:
@@ -27,25 +30,34 @@ def _rate(fn, n: int, batch: int) -> float:
   return n * batch / (time.perf_counter() - start)
 
 
-def run(kind: str, batch: int, args) -> list[tuple]:
+def _jax_jobs(kind: str, batch: int, args) -> dict:
+  """{(step, name): fn(n)} running ser_jax's jitted steps n times."""
   config = common.make_config(kind, batch)
   data = common.synthetic_batch(kind, batch)
-  runners = {}
+  jobs = {}
   for name in args.variants.split(","):
-    model = None
-    if name != "base":
-      import variants
+    runner = common.JaxRunner(
+      common.build_steps(config, model=common.variant_model(name, config)), data
+    )
+    jobs[("train", f"jax {name}")] = runner.train_many
+    jobs[("eval", f"jax {name}")] = runner.eval_many
+  return jobs
 
-      model = variants.create_model(name, config.model, common.N_CLASSES)
-    runners[name] = common.JaxRunner(common.build_steps(config, model=model), data)
+
+def _torch_jobs(kind: str, batch: int, args) -> dict:
+  """{(step, name): fn(n)} running the PyTorch model's eager (and compiled eval) steps."""
+  import torch_resnet
+
+  data = common.synthetic_batch(kind, batch)
   trainer = torch_resnet.TorchTrainer()
-  compile_s = None
   if not args.no_compile:
     start = time.perf_counter()
     try:
       trainer.compile_eval()
       trainer.eval_step(data, compiled=True)
-      compile_s = time.perf_counter() - start
+      print(
+        f"[{kind} {batch}] torch.compile of the eval model took {time.perf_counter() - start:.0f} s"
+      )
     except Exception as error:  # Inductor needs a working C++ toolchain.
       print(f"torch.compile skipped: {type(error).__name__}: {error}")
       trainer.compiled_eval = None
@@ -58,21 +70,69 @@ def run(kind: str, batch: int, args) -> list[tuple]:
     for _ in range(n):
       trainer.eval_step(data, compiled)
 
-  jobs = {}
-  for name, runner in runners.items():
-    jobs[("train", f"jax {name}")] = runner.train_many
-    jobs[("eval", f"jax {name}")] = runner.eval_many
-  jobs[("train", "torch eager")] = torch_train
-  jobs[("eval", "torch eager")] = torch_eval
+  jobs = {("train", "torch eager"): torch_train, ("eval", "torch eager"): torch_eval}
   if trainer.compiled_eval is not None:
     jobs[("eval", "torch compile")] = lambda n: torch_eval(n, True)
-  for fn in jobs.values():
-    fn(args.warmup)
-  rates = {key: common.Samples() for key in jobs}
+  return jobs
+
+
+_JOBS = {"jax": _jax_jobs, "torch": _torch_jobs}
+
+
+class _InProcess:
+  """A framework's jobs in this process."""
+
+  def __init__(self, framework: str, kind: str, batch: int, args):
+    self.batch = batch
+    self.jobs = _JOBS[framework](kind, batch, args)
+    for fn in self.jobs.values():
+      fn(args.warmup)
+    self.keys = list(self.jobs)
+
+  def rate(self, key, n: int) -> float:
+    return _rate(self.jobs[key], n, self.batch)
+
+  def close(self) -> None:
+    self.jobs.clear()
+
+
+def _serve(conn, framework: str, kind: str, batch: int, args) -> None:
+  jobs = _InProcess(framework, kind, batch, args)
+  conn.send(jobs.keys)
+  while (request := conn.recv()) is not None:
+    conn.send(jobs.rate(*request))
+
+
+class _Subprocess:
+  """A framework's jobs in a spawned process of its own (its own OpenMP runtime)."""
+
+  def __init__(self, framework: str, kind: str, batch: int, args):
+    context = multiprocessing.get_context("spawn")
+    self.conn, child = context.Pipe()
+    self.process = context.Process(target=_serve, args=(child, framework, kind, batch, args))
+    self.process.start()
+    self.keys = self.conn.recv()
+
+  def rate(self, key, n: int) -> float:
+    self.conn.send((key, n))
+    return self.conn.recv()
+
+  def close(self) -> None:
+    self.conn.send(None)
+    self.process.join()
+
+
+def run(kind: str, batch: int, args) -> list[tuple]:
+  host = _Subprocess if args.processes == "separate" else _InProcess
+  frameworks = [host(name, kind, batch, args) for name in ("jax", "torch")]
+  rates = {key: common.Samples() for fw in frameworks for key in fw.keys}
   for _ in range(args.reps):
-    for key, fn in jobs.items():
-      n = args.steps if key[0] == "train" else args.eval_steps
-      rates[key].measure(lambda fn=fn, n=n: _rate(fn, n, batch))
+    for fw in frameworks:
+      for key in fw.keys:
+        n = args.steps if key[0] == "train" else args.eval_steps
+        rates[key].measure(lambda fw=fw, key=key, n=n: fw.rate(key, n))
+  for fw in frameworks:
+    fw.close()
   rows = []
   for mode in ("train", "eval"):
     eager = rates[(mode, "torch eager")].median
@@ -82,8 +142,6 @@ def run(kind: str, batch: int, args) -> list[tuple]:
         median = samples.median
         vs_compile = median / compiled.median if compiled else float("nan")
         rows.append((kind, batch, mode, key[1], samples, median / eager, vs_compile))
-  if compile_s is not None:
-    print(f"[{kind} {batch}] torch.compile of the eval model took {compile_s:.0f} s")
   return rows
 
 
@@ -97,9 +155,17 @@ def main() -> None:
   parser.add_argument("--eval-steps", type=int, default=4)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--no-compile", action="store_true")
+  parser.add_argument(
+    "--processes",
+    default="same",
+    choices=("same", "separate"),
+    help="'separate': each framework in a spawned process of its own, still alternated",
+  )
   args = parser.parse_args()
+  import torch
+
   print(common.machine_line())
-  print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+  print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, processes {args.processes}")
   rows = []
   for kind in args.kinds.split(","):
     for batch in (int(b) for b in args.batches.split(",")):

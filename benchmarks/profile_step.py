@@ -79,6 +79,9 @@ def categorise(name: str, comps, entry) -> tuple[str, str]:
   op_name = op.group(1) if op else ""
   if "transpose" in name:
     return "transpose/layout", line.strip()[:160]
+  target = re.search(r'custom_call_target="([^"]*)"', line)
+  if target:
+    return f"custom call {target.group(1)}", line.strip()[:160]
   if " convolution(" in text:
     conv_line = next(x for x in text.splitlines() if " convolution(" in x)
     role = _conv_role(conv_line)

@@ -47,7 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.width = 64  # Channels of the first stage; 64 is ResNet-18.
   config.model.compute_dtype = "float32"  # 'bfloat16' on accelerators; params stay float32.
   config.model.shard_params = False  # True: params and optimiser state split over devices (FSDP).
-  # How gradients are lowered, same values: 'auto' ('cpu' on a CPU backend), 'xla', 'cpu'.
+  # How convolutions run, same values: 'xla'; 'cpu' (XLA, cpu_kernels' gradients); 'onednn'
+  # (oneDNN on the CPU); 'auto': 'onednn' on a 1-device CPU where it builds, else 'cpu' on
+  # a CPU, 'xla' on accelerators.
   config.model.lowering = "auto"
 
   config.loss = ml_collections.ConfigDict()
@@ -127,7 +129,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   allowed("model.name", config.model.name, ("resnet18", "resnet34"))
   at_least("model.width", config.model.width, 1)
   allowed("model.compute_dtype", config.model.compute_dtype, COMPUTE_DTYPES)
-  allowed("model.lowering", config.model.lowering, ("auto", "xla", "cpu"))
+  allowed("model.lowering", config.model.lowering, ("auto", "xla", "cpu", "onednn"))
   allowed("loss.name", config.loss.name, LOSSES)
   at_least("loss.gamma", config.loss.gamma, 0.0)
   if (

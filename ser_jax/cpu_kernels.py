@@ -79,16 +79,22 @@ def _lax_conv(lhs, rhs, options):
   )
 
 
+def is_plain_nhwc(lhs_shape, rhs_shape, dims, lhs_dilation, rhs_dilation, groups, batch_groups):
+  """Whether a convolution is an ungrouped, undilated NHWC x HWIO -> NHWC one."""
+  nhwc_hwio = lax.conv_dimension_numbers(lhs_shape, rhs_shape, ("NHWC", "HWIO", "NHWC"))
+  return (
+    dims is not None
+    and lax.conv_dimension_numbers(lhs_shape, rhs_shape, dims) == nhwc_hwio
+    and groups == batch_groups == 1
+    and all(d is None or set(d) == {1} for d in (lhs_dilation, rhs_dilation))
+  )
+
+
 def _within_kernel(map_shape, options, kernel_shape) -> bool:
   """Whether an NHWC map is no larger than the HWIO kernel in every spatial dimension."""
   strides, padding, lhs_dil, rhs_dil, dims, groups, batch_groups, *_ = options
-  nhwc_hwio = lax.conv_dimension_numbers(map_shape, kernel_shape, ("NHWC", "HWIO", "NHWC"))
-  plain = (
-    dims is not None
-    and lax.conv_dimension_numbers(map_shape, kernel_shape, dims) == nhwc_hwio
-    and groups == batch_groups == 1
-    and all(d is None or set(d) == {1} for d in (lhs_dil, rhs_dil))
-    and not isinstance(padding, str)
+  plain = not isinstance(padding, str) and is_plain_nhwc(
+    map_shape, kernel_shape, dims, lhs_dil, rhs_dil, groups, batch_groups
   )
   return plain and all(m <= k for m, k in zip(map_shape[1:3], kernel_shape[:2], strict=True))
 

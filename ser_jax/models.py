@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ser_jax import cpu_kernels
+from ser_jax import cpu_kernels, onednn
 
 
 class BasicBlock(nn.Module):
@@ -18,12 +18,12 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: jnp.dtype = jnp.float32
-  cpu_lowering: bool = False
+  lowering: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(
-      nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=_conv_op(self.cpu_lowering)
+      nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=CONV_OPS[self.lowering]
     )
     norm = functools.partial(
       nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
@@ -49,7 +49,7 @@ class ResNet(nn.Module):
   num_classes: int
   width: int = 64
   dtype: jnp.dtype = jnp.float32
-  cpu_lowering: bool = False  # cpu_kernels' gradients: same values, faster on XLA:CPU.
+  lowering: str = "xla"  # A key of CONV_OPS: same values, other programs (see resolve_lowering).
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -62,19 +62,19 @@ class ResNet(nn.Module):
       padding=((3, 3), (3, 3)),
       use_bias=False,
       dtype=self.dtype,
-      conv_general_dilated=_conv_op(self.cpu_lowering),
+      conv_general_dilated=CONV_OPS[self.lowering],
       name="stem_conv",
     )(x)
     x = nn.BatchNorm(
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="stem_norm"
     )(x)
     x = nn.relu(x)
-    pool = cpu_kernels.max_pool if self.cpu_lowering else nn.max_pool
+    pool = nn.max_pool if self.lowering == "xla" else cpu_kernels.max_pool
     x = pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(self.width * 2**stage, strides, self.dtype, self.cpu_lowering)(x, train)
+        x = BasicBlock(self.width * 2**stage, strides, self.dtype, self.lowering)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
@@ -84,13 +84,27 @@ ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
 MODELS = {"resnet18": ResNet18, "resnet34": ResNet34}
 
 
-def _conv_op(cpu_lowering: bool):
-  return cpu_kernels.conv_general_dilated if cpu_lowering else jax.lax.conv_general_dilated
+CONV_OPS = {
+  "xla": jax.lax.conv_general_dilated,
+  "cpu": cpu_kernels.conv_general_dilated,
+  "onednn": onednn.conv_general_dilated,
+}
 
 
-def uses_cpu_lowering(lowering: str) -> bool:
-  """model.lowering: 'cpu' always, 'auto' when JAX's default backend is the CPU."""
-  return lowering == "cpu" or (lowering == "auto" and jax.default_backend() == "cpu")
+def resolve_lowering(lowering: str) -> str:
+  """model.lowering as a key of CONV_OPS.
+
+  'auto' is 'onednn' on a single-device CPU backend where the oneDNN library builds,
+  'cpu' on other CPU backends, and 'xla' on accelerators. 'onednn' raises
+  OneDnnUnavailable when the library cannot be built.
+  """
+  if lowering == "onednn":
+    onednn.require()
+  if lowering != "auto":
+    return lowering
+  if jax.default_backend() != "cpu":
+    return "xla"
+  return "onednn" if jax.device_count() == 1 and onednn.available() else "cpu"
 
 
 def create_model(model_config, num_classes: int) -> ResNet:
@@ -99,5 +113,5 @@ def create_model(model_config, num_classes: int) -> ResNet:
     num_classes=num_classes,
     width=model_config.width,
     dtype=dtype,
-    cpu_lowering=uses_cpu_lowering(model_config.lowering),
+    lowering=resolve_lowering(model_config.lowering),
   )

@@ -1,4 +1,5 @@
-"""cpu_kernels: the same values and gradients as lax.conv_general_dilated and nn.max_pool."""
+"""cpu_kernels and onednn: the same values and gradients as lax.conv_general_dilated and
+nn.max_pool."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from ser_jax import cpu_kernels
-from ser_jax.models import ResNet18
+from ser_jax import cpu_kernels, onednn
+from ser_jax.models import CONV_OPS, ResNet18
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 # (input shape, kernel shape, strides, padding): ResNet-18's kinds of convolution.
@@ -20,11 +21,19 @@ CONVS = [
   ((2, 6, 10, 4), (3, 3, 4, 4), (1, 1), ((1, 1), (1, 1))),
   ((2, 6, 10, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),
   ((2, 6, 10, 4), (1, 1, 4, 8), (2, 2), ((0, 0), (0, 0))),
+  ((2, 6, 10, 4), (3, 3, 4, 8), (2, 2), ((0, 1), (1, 0))),  # Asymmetric, as 'SAME' can be.
   # Maps no larger than the kernel (patches times a matrix): the input, or only dy.
   ((2, 2, 3, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),
   ((2, 1, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),
   ((2, 3, 6, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),
 ]
+
+
+def _lowering(name: str) -> str:
+  """name, after skipping the test where oneDNN cannot be built (the reason is shown)."""
+  if name == "onednn" and not onednn.available():
+    pytest.skip(f"oneDNN unavailable: {onednn.unavailable_reason()}")
+  return name
 
 
 def _loss(conv, x, w, strides, padding):
@@ -33,14 +42,15 @@ def _loss(conv, x, w, strides, padding):
   return jnp.sum(jnp.sin(y) * jnp.cos(3.0 * y))
 
 
+@pytest.mark.parametrize("lowering", ["cpu", "onednn"])
 @pytest.mark.parametrize("x_shape, w_shape, strides, padding", CONVS)
-def test_conv_value_and_gradients_equal_lax(x_shape, w_shape, strides, padding):
+def test_conv_value_and_gradients_equal_lax(x_shape, w_shape, strides, padding, lowering):
   kx, kw = jax.random.split(jax.random.key(0))
   # A producer before the conv (what BatchNorm + ReLU are in the model) that XLA could fuse.
   x = jax.nn.relu(jax.random.normal(kx, x_shape) - 0.2)
   w = jax.random.normal(kw, w_shape)
   results = []
-  for conv in (jax.lax.conv_general_dilated, cpu_kernels.conv_general_dilated):
+  for conv in (jax.lax.conv_general_dilated, CONV_OPS[_lowering(lowering)]):
     grad = jax.jit(
       jax.value_and_grad(functools.partial(_loss, conv), argnums=(0, 1)), static_argnums=(2, 3)
     )
@@ -86,7 +96,8 @@ def test_max_pool_routes_ties_like_reduce_window(shape):
   assert np.count_nonzero(dx) < x.size  # Not every input is a maximum: routing is tested.
 
 
-def test_resnet_cpu_lowering_same_parameters_logits_and_gradients():
+@pytest.mark.parametrize("lowering", ["cpu", "onednn"])
+def test_resnet_lowering_same_parameters_logits_and_gradients(lowering):
   shape = (2, 16, 24, 1)
   x = jax.random.normal(jax.random.key(3), shape)
   labels = jnp.array([1, 3])
@@ -96,7 +107,7 @@ def test_resnet_cpu_lowering_same_parameters_logits_and_gradients():
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels])
 
   plain = ResNet18(num_classes=4, width=4)
-  tuned = ResNet18(num_classes=4, width=4, cpu_lowering=True)
+  tuned = ResNet18(num_classes=4, width=4, lowering=_lowering(lowering))
   variables = plain.init(jax.random.key(0), x, train=False)
   tuned_variables = tuned.init(jax.random.key(0), x, train=False)
   assert jax.tree.structure(variables) == jax.tree.structure(tuned_variables)

@@ -1,0 +1,242 @@
+"""ResNet's convolutions and their gradients run by oneDNN on the CPU, through jax.ffi.
+
+XLA:CPU's convolution gradients are about 1.5x slower than oneDNN's and need layout
+transposes of every activation (benchmarks/NOTES.md, experiment 15). Here a float32
+NHWC x HWIO convolution is a custom call into oneDNN (`csrc/onednn_conv.cc`) whose VJP
+is two more custom calls (input and kernel gradients), all reading JAX's layouts as
+they are. Values are those of lax.conv_general_dilated up to the order of float sums.
+
+The library is compiled with the system's C++ compiler against the oneDNN wheel
+(`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) the first time it is needed, and cached
+under $SER_JAX_CACHE (default ~/.cache/ser_jax). `available()` says whether it could be
+built; model.lowering='auto' falls back to XLA's lowering when it could not.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from ser_jax import cpu_kernels, io_utils
+from ser_jax.store import default_cache_dir
+
+SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
+_SYMBOLS = {
+  "forward": "SerConvForward",
+  "input_grad": "SerConvBackwardData",
+  "kernel_grad": "SerConvBackwardWeights",
+}
+_TARGET_PREFIX = "ser_jax_onednn_"
+_WHEELS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
+ROOT_ENV = "SER_JAX_ONEDNN_ROOT"  # A prefix with include/oneapi/dnnl and lib/libdnnl.so.
+
+
+class OneDnnUnavailable(RuntimeError):
+  """The oneDNN convolution library cannot be built or loaded here."""
+
+
+def onednn_prefixes() -> tuple[pathlib.Path, pathlib.Path]:
+  """(include dir, lib dir) of oneDNN: $SER_JAX_ONEDNN_ROOT, else the installed wheels."""
+  if os.environ.get(ROOT_ENV):
+    root = pathlib.Path(os.environ[ROOT_ENV]).expanduser()
+    include, lib = root / "include", root / "lib"
+  else:
+    include = lib = None
+    for wheel in _WHEELS:
+      try:
+        dist = importlib.metadata.distribution(wheel)
+      except importlib.metadata.PackageNotFoundError:
+        continue
+      for file in dist.files or ():
+        path = pathlib.Path(dist.locate_file(file)).resolve()
+        if file.name == "dnnl.hpp" and path.parent.name == "dnnl":
+          include = path.parents[2]
+        elif file.name == "libdnnl.so":
+          lib = path.parent
+    if include is None or lib is None:
+      raise OneDnnUnavailable(
+        f"oneDNN is not installed: pip install {' '.join(_WHEELS)} (or set {ROOT_ENV})"
+      )
+  if not (include / "oneapi" / "dnnl" / "dnnl.hpp").is_file():
+    raise OneDnnUnavailable(f"no oneapi/dnnl/dnnl.hpp under {include}")
+  if not (lib / "libdnnl.so").exists():
+    raise OneDnnUnavailable(f"no libdnnl.so in {lib}")
+  return include, lib
+
+
+def compile_command(cxx: str, output: pathlib.Path, include: pathlib.Path, lib: pathlib.Path):
+  return [
+    cxx,
+    "-O2",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+    f"-I{jax.ffi.include_dir()}",
+    f"-I{include}",
+    str(SOURCE),
+    "-o",
+    str(output),
+    f"-L{lib}",
+    "-ldnnl",
+    f"-Wl,-rpath,{lib}",
+  ]
+
+
+def build_library(cache_dir: pathlib.Path, cxx: str | None = None) -> pathlib.Path:
+  """The compiled library's path; compiled (atomically, under a lock) unless cached.
+
+  The cache key covers the source, the compiler, oneDNN's location and jaxlib's version.
+  """
+  cxx = cxx or os.environ.get("CXX", "g++")
+  compiler = shutil.which(cxx)
+  if compiler is None:
+    raise OneDnnUnavailable(f"no C++ compiler {cxx!r} on PATH (set CXX, or install g++)")
+  include, lib = onednn_prefixes()
+  key = hashlib.sha256(
+    b"\0".join(
+      [
+        SOURCE.read_bytes(),
+        compiler.encode(),
+        str(include).encode(),
+        str(lib).encode(),
+        importlib.metadata.version("jaxlib").encode(),
+      ]
+    )
+  ).hexdigest()[:16]
+  path = cache_dir / f"onednn_conv-{key}.so"
+  if path.exists():
+    return path
+  cache_dir.mkdir(parents=True, exist_ok=True)
+  with io_utils.exclusive_lock(cache_dir / "onednn_conv.lock", "the oneDNN build", wait=True):
+    if path.exists():
+      return path
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+      partial = pathlib.Path(tmp) / path.name
+      done = subprocess.run(
+        compile_command(compiler, partial, include, lib), capture_output=True, text=True
+      )
+      if done.returncode != 0:
+        raise OneDnnUnavailable(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+      os.replace(partial, path)
+  logging.info("Built the oneDNN convolution library: %s", path)
+  return path
+
+
+@functools.cache
+def _registered() -> str:
+  """Builds, loads and registers the FFI targets once; '' on success, else the reason."""
+  try:
+    library = ctypes.CDLL(str(build_library(default_cache_dir())))
+  except (OneDnnUnavailable, OSError) as error:
+    logging.warning("oneDNN convolutions unavailable; XLA's are used (slower): %s", error)
+    return str(error)
+  for role, symbol in _SYMBOLS.items():
+    jax.ffi.register_ffi_target(
+      _TARGET_PREFIX + role, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
+    )
+  return ""
+
+
+def unavailable_reason() -> str:
+  """Why oneDNN convolutions cannot run here; '' when they can."""
+  return _registered()
+
+
+def available() -> bool:
+  return not _registered()
+
+
+def require() -> None:
+  reason = _registered()
+  if reason:
+    raise OneDnnUnavailable(f"model.lowering='onednn' needs the oneDNN library: {reason}")
+
+
+def _call(role: str, out_shape, a, b, strides, padding):
+  return jax.ffi.ffi_call(
+    _TARGET_PREFIX + role,
+    jax.ShapeDtypeStruct(out_shape, jnp.float32),
+    vmap_method="sequential_unrolled",
+  )(a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64).ravel())
+
+
+def _output_shape(x_shape, w_shape, strides, padding):
+  kh, kw, _, c_out = w_shape
+  h, w = (
+    (n + lo + hi - k) // s + 1
+    for n, (lo, hi), k, s in zip(x_shape[1:3], padding, (kh, kw), strides, strict=True)
+  )
+  return (x_shape[0], h, w, c_out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x, w, strides, padding):
+  """NHWC float32 x convolved with HWIO w; padding ((top, bottom), (left, right))."""
+  return _call("forward", _output_shape(x.shape, w.shape, strides, padding), x, w, strides, padding)
+
+
+def _conv_fwd(x, w, strides, padding):
+  return conv(x, w, strides, padding), (x, w)
+
+
+def _conv_bwd(strides, padding, residuals, dy):
+  x, w = residuals
+  dx = _call("input_grad", x.shape, dy, w, strides, padding)
+  dw = _call("kernel_grad", w.shape, x, dy, strides, padding)
+  return dx, dw
+
+
+conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _is_plain(
+  lhs,
+  rhs,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+) -> bool:
+  """An ungrouped, undilated float32 NHWC x HWIO -> NHWC convolution."""
+  del precision  # float32 convolutions in oneDNN are full precision.
+  return (
+    lhs.ndim == 4
+    and lhs.dtype == rhs.dtype == jnp.float32
+    and preferred_element_type in (None, jnp.float32)
+    and cpu_kernels.is_plain_nhwc(
+      lhs.shape,
+      rhs.shape,
+      dimension_numbers,
+      lhs_dilation,
+      rhs_dilation,
+      feature_group_count,
+      batch_group_count,
+    )
+  )
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, **options):
+  """lax.conv_general_dilated (other options as keywords): oneDNN for plain float32 NHWC
+  convolutions, cpu_kernels.conv_general_dilated for the rest."""
+  if not _is_plain(lhs, rhs, **options):
+    return cpu_kernels.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+  strides = tuple(int(s) for s in window_strides)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+  return conv(lhs, rhs, strides, tuple((int(lo), int(hi)) for lo, hi in padding))

@@ -1,0 +1,93 @@
+"""onednn: building the library, vmapped use (sweeps) and how model.lowering resolves."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ser_jax import models, onednn
+
+needs_onednn = pytest.mark.skipif(
+  not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}"
+)
+
+
+def test_missing_compiler_is_a_clear_error(tmp_path):
+  with pytest.raises(onednn.OneDnnUnavailable, match="no C\\+\\+ compiler 'no-such-c\\+\\+'"):
+    onednn.build_library(tmp_path, cxx="no-such-c++")
+
+
+def test_missing_onednn_root_is_a_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setenv(onednn.ROOT_ENV, str(tmp_path))
+  with pytest.raises(onednn.OneDnnUnavailable, match="no oneapi/dnnl/dnnl.hpp"):
+    onednn.onednn_prefixes()
+
+
+@needs_onednn
+def test_library_is_built_once_then_reused(tmp_path):
+  path = onednn.build_library(tmp_path)
+  built = path.stat().st_mtime_ns
+  assert onednn.build_library(tmp_path) == path
+  assert path.stat().st_mtime_ns == built
+  assert [p.name for p in tmp_path.iterdir() if p.suffix == ".so"] == [path.name]
+
+
+@needs_onednn
+def test_vmapped_over_member_kernels_equals_each_member():
+  """A sweep vmaps the step over members: each member's kernel sees its own input."""
+  kx, kw = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(kx, (3, 2, 6, 10, 4))
+  w = jax.random.normal(kw, (3, 3, 3, 4, 8))
+  strides, padding = (2, 2), ((1, 1), (1, 1))
+
+  def loss(conv, x, w):
+    y = conv(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(jnp.sin(y))
+
+  batched = jax.jit(
+    jax.vmap(jax.value_and_grad(lambda x, w: loss(onednn.conv_general_dilated, x, w), (0, 1)))
+  )
+  values, (dx, dw) = batched(x, w)
+  for m in range(3):
+    ref, (ref_dx, ref_dw) = jax.value_and_grad(
+      lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1)
+    )(x[m], w[m])
+    np.testing.assert_allclose(values[m], ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dx[m], ref_dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dw[m], ref_dw, rtol=1e-4, atol=1e-4)
+
+
+def test_other_convolutions_fall_back_to_xla():
+  """bfloat16 (or grouped, dilated) convolutions are not sent to oneDNN."""
+  x, w = jnp.ones((1, 4, 4, 2), jnp.bfloat16), jnp.ones((3, 3, 2, 2), jnp.bfloat16)
+  conv = jax.jit(
+    lambda x, w: onednn.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  )
+  assert "custom_call" not in conv.lower(x, w).as_text()
+  assert conv(x, w).dtype == jnp.bfloat16
+
+
+@needs_onednn
+def test_plain_convolutions_are_custom_calls():
+  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+  conv = jax.jit(
+    lambda x, w: onednn.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+  )
+  assert "ser_jax_onednn_forward" in conv.lower(x, w).as_text()
+
+
+def test_lowering_resolution(monkeypatch):
+  assert models.resolve_lowering("xla") == "xla"
+  assert models.resolve_lowering("cpu") == "cpu"
+  expected = "onednn" if onednn.available() else "cpu"
+  assert models.resolve_lowering("auto") == expected
+  monkeypatch.setattr(onednn, "_registered", lambda: "no C++ compiler 'g++' on PATH")
+  assert models.resolve_lowering("auto") == "cpu"
+  with pytest.raises(onednn.OneDnnUnavailable, match="no C\\+\\+ compiler"):
+    models.resolve_lowering("onednn")
