@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import os
 import resource
 import statistics
@@ -173,9 +174,21 @@ def _busy_seconds() -> float:
   return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _process_seconds(pid: int) -> float:
+  """CPU seconds a running process has used (user + system, from /proc/<pid>/stat)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      fields = f.read().rsplit(")", 1)[1].split()
+  except OSError:
+    return 0.0
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _own_seconds() -> float:
+  """CPU seconds of this process and its children, finished or still running."""
   t = os.times()
-  return t.user + t.system + t.children_user + t.children_system
+  running = sum(_process_seconds(child.pid) for child in multiprocessing.active_children())
+  return t.user + t.system + t.children_user + t.children_system + running
 
 
 class Foreign:
