@@ -162,10 +162,11 @@ def available() -> bool:
 def require() -> None:
   reason = _registered()
   if reason:
-    raise OneDnnUnavailable(f"model.lowering='onednn' needs the oneDNN library: {reason}")
+    raise OneDnnUnavailable(f"oneDNN convolutions (model.lowering='onednn') unavailable: {reason}")
 
 
 def _call(role: str, out_shape, a, b, strides, padding):
+  require()  # Builds and registers the targets on first use.
   return jax.ffi.ffi_call(
     _TARGET_PREFIX + role,
     jax.ShapeDtypeStruct(out_shape, jnp.float32),
@@ -233,10 +234,18 @@ def _is_plain(
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, **options):
   """lax.conv_general_dilated (other options as keywords): oneDNN for plain float32 NHWC
-  convolutions, cpu_kernels.conv_general_dilated for the rest."""
+  convolutions of maps larger than the kernel, cpu_kernels.conv_general_dilated for the rest."""
   if not _is_plain(lhs, rhs, **options):
     return cpu_kernels.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
-  return conv(lhs, rhs, strides, tuple((int(lo), int(hi)) for lo, hi in padding))
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  out_shape = _output_shape(lhs.shape, rhs.shape, strides, padding)
+  if any(
+    all(m <= k for m, k in zip(s[1:3], rhs.shape[:2], strict=True)) for s in (lhs.shape, out_shape)
+  ):
+    # Maps no larger than the kernel (the last stage of 2 s clips): oneDNN is 2x slower
+    # than cpu_kernels' patches times a matrix there (benchmarks/NOTES.md, experiment 15).
+    return cpu_kernels.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+  return conv(lhs, rhs, strides, padding)

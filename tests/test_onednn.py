@@ -72,14 +72,16 @@ def test_other_convolutions_fall_back_to_xla():
 
 
 @needs_onednn
-def test_plain_convolutions_are_custom_calls():
-  x, w = jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 2))
+@pytest.mark.parametrize("x_shape, custom_call", [((1, 4, 4, 2), True), ((1, 2, 3, 2), False)])
+def test_plain_convolutions_of_maps_larger_than_the_kernel_are_custom_calls(x_shape, custom_call):
+  """A 2x3 map (the last stage of 2 s clips) goes to cpu_kernels' matmul, which is faster."""
+  x, w = jnp.ones(x_shape), jnp.ones((3, 3, 2, 2))
   conv = jax.jit(
     lambda x, w: onednn.conv_general_dilated(
       x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
   )
-  assert "ser_jax_onednn_forward" in conv.lower(x, w).as_text()
+  assert ("ser_jax_onednn_forward" in conv.lower(x, w).as_text()) == custom_call
 
 
 def test_lowering_resolution(monkeypatch):
