@@ -2,12 +2,12 @@
 
 For every conv geometry of ResNet-18 at one input kind and batch, times (alternating,
 waiting for a quiet machine, median of --reps) XLA's lowering of
-lax.conv_general_dilated and its two gradients, the im2col/matmul formulations of
+lax.conv_general_dilated and its two gradients, ser_jax.onednn's, the im2col/matmul formulations of
 variants.py (and their parts: building the patches, the bare matmul), and PyTorch's
 channels-last conv and aten.convolution_backward on the same shapes.
 GFLOP/s counts 2 * multiply-adds of the convolution.
 
-  python benchmarks/conv_ops.py --kind mfcc --batch 32
+  python benchmarks/conv_ops.py --kind mfcc --batch 32 --impls lax,onednn
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import variants
+
+from ser_jax import onednn
 
 
 def geometries(kind: str, batch: int):
@@ -99,6 +101,8 @@ def jax_calls(
       dy,
     ),
   }
+  if "onednn" in keep:
+    fns.update(_onednn_fns(x, w, dy, strides, padding))
   calls = {}
   fns = {k: v for k, v in fns.items() if k.split()[-1] in keep}
   for name, (fn, a, b) in fns.items():
@@ -107,6 +111,21 @@ def jax_calls(
     calls[name] = lambda jitted=jitted, a=a, b=b: jitted(a, b).block_until_ready()
   gflop = 2 * np.prod(y_shape) * kh * kw * cin / 1e9
   return calls, gflop, (np.asarray(x), np.asarray(w), np.asarray(dy))
+
+
+def _onednn_fns(x, w, dy, strides, padding):
+  """ser_jax.onednn's forward pass and gradients (what model.lowering='onednn' runs)."""
+
+  def conv(x, w):
+    return onednn.conv_general_dilated(
+      x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  return {
+    "fwd onednn": (conv, x, w),
+    "dgrad onednn": (lambda dy, w: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0], dy, w),
+    "wgrad onednn": (lambda x, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0], x, dy),
+  }
 
 
 def torch_calls(arrays, stride, pad):
@@ -144,10 +163,12 @@ def main() -> None:
   parser.add_argument("--inner", type=int, default=3)
   parser.add_argument("--layers", default="", help="comma-separated name prefixes to keep")
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--n-frames", type=int, default=common.N_FRAMES, help="input width")
   parser.add_argument(
-    "--impls", default="lax", help="JAX lowerings: lax,im2col,col2im,patches,matmul"
+    "--impls", default="lax", help="JAX lowerings: lax,onednn,im2col,col2im,patches,matmul"
   )
   args = parser.parse_args()
+  common.N_FRAMES = args.n_frames
   print(common.machine_line())
   rng = np.random.default_rng(0)
   totals = {}
