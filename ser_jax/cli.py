@@ -9,7 +9,7 @@ import sys
 import jax
 from absl import flags
 
-from ser_jax import audio, io_utils
+from ser_jax import audio, io_utils, onednn
 from ser_jax.config import ConfigError
 from ser_jax.data.corpus import CorpusError
 from ser_jax.folds import FoldError
@@ -21,6 +21,7 @@ USER_ERRORS = (
   FoldError,
   audio.AudioError,
   io_utils.LockedError,
+  onednn.OneDnnUnavailable,
   FileNotFoundError,
 )
 

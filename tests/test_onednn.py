@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_module, tiny_args
 
 from ser_jax import models, onednn
 
@@ -93,3 +94,15 @@ def test_lowering_resolution(monkeypatch):
   assert models.resolve_lowering("auto") == "cpu"
   with pytest.raises(onednn.OneDnnUnavailable, match="no C\\+\\+ compiler"):
     models.resolve_lowering("onednn")
+
+
+def test_explicit_onednn_without_a_compiler_is_one_line(tmp_path):
+  done = run_module(
+    "ser_jax.main",
+    tiny_args(tmp_path / "run", tmp_path / "cache", **{"model.lowering": "onednn"}),
+    env={"CXX": "no-such-c++", "SER_JAX_CACHE": str(tmp_path / "lib")},
+  )
+  assert done.returncode == 2
+  assert "error: oneDNN convolutions (model.lowering='onednn') unavailable" in done.stderr
+  assert "no C++ compiler 'no-such-c++'" in done.stderr
+  assert "Traceback" not in done.stderr
