@@ -151,7 +151,7 @@ def main() -> None:
   parser.add_argument("--batches", default="32,64")
   parser.add_argument("--variants", default="base")
   parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--steps", type=int, default=2, help="train steps per repetition")
+  parser.add_argument("--steps", type=int, default=5, help="train steps per repetition")
   parser.add_argument("--eval-steps", type=int, default=4)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--no-compile", action="store_true")
