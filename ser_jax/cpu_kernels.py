@@ -90,13 +90,26 @@ def is_plain_nhwc(lhs_shape, rhs_shape, dims, lhs_dilation, rhs_dilation, groups
   )
 
 
-def _within_kernel(map_shape, options, kernel_shape) -> bool:
+def within_kernel(map_shape, kernel_shape) -> bool:
   """Whether an NHWC map is no larger than the HWIO kernel in every spatial dimension."""
+  return all(m <= k for m, k in zip(map_shape[1:3], kernel_shape[:2], strict=True))
+
+
+def output_hw(in_hw, kernel_hw, strides, padding) -> tuple[int, int]:
+  """Spatial output size of a convolution with explicit ((lo, hi), (lo, hi)) padding."""
+  return tuple(
+    (n + lo + hi - k) // s + 1
+    for n, (lo, hi), k, s in zip(in_hw, padding, kernel_hw, strides, strict=True)
+  )
+
+
+def _within_kernel(map_shape, options, kernel_shape) -> bool:
+  """Whether a plain convolution's NHWC map is no larger than its kernel (see within_kernel)."""
   strides, padding, lhs_dil, rhs_dil, dims, groups, batch_groups, *_ = options
   plain = not isinstance(padding, str) and is_plain_nhwc(
     map_shape, kernel_shape, dims, lhs_dil, rhs_dil, groups, batch_groups
   )
-  return plain and all(m <= k for m, k in zip(map_shape[1:3], kernel_shape[:2], strict=True))
+  return plain and within_kernel(map_shape, kernel_shape)
 
 
 def window_taps(xp, window, strides, out_hw):
@@ -138,10 +151,7 @@ def _matmul_conv(lhs, rhs, options):
   """The NHWC x HWIO convolution as [patches] @ [kh * kw * C_in, C_out]."""
   strides, padding, *_, precision, out_type = options
   kh, kw, c_in, c_out = rhs.shape
-  out_hw = tuple(
-    (n + lo + hi - k) // s + 1
-    for n, (lo, hi), k, s in zip(lhs.shape[1:3], padding, (kh, kw), strides, strict=True)
-  )
+  out_hw = output_hw(lhs.shape[1:3], (kh, kw), strides, padding)
   xp = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
   patches = jnp.concatenate(window_taps(xp, (kh, kw), strides, out_hw), axis=-1)
   return lax.dot_general(

@@ -175,12 +175,11 @@ def _call(role: str, out_shape, a, b, strides, padding):
 
 
 def _output_shape(x_shape, w_shape, strides, padding):
-  kh, kw, _, c_out = w_shape
-  h, w = (
-    (n + lo + hi - k) // s + 1
-    for n, (lo, hi), k, s in zip(x_shape[1:3], padding, (kh, kw), strides, strict=True)
+  return (
+    x_shape[0],
+    *cpu_kernels.output_hw(x_shape[1:3], w_shape[:2], strides, padding),
+    w_shape[3],
   )
-  return (x_shape[0], h, w, c_out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -242,8 +241,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, **options):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   out_shape = _output_shape(lhs.shape, rhs.shape, strides, padding)
-  if any(
-    all(m <= k for m, k in zip(s[1:3], rhs.shape[:2], strict=True)) for s in (lhs.shape, out_shape)
+  if cpu_kernels.within_kernel(lhs.shape, rhs.shape) or cpu_kernels.within_kernel(
+    out_shape, rhs.shape
   ):
     # Maps no larger than the kernel (the last stage of 2 s clips): oneDNN is 2x slower
     # than cpu_kernels' patches times a matrix there (benchmarks/NOTES.md, experiment 15).

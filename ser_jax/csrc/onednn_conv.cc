@@ -38,6 +38,12 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// One stream for all calls; they are serialised by `mu` below.
+dnnl::stream& Stream() {
+  static dnnl::stream stream(Engine());
+  return stream;
+}
+
 memory::desc Desc(const memory::dims& dims, tag t) {
   return memory::desc(dims, memory::data_type::f32, t);
 }
@@ -71,25 +77,22 @@ Cached& Build(char kind, const Geometry& g) {
   if (kind == 'f') {
     c->conv = dnnl::convolution_forward(fwd);
     c->conv_kernel = fwd.weights_desc();
-    c->kernel_reorder = dnnl::reorder(memory(c->user_kernel, Engine(), nullptr),
-                                      memory(c->conv_kernel, Engine(), nullptr));
   } else if (kind == 'd') {
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
         Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
     c->conv = dnnl::convolution_backward_data(pd);
     c->conv_kernel = pd.weights_desc();
-    c->kernel_reorder = dnnl::reorder(memory(c->user_kernel, Engine(), nullptr),
-                                      memory(c->conv_kernel, Engine(), nullptr));
   } else {
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
         Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
     c->conv = dnnl::convolution_backward_weights(pd);
     c->conv_kernel = pd.diff_weights_desc();
-    c->kernel_reorder = dnnl::reorder(memory(c->conv_kernel, Engine(), nullptr),
-                                      memory(c->user_kernel, Engine(), nullptr));
   }
+  // Kernels go into the primitive's layout, except the kernel gradient, which comes out of it.
+  memory user(c->user_kernel, Engine(), nullptr), blocked(c->conv_kernel, Engine(), nullptr);
+  c->kernel_reorder = kind == 'w' ? dnnl::reorder(blocked, user) : dnnl::reorder(user, blocked);
   c->kernel_buffer = std::make_unique<memory>(c->conv_kernel, Engine());
   return *cache.emplace(key, std::move(c)).first->second;
 }
@@ -113,7 +116,7 @@ ffi::Error Run(char kind, const Geometry& g, float* src, float* kernel, float* d
   try {
     std::lock_guard<std::mutex> lock(mu);
     Cached& c = Build(kind, g);
-    dnnl::stream stream(Engine());
+    dnnl::stream& stream = Stream();
     memory src_m(Desc(g.src, tag::nhwc), Engine(), src);
     memory dst_m(Desc(g.dst, tag::nhwc), Engine(), dst);
     memory user_kernel(c.user_kernel, Engine(), kernel);
