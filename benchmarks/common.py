@@ -52,7 +52,7 @@ def variant_model(name: str, config):
   'xla', 'cpu' and 'onednn'; else the variants.py model of that name."""
   if name == "base":
     return None
-  if name in models.CONV_OPS:
+  if name in models.LOWERINGS:
     model_config = config.model.copy_and_resolve_references()
     model_config.lowering = name
     return models.create_model(model_config, N_CLASSES)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ser_jax import cpu_kernels, onednn
+from ser_jax import cpu_kernels, norm, onednn
 
 
 class BasicBlock(nn.Module):
@@ -22,11 +23,10 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = functools.partial(
-      nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=CONV_OPS[self.lowering]
-    )
+    ops = LOWERINGS[self.lowering]
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=ops.conv)
     norm = functools.partial(
-      nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
+      ops.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
     )
     residual = x
     y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)))(x)
@@ -49,11 +49,12 @@ class ResNet(nn.Module):
   num_classes: int
   width: int = 64
   dtype: jnp.dtype = jnp.float32
-  lowering: str = "xla"  # A key of CONV_OPS: same values, other programs (see resolve_lowering).
+  lowering: str = "xla"  # A key of LOWERINGS: same values, other programs (see resolve_lowering).
 
   @nn.compact
   def __call__(self, x, train: bool):
     """Maps [batch, n_bins, n_frames, 1] features to [batch, num_classes] float32 logits."""
+    ops = LOWERINGS[self.lowering]
     x = x.astype(self.dtype)
     x = nn.Conv(
       self.width,
@@ -62,15 +63,14 @@ class ResNet(nn.Module):
       padding=((3, 3), (3, 3)),
       use_bias=False,
       dtype=self.dtype,
-      conv_general_dilated=CONV_OPS[self.lowering],
+      conv_general_dilated=ops.conv,
       name="stem_conv",
     )(x)
-    x = nn.BatchNorm(
+    x = ops.norm(
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="stem_norm"
     )(x)
     x = nn.relu(x)
-    pool = nn.max_pool if self.lowering == "xla" else cpu_kernels.max_pool
-    x = pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    x = ops.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         strides = 2 if stage > 0 and block == 0 else 1
@@ -84,15 +84,24 @@ ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
 MODELS = {"resnet18": ResNet18, "resnet34": ResNet34}
 
 
-CONV_OPS = {
-  "xla": jax.lax.conv_general_dilated,
-  "cpu": cpu_kernels.conv_general_dilated,
-  "onednn": onednn.conv_general_dilated,
+class Lowering(NamedTuple):
+  """How the model's convolutions, BatchNorms and max-pool are lowered."""
+
+  conv: Callable  # lax.conv_general_dilated's signature
+  norm: type[nn.Module]  # nn.BatchNorm's fields and variables
+  max_pool: Callable  # nn.max_pool's signature
+
+
+# Every lowering computes the same values; 'cpu' and 'onednn' are the faster programs on CPUs.
+LOWERINGS = {
+  "xla": Lowering(jax.lax.conv_general_dilated, nn.BatchNorm, nn.max_pool),
+  "cpu": Lowering(cpu_kernels.conv_general_dilated, norm.BatchNorm, cpu_kernels.max_pool),
+  "onednn": Lowering(onednn.conv_general_dilated, norm.BatchNorm, cpu_kernels.max_pool),
 }
 
 
 def resolve_lowering(lowering: str) -> str:
-  """model.lowering as a key of CONV_OPS.
+  """model.lowering as a key of LOWERINGS.
 
   'auto' is 'onednn' on a single-device CPU backend where the oneDNN library builds,
   'cpu' on other CPU backends, and 'xla' on accelerators. 'onednn' raises

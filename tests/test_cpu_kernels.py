@@ -12,7 +12,7 @@ import pytest
 from flax import linen as nn
 
 from ser_jax import cpu_kernels, onednn
-from ser_jax.models import CONV_OPS, ResNet18
+from ser_jax.models import LOWERINGS, ResNet18
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 # (input shape, kernel shape, strides, padding): ResNet-18's kinds of convolution.
@@ -50,7 +50,7 @@ def test_conv_value_and_gradients_equal_lax(x_shape, w_shape, strides, padding, 
   x = jax.nn.relu(jax.random.normal(kx, x_shape) - 0.2)
   w = jax.random.normal(kw, w_shape)
   results = []
-  for conv in (jax.lax.conv_general_dilated, CONV_OPS[_lowering(lowering)]):
+  for conv in (jax.lax.conv_general_dilated, LOWERINGS[_lowering(lowering)].conv):
     grad = jax.jit(
       jax.value_and_grad(functools.partial(_loss, conv), argnums=(0, 1)), static_argnums=(2, 3)
     )
