@@ -29,7 +29,7 @@ from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ser_jax import cpu_kernels
+from ser_jax import cpu_kernels, norm
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -202,79 +202,6 @@ def _conv_bwd(strides, padding, impl, residuals, dy):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, epsilon: float):
-  """Flax BatchNorm's training-mode output and batch statistics, with a closed-form VJP.
-
-  Same formulas as flax (mean and E[x^2] - mean^2 over all but the last axis, clipped at
-  0); the backward pass is the exact derivative in two reductions and one element-wise
-  pass: dx = scale * inv * (g - mean(g) - xhat * mean(g * xhat)).
-  """
-  return _bn_forward(x, scale, bias, epsilon)[0]
-
-
-def _bn_forward(x, scale, bias, epsilon):
-  axes = tuple(range(x.ndim - 1))
-  xf = x.astype(jnp.float32)
-  mean = xf.mean(axes)
-  var = jnp.maximum(0.0, (xf * xf).mean(axes) - mean * mean)
-  inv = lax.rsqrt(var + epsilon)
-  y = (xf - mean) * (inv * scale) + bias
-  return (y.astype(x.dtype), mean, var), (x, mean, inv, scale)
-
-
-def _bn_fwd(x, scale, bias, epsilon):
-  out, residuals = _bn_forward(x, scale, bias, epsilon)
-  return out, residuals
-
-
-def _bn_bwd(epsilon, residuals, cotangents):
-  x, mean, inv, scale = residuals
-  g, g_mean, g_var = cotangents
-  axes = tuple(range(x.ndim - 1))
-  n = x.size // x.shape[-1]
-  g = g.astype(jnp.float32)
-  xhat = (x.astype(jnp.float32) - mean) * inv
-  dbias = g.sum(axes)
-  dscale = (g * xhat).sum(axes)
-  dx = (scale * inv) * (g - dbias / n - xhat * (dscale / n))
-  # The batch statistics are outputs too (for the running averages).
-  dx = dx + g_mean / n + g_var * (2.0 / n) * (xhat / inv)
-  return dx.astype(x.dtype), dscale, dbias
-
-
-batch_norm_train.defvjp(lambda *a: _bn_fwd(*a), _bn_bwd)
-
-
-class BatchNorm(nn.Module):
-  """nn.BatchNorm (same variables, initialisers and formulas) with batch_norm_train's VJP."""
-
-  use_running_average: bool
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: jnp.dtype = jnp.float32
-  scale_init: nn.initializers.Initializer = nn.initializers.ones
-  bias_init: nn.initializers.Initializer = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x):
-    features = (x.shape[-1],)
-    ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), features)
-    ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
-    scale = self.param("scale", self.scale_init, features, jnp.float32)
-    bias = self.param("bias", self.bias_init, features, jnp.float32)
-    if self.use_running_average:
-      y = (x.astype(jnp.float32) - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale)
-      return (y + bias).astype(self.dtype)
-    if self.is_initializing():
-      y, _, _ = _bn_forward(x, scale, bias, self.epsilon)[0]
-      return y.astype(self.dtype)
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
-    ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-    ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    return y.astype(self.dtype)
-
-
 class Conv(nn.Module):
   """nn.Conv without bias (same 'kernel' parameter and initialiser), lowered by `impl`."""
 
@@ -319,8 +246,8 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     conv_ = functools.partial(Conv, use_bias=False, dtype=self.dtype, impl=self.impl)
-    norm = functools.partial(
-      BatchNorm if self.fused_bn else nn.BatchNorm,
+    norm_ = functools.partial(
+      norm.BatchNorm if self.fused_bn else nn.BatchNorm,
       use_running_average=not train,
       momentum=0.9,
       epsilon=1e-5,
@@ -328,14 +255,14 @@ class BasicBlock(nn.Module):
     )
     residual = x
     y = conv_(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)))(x)
-    y = nn.relu(norm()(y))
+    y = nn.relu(norm_()(y))
     y = conv_(self.filters, (3, 3), padding=((1, 1), (1, 1)))(y)
-    y = norm(scale_init=nn.initializers.zeros)(y)
+    y = norm_(scale_init=nn.initializers.zeros)(y)
     if residual.shape != y.shape:
       residual = conv_(self.filters, (1, 1), (self.strides, self.strides), name="proj_conv")(
         residual
       )
-      residual = norm(name="proj_norm")(residual)
+      residual = norm_(name="proj_norm")(residual)
     return nn.relu(residual + y)
 
 
@@ -364,7 +291,7 @@ class ResNet(nn.Module):
       impl=self.stem_impl,
       name="stem_conv",
     )(x)
-    x = (BatchNorm if self.fused_bn else nn.BatchNorm)(
+    x = (norm.BatchNorm if self.fused_bn else nn.BatchNorm)(
       use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="stem_norm"
     )(x)
     x = nn.relu(x)
