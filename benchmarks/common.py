@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -82,6 +83,21 @@ def build_steps(config, model=None, n_train: int = 1824, fold: int = 0) -> Steps
     topology=topology,
     input_shape=(1, *feature_shape, 1),
   )
+
+
+@contextlib.contextmanager
+def environment(**values: str):
+  """os.environ with `values` set (for processes started inside), restored afterwards."""
+  saved = {key: os.environ.get(key) for key in values}
+  os.environ.update(values)
+  try:
+    yield
+  finally:
+    for key, value in saved.items():
+      if value is None:
+        os.environ.pop(key)
+      else:
+        os.environ[key] = value
 
 
 def synthetic_batch(kind: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

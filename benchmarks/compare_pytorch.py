@@ -23,6 +23,8 @@ import time
 
 import common
 
+from ser_jax import malloc
+
 
 def _rate(fn, n: int, batch: int) -> float:
   start = time.perf_counter()
@@ -110,7 +112,10 @@ class _Subprocess:
     context = multiprocessing.get_context("spawn")
     self.conn, child = context.Pipe()
     self.process = context.Process(target=_serve, args=(child, framework, kind, batch, args))
-    self.process.start()
+    # PyTorch runs with glibc's default malloc, as its users have it (ser_jax's import
+    # in the child would otherwise tune it too).
+    with common.environment(**({malloc.OPT_OUT: "0"} if framework == "torch" else {})):
+      self.process.start()
     self.keys = self.conn.recv()
 
   def rate(self, key, n: int) -> float:

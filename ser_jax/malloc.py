@@ -4,8 +4,9 @@ XLA:CPU allocates a step's large temporaries with malloc and frees them after it
 default glibc hands such blocks back to the kernel (mmap/munmap, and MADV_DONTNEED on
 its per-thread heaps), so the next step touches fresh pages: over 100,000 page faults
 per log-mel train step here. With one arena, no mmap and no trimming, freed blocks are
-reused (benchmarks/NOTES.md, experiment 19). Importing ser_jax applies this on Linux
-with glibc, unless SER_JAX_XLA_CPU_TUNING=0; other C libraries are left alone.
+reused (benchmarks/NOTES.md, experiment 19). The price is slower compilation (about 35 %:
+XLA's compiler threads share the one arena). Importing ser_jax applies this on Linux
+with glibc, unless SER_JAX_MALLOC_TUNING=0; other C libraries are left alone.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ import os
 import platform
 from collections.abc import Mapping
 
-from ser_jax import xla_flags
-
 # mallopt parameters (glibc's malloc.h) and their values here.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 SETTINGS = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
+OPT_OUT = "SER_JAX_MALLOC_TUNING"
 
 
 def apply(environ: Mapping[str, str] = os.environ) -> bool:
   """Applies SETTINGS with mallopt; whether they were applied."""
-  if environ.get(xla_flags.OPT_OUT, "1") == "0" or platform.libc_ver()[0] != "glibc":
+  if environ.get(OPT_OUT, "1") == "0" or platform.libc_ver()[0] != "glibc":
     return False
   mallopt = ctypes.CDLL(None).mallopt
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ser_jax import malloc, xla_flags
+from ser_jax import malloc
 
 # Allocates, writes and frees 64 MiB twice; prints the page faults of the second time.
 _CODE = """
@@ -30,7 +30,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _second_touch_faults(**env) -> int:
-  environ = {k: v for k, v in os.environ.items() if k != xla_flags.OPT_OUT} | env
+  environ = {k: v for k, v in os.environ.items() if k != malloc.OPT_OUT} | env
   out = subprocess.run([sys.executable, "-c", _CODE], env=environ, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
   return int(out.stdout)
@@ -43,4 +43,4 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 
 def test_opt_out_leaves_malloc_alone():
-  assert not malloc.apply({xla_flags.OPT_OUT: "0"})
+  assert not malloc.apply({malloc.OPT_OUT: "0"})
