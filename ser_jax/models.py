@@ -24,7 +24,9 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     ops = LOWERINGS[self.lowering]
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=ops.conv)
+    conv = functools.partial(
+      nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=ops.conv
+    )
     norm = functools.partial(
       ops.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
     )
