@@ -28,4 +28,7 @@ def apply(environ: Mapping[str, str] = os.environ) -> bool:
     return False
   mallopt = ctypes.CDLL(None).mallopt
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+  applied = [
+    mallopt(param, value) == 1 for param, value in SETTINGS
+  ]  # Each one, even after a refusal.
+  return all(applied)

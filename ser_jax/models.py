@@ -27,20 +27,20 @@ class BasicBlock(nn.Module):
     conv = functools.partial(
       nn.Conv, use_bias=False, dtype=self.dtype, conv_general_dilated=ops.conv
     )
-    norm = functools.partial(
+    batch_norm = functools.partial(
       ops.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
     )
     residual = x
     y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)))(x)
-    y = nn.relu(norm()(y))
+    y = nn.relu(batch_norm()(y))
     y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)))(y)
     # Zero-initialised last scale: each block starts as the identity (Goyal et al. 2017).
-    y = norm(scale_init=nn.initializers.zeros)(y)
+    y = batch_norm(scale_init=nn.initializers.zeros)(y)
     if residual.shape != y.shape:
       residual = conv(self.filters, (1, 1), (self.strides, self.strides), name="proj_conv")(
         residual
       )
-      residual = norm(name="proj_norm")(residual)
+      residual = batch_norm(name="proj_norm")(residual)
     return nn.relu(residual + y)
 
 
