@@ -28,7 +28,6 @@ def apply(environ: Mapping[str, str] = os.environ) -> bool:
     return False
   mallopt = ctypes.CDLL(None).mallopt
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-  applied = [
-    mallopt(param, value) == 1 for param, value in SETTINGS
-  ]  # Each one, even after a refusal.
+  # Each setting is tried, even after one is refused.
+  applied = [mallopt(param, value) == 1 for param, value in SETTINGS]
   return all(applied)
