@@ -10,9 +10,11 @@ benchmarks/NOTES.md).
   Feature maps no larger than the kernel (the last stage of 2 s clips: 2x3) are
   convolved as patches times a matrix: XLA:CPU swaps the operands of such convolutions
   and runs them about 90x slower.
-- `max_pool`: the gradient goes to each window's first maximum in row-major order, as
-  reduce_window's own gradient does, but from strided slices and pads instead of the
-  select-and-scatter that XLA:CPU expands into index tuples and a scatter.
+- `max_pool`: the maximum of the window's strided slices, which XLA fuses with the
+  input's producer (BatchNorm, ReLU). The gradient goes to each window's first maximum
+  in row-major order, as reduce_window's own gradient does, but from strided slices and
+  pads instead of the select-and-scatter that XLA:CPU expands into index tuples and a
+  scatter.
 """
 
 from __future__ import annotations
@@ -204,17 +206,19 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window, strides, padding):
   """nn.max_pool(x, window, strides, padding) of NHWC x; padding is ((top, bottom), (left, right))."""
-  return _reduce_window_max(x, window, strides, padding)
+  return _window_max(x, window, strides, padding)
 
 
-def _reduce_window_max(x, window, strides, padding):
-  return lax.reduce_window(
-    x, -jnp.inf, lax.max, (1, *window, 1), (1, *strides, 1), ((0, 0), *padding, (0, 0))
-  )
+def _window_max(x, window, strides, padding):
+  """The maximum of the window's taps: one fusion with x's producer, where XLA:CPU's
+  reduce_window is a separate, slower pass (benchmarks/NOTES.md, experiment 21)."""
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+  out_hw = output_hw(x.shape[1:3], window, strides, padding)
+  return functools.reduce(jnp.maximum, window_taps(xp, window, strides, out_hw))
 
 
 def _max_pool_fwd(x, window, strides, padding):
-  return _reduce_window_max(x, window, strides, padding), x
+  return _window_max(x, window, strides, padding), x
 
 
 def _max_pool_bwd(window, strides, padding, x, g):

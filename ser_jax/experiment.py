@@ -257,7 +257,12 @@ class Programs:
       init=jax.jit(init, out_shardings=state_sharding),
       train_step=jax.jit(
         train.over_members(
-          functools.partial(train.train_step, augmentation=augmentation), n_members
+          functools.partial(
+            train.train_step,
+            augmentation=augmentation,
+            update_after_backward=getattr(model, "lowering", "") == "onednn",
+          ),
+          n_members,
         ),
         # XLA:CPU copies every donated parameter and moment before the update (it cannot
         # update them in place from its three fusions per leaf): 5 % of a step there.
