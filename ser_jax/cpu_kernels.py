@@ -206,28 +206,32 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def max_pool(x, window, strides, padding):
   """nn.max_pool(x, window, strides, padding) of NHWC x; padding is ((top, bottom), (left, right))."""
-  return _window_max(x, window, strides, padding)
+  return _window_max(_pad(x, padding), window, strides)
 
 
-def _window_max(x, window, strides, padding):
-  """The maximum of the window's taps: one fusion with x's producer, where XLA:CPU's
-  reduce_window is a separate, slower pass (benchmarks/NOTES.md, experiment 21)."""
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-  out_hw = output_hw(x.shape[1:3], window, strides, padding)
+def _pad(x, padding):
+  return jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+
+
+def _window_max(xp, window, strides):
+  """The maximum of the window's taps of padded xp: one fusion with xp's producer, where
+  XLA:CPU's reduce_window is a separate, slower pass (benchmarks/NOTES.md, experiment 21)."""
+  out_hw = output_hw(xp.shape[1:3], window, strides, ((0, 0), (0, 0)))
   return functools.reduce(jnp.maximum, window_taps(xp, window, strides, out_hw))
 
 
 def _max_pool_fwd(x, window, strides, padding):
-  return _window_max(x, window, strides, padding), x
+  # The padded input is the residual: the forward pass writes it anyway, once.
+  xp = _pad(x, padding)
+  return _window_max(xp, window, strides), xp
 
 
-def _max_pool_bwd(window, strides, padding, x, g):
-  b, h, w, c = x.shape
+def _max_pool_bwd(window, strides, padding, xp, g):
   (top, bottom), (left, right) = padding
-  # XLA may recompute x's producer for the backward pass with other rounding than the
+  b, hp, wp, c = xp.shape
+  # XLA may recompute xp's producer for the backward pass with other rounding than the
   # forward's, so the maxima are taken again here from the same taps they are matched to.
-  xp = jnp.pad(_materialised(x, g), ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-  taps = window_taps(xp, window, strides, g.shape[1:3])
+  taps = window_taps(_materialised(xp, g), window, strides, g.shape[1:3])
   out = functools.reduce(jnp.maximum, taps)
   taken = jnp.zeros(out.shape, bool)
   routed = []
@@ -235,8 +239,8 @@ def _max_pool_bwd(window, strides, padding, x, g):
     first = (tap == out) & ~taken
     taken = taken | first
     routed.append(jnp.where(first, g, jnp.zeros((), g.dtype)))
-  total = overlap_add(routed, (h + top + bottom, w + left + right), window, strides)
-  return (lax.slice(total, (0, top, left, 0), (b, top + h, left + w, c)),)
+  total = overlap_add(routed, (hp, wp), window, strides)
+  return (lax.slice(total, (0, top, left, 0), (b, hp - bottom, wp - right, c)),)
 
 
 max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
