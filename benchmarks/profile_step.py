@@ -3,9 +3,11 @@
 Runs ser_jax's real train step (or a variant model from variants.py) under
 jax.profiler, maps each executed thunk to its HLO instruction and groups them:
 forward / input-grad / weight-grad convolutions (and which backend ran them),
-max-pool, layout transposes, BatchNorm/ReLU element-wise work, optimiser.
+max-pool, layout transposes, BatchNorm/ReLU element-wise work, optimiser. With
+--overlap, it compares each custom call (oneDNN convolution) that XLA ran beside other
+ops with the calls of its shape that ran alone.
 
-  python benchmarks/profile_step.py --kind mfcc --batch 32 [--variant im2col]
+  python benchmarks/profile_step.py --kind mfcc --batch 32 [--variant im2col] [--overlap]
 """
 
 from __future__ import annotations
@@ -107,8 +109,8 @@ def categorise(name: str, comps, entry) -> tuple[str, str]:
   return "other", line.strip()[:160]
 
 
-def trace_op_times(run_once, n_steps: int) -> tuple[dict[str, float], float]:
-  """{thunk name: total seconds} over n_steps profiled steps, and their wall seconds."""
+def trace_events(run_once, n_steps: int) -> tuple[list[dict], float]:
+  """The profiler's complete ('X') events over n_steps steps, and their wall seconds."""
   import time
 
   logdir = tempfile.mkdtemp(prefix="ser_jax_trace_")
@@ -122,11 +124,60 @@ def trace_op_times(run_once, n_steps: int) -> tuple[dict[str, float], float]:
   with gzip.open(path) as f:
     data = json.load(f)
   events = data["traceEvents"] if isinstance(data, dict) else data
+  return [e for e in events if e.get("ph") == "X"], wall
+
+
+def trace_op_times(run_once, n_steps: int) -> tuple[dict[str, float], float]:
+  """{thunk name: total seconds} over n_steps profiled steps, and their wall seconds."""
+  events, wall = trace_events(run_once, n_steps)
   totals = collections.Counter()
   for e in events:
-    if e.get("ph") == "X":
-      totals[e["name"]] += e.get("dur", 0) / 1e6
+    totals[e["name"]] += e.get("dur", 0) / 1e6
   return totals, wall
+
+
+def custom_call_overlap(runner_once, compiled_text: str, n_steps: int) -> None:
+  """How much longer custom calls (oneDNN) take when XLA runs another op beside them.
+
+  Each custom call is 'clean' when other ops cover under 5 % of its duration; the excess
+  of an overlapped call is its time over the clean median of calls of the same shape.
+  """
+  _, entry = parse_hlo(compiled_text)
+  events, _ = trace_events(runner_once, n_steps)
+  ops = [e for e in events if e["name"] in entry]
+  calls = [e for e in ops if "custom-call(" in entry[e["name"]]]
+  others = [e for e in ops if "custom-call(" not in entry[e["name"]]]
+  groups = collections.defaultdict(lambda: ([], []))
+  beside = collections.Counter()
+  for call in calls:
+    start, end = call["ts"], call["ts"] + call["dur"]
+    covered = 0.0
+    for other in others:
+      shared = min(end, other["ts"] + other["dur"]) - max(start, other["ts"])
+      if shared > 0:
+        covered += shared
+        beside[other["name"].rsplit(".", 1)[0]] += shared / 1e3 / n_steps
+    line = entry[call["name"]]
+    role = re.search(r'custom_call_target="([^"]*)"', line).group(1).split("onednn_")[-1]
+    shape = line.split("=", 1)[1].split("custom-call(")[0].strip().split("{")[0]
+    groups[(shape, role)][covered >= 0.05 * call["dur"]].append(call["dur"] / 1e3)
+  excess = 0.0
+  print(
+    f"{'custom call':34s} {'clean n':>7s} {'median ms':>9s} {'overlapped n':>12s} {'median ms':>9s}"
+  )
+  for (shape, role), (clean, overlapped) in sorted(groups.items()):
+    clean_ms = np.median(clean) if clean else float("nan")
+    if clean:
+      excess += sum(d - clean_ms for d in overlapped)
+    over_ms = np.median(overlapped) if overlapped else float("nan")
+    print(
+      f"{shape + ' ' + role:34s} {len(clean):7d} {clean_ms:9.2f} {len(overlapped):12d} {over_ms:9.2f}"
+    )
+  print(
+    f"excess time of overlapped calls: {excess / n_steps:.1f} ms/step; ops beside them (ms/step):"
+  )
+  for name, ms in beside.most_common(5):
+    print(f"  {name:40s} {ms:6.2f}")
 
 
 def profile(runner_once, compiled_text: str, n_steps: int, top: int = 15) -> None:
@@ -160,6 +211,9 @@ def main() -> None:
   parser.add_argument("--eval", action="store_true", help="profile the eval step instead")
   parser.add_argument("--top", type=int, default=15, help="list this many slowest ops")
   parser.add_argument("--n-frames", type=int, default=common.N_FRAMES, help="input width")
+  parser.add_argument(
+    "--overlap", action="store_true", help="custom calls with and without XLA ops beside them"
+  )
   args = parser.parse_args()
   common.N_FRAMES = args.n_frames
   print(common.machine_line())
@@ -181,7 +235,10 @@ def main() -> None:
   for _ in range(2):
     once()
   np.set_printoptions(precision=3)
-  profile(once, compiled.as_text(), args.steps, args.top)
+  if args.overlap:
+    custom_call_overlap(once, compiled.as_text(), args.steps)
+  else:
+    profile(once, compiled.as_text(), args.steps, args.top)
 
 
 if __name__ == "__main__":
