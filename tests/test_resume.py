@@ -135,8 +135,8 @@ def test_nan_loss_stops_with_fold_and_step_and_keeps_last_checkpoint(tmp_path, m
 
   real_step = train.train_step
 
-  def poisoned_step(state, batch, hparams, *, augmentation):
-    state, metrics = real_step(state, batch, hparams, augmentation=augmentation)
+  def poisoned_step(state, batch, hparams, **options):
+    state, metrics = real_step(state, batch, hparams, **options)
     metrics["loss"] = jnp.where(state.step > 10, jnp.nan, metrics["loss"])
     return state, metrics
 
