@@ -19,6 +19,8 @@ import sys
 
 import common
 
+from ser_jax import malloc
+
 _START, _END = "== timed steps start ==", "== timed steps end =="
 
 _CHILD = f"""
@@ -76,7 +78,7 @@ def run_framework(framework: str, args) -> tuple[dict, float]:
   """parse()'s table for one framework's timed steps, and their wall ms per step."""
   env = dict(os.environ, ONEDNN_VERBOSE="1" if framework == "jax" else "0")
   if framework == "torch":
-    env["SER_JAX_MALLOC_TUNING"] = "0"  # PyTorch with the malloc its users have.
+    env[malloc.OPT_OUT] = "0"  # PyTorch with the malloc its users have.
   step = "eval" if args.eval else "train"
   done = subprocess.run(
     [sys.executable, "-c", _CHILD, args.kind, str(args.batch), str(args.steps), framework, step],
