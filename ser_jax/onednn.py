@@ -84,6 +84,7 @@ def compile_command(cxx: str, output: pathlib.Path, include: pathlib.Path, lib: 
     "-std=c++17",
     "-shared",
     "-fPIC",
+    "-fopenmp",
     f"-I{jax.ffi.include_dir()}",
     f"-I{include}",
     str(SOURCE),

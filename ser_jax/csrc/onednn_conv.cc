@@ -1,15 +1,18 @@
 // XLA FFI handlers that run 2-D float32 convolutions and their gradients in oneDNN.
 //
 // Activations are NHWC and kernels HWIO, as JAX lays them out, so no layout work
-// is done on activations; kernels are reordered to oneDNN's blocked layout.
+// is done on activations; kernels are reordered to oneDNN's blocked layouts.
 // Primitives are built once per shape and cached. Calls are serialised: oneDNN
 // runs each one on all its OpenMP threads.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -55,11 +58,65 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       g.pad_l, g.pad_r);
 }
 
-// One cached convolution: the primitive, and reorders between HWIO kernels and
-// the primitive's kernel layout, with a buffer for the reordered kernel.
+// A kernel layout whose innermost block runs along O, the dimension that HWIO stores
+// contiguously: HWIO -> such a layout copies whole blocks of O, in half the time of
+// oneDNN 3.2's reorder from HWIO (benchmarks/NOTES.md, experiment 23). `o`, `i`, `h`, `w` hold each index's offset in the blocked buffer
+// (each O block's for `o`); an element's offset is their sum.
+struct OBlocks {
+  int64_t block = 0;  // 0: the layout is not of this kind.
+  std::vector<int64_t> o, i, h, w;
+};
+
+OBlocks DescribeOBlocks(const memory::desc& d) {
+  OBlocks b;
+  const int n = d.get_inner_nblks();
+  if (d.get_format_kind() != memory::format_kind::blocked || n == 0) return b;
+  const auto blocks = d.get_inner_blks(), indices = d.get_inner_idxs();
+  if (indices[n - 1] != 0 || blocks[n - 1] < 16) return b;
+  int64_t block[4] = {1, 1, 1, 1}, inner_stride[4] = {0, 0, 0, 0}, stride = 1;
+  for (int j = n - 1; j >= 0; --j) {
+    if (block[indices[j]] != 1) return b;  // Two blocks along one dimension.
+    block[indices[j]] = blocks[j];
+    inner_stride[indices[j]] = stride;
+    stride *= blocks[j];
+  }
+  const auto dims = d.get_dims(), strides = d.get_strides();
+  auto offsets = [&](int k, int64_t step) {
+    std::vector<int64_t> out;
+    for (int64_t index = 0; index < dims[k]; index += step)
+      out.push_back(index / block[k] * strides[k] + index % block[k] * inner_stride[k]);
+    return out;
+  };
+  b.block = blocks[n - 1];
+  b.o = offsets(0, b.block);
+  b.i = offsets(1, 1);
+  b.h = offsets(2, 1);
+  b.w = offsets(3, 1);
+  return b;
+}
+
+// HWIO -> a layout of O blocks, one block at a time, on OpenMP's threads.
+void CopyToOBlocks(const OBlocks& b, const memory::dims& oihw, const float* hwio, float* blocked) {
+  const int64_t O = oihw[0], I = oihw[1], H = oihw[2], W = oihw[3];
+  const int64_t n_blocks = b.o.size();
+#pragma omp parallel for collapse(3) schedule(static)
+  for (int64_t ob = 0; ob < n_blocks; ++ob)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t w = 0; w < W; ++w) {
+        const size_t bytes = std::min(b.block, O - ob * b.block) * sizeof(float);
+        const float* row = hwio + (h * W + w) * I * O + ob * b.block;
+        float* out = blocked + b.o[ob] + b.h[h] + b.w[w];
+        for (int64_t i = 0; i < I; ++i, row += O) std::memcpy(out + b.i[i], row, bytes);
+      }
+}
+
+// One cached convolution: the primitive, and the way between HWIO kernels and the
+// primitive's kernel layout (a copy of O blocks, else a oneDNN reorder), with a
+// buffer for the primitive's kernel.
 struct Cached {
   dnnl::primitive conv;
   dnnl::reorder kernel_reorder;
+  OBlocks o_blocks;
   memory::desc user_kernel, conv_kernel;
   std::unique_ptr<memory> kernel_buffer;
 };
@@ -93,7 +150,10 @@ Cached& Build(char kind, const Geometry& g) {
   // Kernels go into the primitive's layout, except the kernel gradient, which comes out of it.
   memory user(c->user_kernel, Engine(), nullptr), blocked(c->conv_kernel, Engine(), nullptr);
   c->kernel_reorder = kind == 'w' ? dnnl::reorder(blocked, user) : dnnl::reorder(user, blocked);
+  if (kind != 'w') c->o_blocks = DescribeOBlocks(c->conv_kernel);
   c->kernel_buffer = std::make_unique<memory>(c->conv_kernel, Engine());
+  // Padding in a blocked layout stays zero: copies write only the kernel's elements.
+  std::memset(c->kernel_buffer->get_data_handle(), 0, c->conv_kernel.get_size());
   return *cache.emplace(key, std::move(c)).first->second;
 }
 
@@ -120,7 +180,14 @@ ffi::Error Run(char kind, const Geometry& g, float* src, float* kernel, float* d
     memory src_m(Desc(g.src, tag::nhwc), Engine(), src);
     memory dst_m(Desc(g.dst, tag::nhwc), Engine(), dst);
     memory user_kernel(c.user_kernel, Engine(), kernel);
-    if (kind != 'w') c.kernel_reorder.execute(stream, user_kernel, *c.kernel_buffer);
+    if (kind != 'w') {
+      if (c.o_blocks.block) {
+        CopyToOBlocks(c.o_blocks, g.weights, kernel,
+                      static_cast<float*>(c.kernel_buffer->get_data_handle()));
+      } else {
+        c.kernel_reorder.execute(stream, user_kernel, *c.kernel_buffer);
+      }
+    }
     c.conv.execute(stream, {{kind == 'd' ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC, src_m},
                             {kind == 'w' ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS,
                              *c.kernel_buffer},
