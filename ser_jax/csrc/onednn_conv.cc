@@ -60,8 +60,9 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
 
 // A kernel layout whose innermost block runs along O, the dimension that HWIO stores
 // contiguously: HWIO -> such a layout copies whole blocks of O, in half the time of
-// oneDNN 3.2's reorder from HWIO (benchmarks/NOTES.md, experiment 23). `o`, `i`, `h`, `w` hold each index's offset in the blocked buffer
-// (each O block's for `o`); an element's offset is their sum.
+// oneDNN 3.2's reorder from HWIO (benchmarks/NOTES.md, experiment 23). `o`, `i`, `h`,
+// `w` hold each index's offset in the blocked buffer (each O block's for `o`); an
+// element's offset is their sum.
 struct OBlocks {
   int64_t block = 0;  // 0: the layout is not of this kind.
   std::vector<int64_t> o, i, h, w;
@@ -148,12 +149,15 @@ Cached& Build(char kind, const Geometry& g) {
     c->conv_kernel = pd.diff_weights_desc();
   }
   // Kernels go into the primitive's layout, except the kernel gradient, which comes out of it.
-  memory user(c->user_kernel, Engine(), nullptr), blocked(c->conv_kernel, Engine(), nullptr);
-  c->kernel_reorder = kind == 'w' ? dnnl::reorder(blocked, user) : dnnl::reorder(user, blocked);
   if (kind != 'w') c->o_blocks = DescribeOBlocks(c->conv_kernel);
   c->kernel_buffer = std::make_unique<memory>(c->conv_kernel, Engine());
-  // Padding in a blocked layout stays zero: copies write only the kernel's elements.
-  std::memset(c->kernel_buffer->get_data_handle(), 0, c->conv_kernel.get_size());
+  if (c->o_blocks.block) {
+    // Padding in a blocked layout stays zero: copies write only the kernel's elements.
+    std::memset(c->kernel_buffer->get_data_handle(), 0, c->conv_kernel.get_size());
+  } else {
+    memory user(c->user_kernel, Engine(), nullptr), blocked(c->conv_kernel, Engine(), nullptr);
+    c->kernel_reorder = kind == 'w' ? dnnl::reorder(blocked, user) : dnnl::reorder(user, blocked);
+  }
   return *cache.emplace(key, std::move(c)).first->second;
 }
 
