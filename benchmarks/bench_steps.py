@@ -1,8 +1,8 @@
 """Throughput of ser_jax's real train and eval steps on this machine.
 
 Builds the steps through experiment.Programs (as a run does), then reports samples/s
-(median [min-max] of --reps repetitions after warm-up), compile time, FLOPs per step
-from XLA's cost_analysis, achieved GFLOP/s against a 4096x4096 jnp.dot timed in the
+(median [min-max] of --reps repetitions after warm-up), compile time, model FLOPs per step
+(XLA's cost_analysis of the steps lowered with model.lowering='xla'), achieved GFLOP/s against a 4096x4096 jnp.dot timed in the
 same run, XLA's buffer sizes and the process's peak RSS.
 
 --variants runs several model variants ('xla', 'cpu', 'onednn': ser_jax's model with
@@ -54,7 +54,8 @@ def main() -> None:
     "--peak-tflops",
     type=float,
     default=0.0,
-    help="the device's peak for --dtype (e.g. H100 SXM dense: 67 float32, 989 bfloat16); "
+    help="the device's peak for --dtype (e.g. H100 SXM dense: 989 bfloat16; float32 "
+    "runs as TF32 on a GPU by default, 495); "
     "adds model FLOPs utilisation (XLA's FLOP count / step time / peak)",
   )
   args = parser.parse_args()
@@ -62,6 +63,13 @@ def main() -> None:
   print(common.machine_line())
   config = common.make_config(args.kind, args.batch, args.dtype, args.width)
   names = args.variants.split(",")
+  flops = dict(
+    zip(
+      ("train", "eval"),
+      common.model_flops(config, common.synthetic_batch(args.kind, args.batch)),
+      strict=True,
+    )
+  )
   runners, info = {}, {}
   for name in names:
     steps = common.build_steps(config, model=common.variant_model(name, config))
@@ -72,8 +80,8 @@ def main() -> None:
       steps.eval_step, steps.state, {"features": batch["features"]}
     )
     info[name] = {
-      "train": (train_s, common.flops_of(train_c), _memory_line(train_c)),
-      "eval": (eval_s, common.flops_of(eval_c), _memory_line(eval_c)),
+      "train": (train_s, flops["train"], _memory_line(train_c)),
+      "eval": (eval_s, flops["eval"], _memory_line(eval_c)),
     }
     runner.train_many(args.warmup)
     if not args.no_eval:

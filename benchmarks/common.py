@@ -156,11 +156,26 @@ def compile_seconds(jitted, *args) -> tuple[float, object]:
   return time.perf_counter() - start, compiled
 
 
-def flops_of(compiled) -> float:
-  analysis = compiled.cost_analysis()
+def flops_of(stage) -> float:
+  """XLA's FLOP count of a lowered or compiled computation."""
+  analysis = stage.cost_analysis()
   if isinstance(analysis, list | tuple):
     analysis = analysis[0] if analysis else {}
   return float((analysis or {}).get("flops", float("nan")))
+
+
+def model_flops(config, batch_np) -> tuple[float, float]:
+  """FLOPs of one train step and one eval step on `batch_np`: the model's arithmetic.
+
+  Counted on the steps with model.lowering='xla', lowered but not compiled: oneDNN's
+  convolutions and, after a GPU backend's passes, cuDNN's are custom calls that XLA's
+  cost analysis counts as zero.
+  """
+  steps = build_steps(config, model=variant_model("xla", config))
+  batch = steps.topology.global_batch(batch_np)
+  train = steps.train_step.lower(steps.state, batch, steps.hparams)
+  evaluation = steps.eval_step.lower(steps.state, {"features": batch["features"]})
+  return flops_of(train), flops_of(evaluation)
 
 
 def matmul_gflops(n: int = 4096, reps: int = 5) -> float:
