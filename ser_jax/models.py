@@ -13,6 +13,32 @@ from flax import linen as nn
 from ser_jax import cpu_kernels, norm, onednn
 
 
+def conv_norm(
+  x, conv: nn.Conv, batch_norm: nn.Module, relu: bool, residual=None, fused: bool = False
+):
+  """relu?(batch_norm(conv(x)) (+ residual)); `fused`: in one oneDNN call (inference only).
+
+  The fused call reads the two modules' variables, as they would, without running them:
+  BatchNorm's running statistics become a per-channel scale and shift applied, with
+  ReLU and the residual sum, as the convolution writes its output (benchmarks/NOTES.md,
+  experiment 27).
+  """
+  if not fused:
+    y = batch_norm(conv(x))
+    y = y if residual is None else residual + y
+    return nn.relu(y) if relu else y
+  kernel = conv.variables["params"]["kernel"]
+  stats, params = batch_norm.variables["batch_stats"], batch_norm.variables["params"]
+  scale = params["scale"] * jax.lax.rsqrt(stats["var"] + batch_norm.epsilon)
+  shift = params["bias"] - stats["mean"] * scale
+  strides = conv.strides or 1
+  strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+  padding = conv.padding
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
+  return onednn.conv_affine(x, kernel, scale, shift, strides, padding, relu, residual)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions, each followed by BatchNorm; ReLU after the residual sum."""
 
@@ -30,18 +56,30 @@ class BasicBlock(nn.Module):
     batch_norm = functools.partial(
       ops.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
     )
-    residual = x
-    y = conv(self.filters, (3, 3), (self.strides, self.strides), padding=((1, 1), (1, 1)))(x)
-    y = nn.relu(batch_norm()(y))
-    y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)))(y)
+    fused = _fuses(self, train)
+    strides = (self.strides, self.strides)
+    y = conv_norm(
+      x,
+      conv(self.filters, (3, 3), strides, padding=((1, 1), (1, 1))),
+      batch_norm(),
+      True,
+      None,
+      fused,
+    )
+    second_conv = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)))
     # Zero-initialised last scale: each block starts as the identity (Goyal et al. 2017).
-    y = batch_norm(scale_init=nn.initializers.zeros)(y)
-    if residual.shape != y.shape:
-      residual = conv(self.filters, (1, 1), (self.strides, self.strides), name="proj_conv")(
-        residual
+    second_norm = batch_norm(scale_init=nn.initializers.zeros)
+    residual = x
+    if residual.shape != y.shape:  # The second convolution keeps y's shape.
+      residual = conv_norm(
+        x,
+        conv(self.filters, (1, 1), strides, name="proj_conv"),
+        batch_norm(name="proj_norm"),
+        False,
+        None,
+        fused,
       )
-      residual = batch_norm(name="proj_norm")(residual)
-    return nn.relu(residual + y)
+    return conv_norm(y, second_conv, second_norm, True, residual, fused)
 
 
 class ResNet(nn.Module):
@@ -58,6 +96,8 @@ class ResNet(nn.Module):
     """Maps [batch, n_bins, n_frames, 1] features to [batch, num_classes] float32 logits."""
     ops = LOWERINGS[self.lowering]
     x = x.astype(self.dtype)
+    # The stem is never fused (conv_norm): XLA fuses its BatchNorm and ReLU with the
+    # max-pool, and oneDNN 3.2 runs this one-channel convolution slower with post-ops.
     x = nn.Conv(
       self.width,
       (7, 7),
@@ -79,6 +119,16 @@ class ResNet(nn.Module):
         x = BasicBlock(self.width * 2**stage, strides, self.dtype, self.lowering)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+def _fuses(module: nn.Module, train: bool) -> bool:
+  """Whether inference runs each convolution with its BatchNorm as one oneDNN call."""
+  return (
+    not train
+    and module.lowering == "onednn"
+    and module.dtype == jnp.float32
+    and not module.is_initializing()
+  )
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))

@@ -38,6 +38,9 @@ _SYMBOLS = {
   "forward": "SerConvForward",
   "input_grad": "SerConvBackwardData",
   "kernel_grad": "SerConvBackwardWeights",
+  "affine": "SerConvAffine",
+  "affine_relu": "SerConvAffineRelu",
+  "affine_sum_relu": "SerConvAffineSumRelu",
 }
 _TARGET_PREFIX = "ser_jax_onednn_"
 _WHEELS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
@@ -201,6 +204,26 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_affine(x, w, scale, shift, strides, padding, relu: bool, residual=None):
+  """Inference: relu?(conv(x, w) * scale + shift (+ residual)) in one oneDNN pass.
+
+  scale and shift are per output channel (an inference BatchNorm); with a residual, ReLU
+  is always applied. Not differentiable.
+  """
+  if residual is not None and not relu:
+    raise ValueError("conv_affine with a residual always applies ReLU")
+  require()
+  role = "affine_sum_relu" if residual is not None else ("affine_relu" if relu else "affine")
+  out_shape = _output_shape(x.shape, w.shape, strides, padding)
+  operands = (x, w, scale, shift) + (() if residual is None else (residual,))
+  return jax.ffi.ffi_call(
+    _TARGET_PREFIX + role,
+    jax.ShapeDtypeStruct(out_shape, jnp.float32),
+    vmap_method="sequential_unrolled",
+    input_output_aliases={} if residual is None else {4: 0},
+  )(*operands, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64).ravel())
 
 
 def _is_plain(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +60,39 @@ def test_vmapped_over_member_kernels_equals_each_member():
     np.testing.assert_allclose(values[m], ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dx[m], ref_dx, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dw[m], ref_dw, rtol=1e-4, atol=1e-4)
+
+
+def _randomised(variables, key):
+  """Every BatchNorm scale, bias and running statistic random, so each fused term counts."""
+  leaves, tree = jax.tree.flatten_with_path(variables)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for (path, leaf), k in zip(leaves, keys, strict=True):
+    name = path[-1].key
+    if name in ("scale", "var"):
+      leaf = jax.random.uniform(k, leaf.shape, minval=0.5, maxval=1.5)
+    elif name in ("bias", "mean"):
+      leaf = 0.2 * jax.random.normal(k, leaf.shape)
+    out.append(leaf)
+  return jax.tree.unflatten(tree, out)
+
+
+@needs_onednn
+@pytest.mark.parametrize("width", [4, 64])
+def test_fused_inference_equals_the_plain_model(width):
+  """Eval: each convolution with its BatchNorm, ReLU and residual sum in one oneDNN call."""
+  x = jax.random.normal(jax.random.key(1), (2, 40, 64, 1))
+  plain = models.ResNet18(num_classes=4, width=width)
+  fused = models.ResNet18(num_classes=4, width=width, lowering="onednn")
+  variables = _randomised(plain.init(jax.random.key(0), x, train=False), jax.random.key(2))
+  fused_eval = jax.jit(lambda v: fused.apply(v, x, train=False))
+  hlo = fused_eval.lower(variables).as_text()
+  targets = set(re.findall(r"ser_jax_onednn_\w+", hlo))  # The stem alone is unfused.
+  roles = ("forward", "affine", "affine_relu", "affine_sum_relu")
+  assert targets == {f"ser_jax_onednn_{role}" for role in roles}
+  assert hlo.count("ser_jax_onednn_forward") == 1
+  expected = jax.jit(lambda v: plain.apply(v, x, train=False))(variables)
+  np.testing.assert_allclose(fused_eval(variables), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_other_convolutions_fall_back_to_xla():

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import result_metrics, run_module, tiny_args
+from helpers import result_metrics, run_module, start_module, tiny_args
 
 from ser_jax.predict import Predictor, PredictorError
 
@@ -26,13 +26,17 @@ def test_chunked_sweep_members_equal_separate_runs(tmp_path):
   assert sweep.returncode == 0, sweep.stderr
   assert (tmp_path / "sweep" / "fold_0" / "members_1-1" / "checkpoints" / "2").is_dir()
   summary = json.loads((tmp_path / "sweep" / "results.json").read_text())
-  for k, gamma in enumerate((0.0, 2.0)):
+  singles = {}  # The separate runs, at once: the sweep has built their feature store.
+  for gamma in (0.0, 2.0):
     single = tmp_path / f"gamma_{gamma}"
     args = tiny_args(
       single, cache, **{"loss.gamma": gamma, "train.num_epochs": 2, "sweep.gammas": "()"}
     )
     args = [a.replace("configs/demo.py", "configs/gamma_sweep.py:demo") for a in args]
-    assert run_module("ser_jax.main", args).returncode == 0
+    singles[gamma] = (single, start_module("ser_jax.main", args))
+  for k, (gamma, (single, process)) in enumerate(singles.items()):
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
     expected = result_metrics(single)
     member = summary["sweep"][k]
     assert member["gamma"] == gamma

@@ -2,6 +2,8 @@
 //
 // Activations are NHWC and kernels HWIO, as JAX lays them out, so no layout work
 // is done on activations; kernels are reordered to oneDNN's blocked layouts.
+// For inference, a convolution can also apply BatchNorm's per-channel affine map,
+// the residual sum and ReLU as it writes its output (oneDNN post-ops).
 // Primitives are built once per shape and cached. Calls are serialised: oneDNN
 // runs each one on all its OpenMP threads.
 
@@ -56,6 +58,27 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
       Desc(g.src, tag::nhwc), Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides,
       g.pad_l, g.pad_r);
+}
+
+// Per-channel vectors (BatchNorm's scale and shift) broadcast over N, H and W.
+memory::desc ChannelDesc(const Geometry& g) {
+  return Desc({1, g.dst[1], 1, 1}, tag::abcd);
+}
+
+// Inference: the convolution, then in the same pass y * scale + shift, + the residual
+// already in y's buffer (kind 's'), and ReLU (kinds 'r' and 's'; not 'a').
+dnnl::convolution_forward::primitive_desc AffineDesc(char kind, const Geometry& g) {
+  dnnl::post_ops ops;
+  ops.append_binary(dnnl::algorithm::binary_mul, ChannelDesc(g));
+  ops.append_binary(dnnl::algorithm::binary_add, ChannelDesc(g));
+  if (kind == 's') ops.append_sum(1.0f);
+  if (kind != 'a') ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+  dnnl::primitive_attr attr;
+  attr.set_post_ops(ops);
+  return dnnl::convolution_forward::primitive_desc(
+      Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+      Desc(g.src, tag::nhwc), Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides,
+      g.pad_l, g.pad_r, attr);
 }
 
 // A kernel layout whose innermost block runs along O, the dimension that HWIO stores
@@ -131,17 +154,23 @@ Cached& Build(char kind, const Geometry& g) {
   if (it != cache.end()) return *it->second;
   auto c = std::make_unique<Cached>();
   c->user_kernel = Desc(g.weights, tag::hwio);
-  auto fwd = ForwardDesc(g);
-  if (kind == 'f') {
+  if (kind == 'a' || kind == 'r' || kind == 's') {
+    auto pd = AffineDesc(kind, g);
+    c->conv = dnnl::convolution_forward(pd);
+    c->conv_kernel = pd.weights_desc();
+  } else if (kind == 'f') {
+    auto fwd = ForwardDesc(g);
     c->conv = dnnl::convolution_forward(fwd);
     c->conv_kernel = fwd.weights_desc();
   } else if (kind == 'd') {
+    auto fwd = ForwardDesc(g);
     auto pd = dnnl::convolution_backward_data::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
         Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
     c->conv = dnnl::convolution_backward_data(pd);
     c->conv_kernel = pd.weights_desc();
   } else {
+    auto fwd = ForwardDesc(g);
     auto pd = dnnl::convolution_backward_weights::primitive_desc(
         Engine(), dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
         Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
@@ -176,7 +205,8 @@ Geometry MakeGeometry(ffi::Span<const int64_t> src, ffi::Span<const int64_t> ker
           {padding[0], padding[2]}, {padding[1], padding[3]}};
 }
 
-ffi::Error Run(char kind, const Geometry& g, float* src, float* kernel, float* dst) {
+ffi::Error Run(char kind, const Geometry& g, float* src, float* kernel, float* dst,
+               float* scale = nullptr, float* shift = nullptr) {
   try {
     std::lock_guard<std::mutex> lock(mu);
     Cached& c = Build(kind, g);
@@ -192,10 +222,18 @@ ffi::Error Run(char kind, const Geometry& g, float* src, float* kernel, float* d
         c.kernel_reorder.execute(stream, user_kernel, *c.kernel_buffer);
       }
     }
-    c.conv.execute(stream, {{kind == 'd' ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC, src_m},
-                            {kind == 'w' ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS,
-                             *c.kernel_buffer},
-                            {kind == 'f' ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, dst_m}});
+    const bool forward = kind != 'd' && kind != 'w';
+    std::unordered_map<int, memory> args = {
+        {kind == 'd' ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC, src_m},
+        {kind == 'w' ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS, *c.kernel_buffer},
+        {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, dst_m}};
+    if (scale) {
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
+                   memory(ChannelDesc(g), Engine(), scale));
+      args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(1) | DNNL_ARG_SRC_1,
+                   memory(ChannelDesc(g), Engine(), shift));
+    }
+    c.conv.execute(stream, args);
     if (kind == 'w') c.kernel_reorder.execute(stream, *c.kernel_buffer, user_kernel);
     stream.wait();
   } catch (const dnnl::error& e) {
@@ -220,6 +258,29 @@ ffi::Error Convolve(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   return Run(kind, g, src_data, kernel_data, dst_data);
 }
 
+// Inference with BatchNorm's affine map (and ReLU, and the residual sum) as post-ops:
+// (x, w, scale, shift) -> y for kinds 'a' and 'r'; kind 's' also takes the residual,
+// whose buffer y is (the caller aliases them).
+template <char kind>
+ffi::Error ConvolveAffine(ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32> out,
+                          ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+  auto x = args.get<ffi::Buffer<ffi::F32>>(0), w = args.get<ffi::Buffer<ffi::F32>>(1),
+       scale = args.get<ffi::Buffer<ffi::F32>>(2), shift = args.get<ffi::Buffer<ffi::F32>>(3);
+  if (x.has_error() || w.has_error() || scale.has_error() || shift.has_error())
+    return ffi::Error::InvalidArgument("expected float32 x, w, scale and shift");
+  auto g = MakeGeometry(x->dimensions(), w->dimensions(), out->dimensions(), strides, padding);
+  return Run(kind, g, x->typed_data(), w->typed_data(), out->typed_data(),
+             scale->typed_data(), shift->typed_data());
+}
+
+auto AffineBinding() {
+  return ffi::Ffi::Bind()
+      .RemainingArgs()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("padding");
+}
+
 auto Binding() {
   return ffi::Ffi::Bind()
       .Arg<ffi::Buffer<ffi::F32>>()
@@ -234,3 +295,6 @@ auto Binding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvForward, Convolve<'f'>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvBackwardData, Convolve<'d'>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvBackwardWeights, Convolve<'w'>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvAffine, ConvolveAffine<'a'>, AffineBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvAffineRelu, ConvolveAffine<'r'>, AffineBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvAffineSumRelu, ConvolveAffine<'s'>, AffineBinding());
