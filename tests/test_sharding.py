@@ -82,22 +82,36 @@ def test_batch_size_that_does_not_divide_among_devices_is_a_clear_error(tmp_path
   assert "train.batch_size=12 does not divide among 8 devices" in process.stderr
 
 
-def test_main_on_eight_devices_gives_the_results_of_one(tmp_path):
-  cache = tmp_path / "cache"
-  runs = {}
-  for n_devices in (1, 8):
-    workdir = tmp_path / f"run_{n_devices}"
-    process = run_module(
-      "ser_jax.main",
-      tiny_args(workdir, cache, **{"train.num_epochs": 2}),
-      env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}"},
-    )
-    assert process.returncode == 0, process.stderr
-    assert "process 0 of 1" in process.stderr
-    runs[n_devices] = result_metrics(workdir)
-    summary = json.loads((workdir / "results.json").read_text())
-    assert sum(f["n_test"] for f in summary["folds"]) == 320
-  assert runs[8] == runs[1]
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+  """A tiny two-epoch run on one device, and its feature cache: the reference for the
+  multi-device runs, which read the same store."""
+  root = tmp_path_factory.mktemp("one_device")
+  workdir, cache = root / "run", root / "cache"
+  process = run_module(
+    "ser_jax.main",
+    tiny_args(workdir, cache, **{"train.num_epochs": 2}),
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+  )
+  assert process.returncode == 0, process.stderr
+  summary = json.loads((workdir / "results.json").read_text())
+  assert sum(f["n_test"] for f in summary["folds"]) == 320
+  return workdir, cache
+
+
+def test_main_on_eight_devices_gives_the_results_of_one(tmp_path, one_device_run):
+  one, cache = one_device_run
+  workdir = tmp_path / "run_8"
+  process = run_module(
+    "ser_jax.main",
+    tiny_args(workdir, cache, **{"train.num_epochs": 2}),
+    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+  )
+  assert process.returncode == 0, process.stderr
+  assert "process 0 of 1" in process.stderr
+  summary = json.loads((workdir / "results.json").read_text())
+  assert sum(f["n_test"] for f in summary["folds"]) == 320
+  assert result_metrics(workdir) == result_metrics(one)
 
 
 def _free_port() -> int:
@@ -106,12 +120,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_give_the_results_of_one(tmp_path):
+def test_two_processes_give_the_results_of_one(tmp_path, one_device_run):
   """jax.distributed over localhost with gloo: each process reads its slice of each batch."""
-  cache = tmp_path / "cache"
+  one, cache = one_device_run
   settings = {"train.num_epochs": 2}
-  single = run_module("ser_jax.main", tiny_args(tmp_path / "one", cache, **settings))
-  assert single.returncode == 0, single.stderr
   port = _free_port()
   args = tiny_args(tmp_path / "two", cache, **settings) + [
     f"--coordinator_address=localhost:{port}",
@@ -122,4 +134,4 @@ def test_two_processes_give_the_results_of_one(tmp_path):
   for process, (_, stderr) in zip(processes, outputs, strict=True):
     assert process.returncode == 0, stderr
   assert "process 1 of 2" in outputs[1][1]
-  assert result_metrics(tmp_path / "two") == result_metrics(tmp_path / "one")
+  assert result_metrics(tmp_path / "two") == result_metrics(one)
