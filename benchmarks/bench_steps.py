@@ -1,9 +1,10 @@
 """Throughput of ser_jax's real train and eval steps on this machine.
 
 Builds the steps through experiment.Programs (as a run does), then reports samples/s
-(median [min-max] of --reps repetitions after warm-up), compile time, model FLOPs per step
-(XLA's cost_analysis of the steps lowered with model.lowering='xla'), achieved GFLOP/s against a 4096x4096 jnp.dot timed in the
-same run, XLA's buffer sizes and the process's peak RSS.
+(median [min-max] of --reps repetitions after warm-up), compile time, model FLOPs per
+step (XLA's cost_analysis of the steps lowered with model.lowering='xla'), achieved
+GFLOP/s against a 4096x4096 jnp.dot timed in the same run, XLA's buffer sizes and the
+process's peak RSS.
 
 --variants runs several model variants ('xla', 'cpu', 'onednn': ser_jax's model with
 that model.lowering; others from benchmarks/variants.py; 'base' is ser_jax's
@@ -63,12 +64,8 @@ def main() -> None:
   print(common.machine_line())
   config = common.make_config(args.kind, args.batch, args.dtype, args.width)
   names = args.variants.split(",")
-  flops = dict(
-    zip(
-      ("train", "eval"),
-      common.model_flops(config, common.synthetic_batch(args.kind, args.batch)),
-      strict=True,
-    )
+  train_flops, eval_flops = common.model_flops(
+    config, common.synthetic_batch(args.kind, args.batch)
   )
   runners, info = {}, {}
   for name in names:
@@ -80,8 +77,8 @@ def main() -> None:
       steps.eval_step, steps.state, {"features": batch["features"]}
     )
     info[name] = {
-      "train": (train_s, flops["train"], _memory_line(train_c)),
-      "eval": (eval_s, flops["eval"], _memory_line(eval_c)),
+      "train": (train_s, train_flops, _memory_line(train_c)),
+      "eval": (eval_s, eval_flops, _memory_line(eval_c)),
     }
     runner.train_many(args.warmup)
     if not args.no_eval:

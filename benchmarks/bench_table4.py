@@ -63,7 +63,7 @@ def main() -> None:
   }
   start = time.perf_counter()
   if args.parallel > 1:
-    walls = _run_parallel(commands, names, out, overrides, args.parallel)
+    walls = _run_parallel(commands, out, overrides, args.parallel)
   else:
     walls = {}
     for name in names:
@@ -83,10 +83,10 @@ def main() -> None:
   subprocess.run(report, check=True, cwd=REPO)
 
 
-def _run_parallel(commands, names, out, overrides, parallel) -> dict[str, float]:
+def _run_parallel(commands, out, overrides, parallel) -> dict[str, float]:
   """Builds the feature stores one config at a time, then trains `parallel` configs at once."""
   start = time.perf_counter()
-  for name in names:  # A config whose store is already built finds it in the cache.
+  for name in commands:  # A config whose store is already built finds it in the cache.
     cmd = [
       sys.executable,
       "-m",
@@ -98,7 +98,7 @@ def _run_parallel(commands, names, out, overrides, parallel) -> dict[str, float]
   print(f"feature stores: {walls['features']:.0f} s")
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.2f}")
-  pending, running = list(names), {}
+  pending, running = list(commands), {}
   while pending or running:
     while pending and len(running) < parallel:
       name = pending.pop(0)

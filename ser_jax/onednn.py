@@ -169,13 +169,18 @@ def require() -> None:
     raise OneDnnUnavailable(f"oneDNN convolutions (model.lowering='onednn') unavailable: {reason}")
 
 
-def _call(role: str, out_shape, a, b, strides, padding):
+def _call(role: str, out_shape, operands, strides, padding, input_output_aliases=None):
   require()  # Builds and registers the targets on first use.
   return jax.ffi.ffi_call(
     _TARGET_PREFIX + role,
     jax.ShapeDtypeStruct(out_shape, jnp.float32),
     vmap_method="sequential_unrolled",
-  )(a, b, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64).ravel())
+    input_output_aliases=input_output_aliases,
+  )(
+    *operands,
+    strides=np.asarray(strides, np.int64),
+    padding=np.asarray(padding, np.int64).ravel(),
+  )
 
 
 def _output_shape(x_shape, w_shape, strides, padding):
@@ -189,7 +194,9 @@ def _output_shape(x_shape, w_shape, strides, padding):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv(x, w, strides, padding):
   """NHWC float32 x convolved with HWIO w; padding ((top, bottom), (left, right))."""
-  return _call("forward", _output_shape(x.shape, w.shape, strides, padding), x, w, strides, padding)
+  return _call(
+    "forward", _output_shape(x.shape, w.shape, strides, padding), (x, w), strides, padding
+  )
 
 
 def _conv_fwd(x, w, strides, padding):
@@ -198,8 +205,8 @@ def _conv_fwd(x, w, strides, padding):
 
 def _conv_bwd(strides, padding, residuals, dy):
   x, w = residuals
-  dx = _call("input_grad", x.shape, dy, w, strides, padding)
-  dw = _call("kernel_grad", w.shape, x, dy, strides, padding)
+  dx = _call("input_grad", x.shape, (dy, w), strides, padding)
+  dw = _call("kernel_grad", w.shape, (x, dy), strides, padding)
   return dx, dw
 
 
@@ -214,16 +221,13 @@ def conv_affine(x, w, scale, shift, strides, padding, relu: bool, residual=None)
   """
   if residual is not None and not relu:
     raise ValueError("conv_affine with a residual always applies ReLU")
-  require()
-  role = "affine_sum_relu" if residual is not None else ("affine_relu" if relu else "affine")
   out_shape = _output_shape(x.shape, w.shape, strides, padding)
-  operands = (x, w, scale, shift) + (() if residual is None else (residual,))
-  return jax.ffi.ffi_call(
-    _TARGET_PREFIX + role,
-    jax.ShapeDtypeStruct(out_shape, jnp.float32),
-    vmap_method="sequential_unrolled",
-    input_output_aliases={} if residual is None else {4: 0},
-  )(*operands, strides=np.asarray(strides, np.int64), padding=np.asarray(padding, np.int64).ravel())
+  if residual is None:
+    role = "affine_relu" if relu else "affine"
+    return _call(role, out_shape, (x, w, scale, shift), strides, padding)
+  # The output is written over the residual, which the sum post-op reads.
+  operands = (x, w, scale, shift, residual)
+  return _call("affine_sum_relu", out_shape, operands, strides, padding, {4: 0})
 
 
 def _is_plain(
