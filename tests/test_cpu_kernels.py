@@ -27,9 +27,10 @@ CONVS = [
   ((2, 1, 2, 8), (3, 3, 8, 8), (1, 1), ((1, 1), (1, 1))),
   ((2, 3, 6, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1))),
   # ResNet-18's widths, for which oneDNN picks blocked kernel layouts that onednn_conv.cc
-  # fills by copying blocks of O (Acdb16a, Acdb64a, Acdb48a with padding, Acdb32a).
+  # fills by copying blocks of O (Acdb16a, Acdb64a, Acdb48a with padding, Acdb32a), on
+  # maps of at least 64 pixels (brgemm kernels) and fewer (jit kernels, ABcd16b16a).
   ((2, 12, 20, 1), (7, 7, 1, 64), (2, 2), ((3, 3), (3, 3))),
-  ((2, 6, 10, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1))),
+  ((2, 8, 10, 64), (3, 3, 64, 64), (1, 1), ((1, 1), (1, 1))),
   ((2, 4, 5, 256), (1, 1, 256, 512), (2, 2), ((0, 0), (0, 0))),
   ((2, 4, 5, 512), (3, 3, 512, 512), (1, 1), ((1, 1), (1, 1))),
 ]

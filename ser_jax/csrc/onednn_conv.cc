@@ -53,6 +53,24 @@ memory::desc Desc(const memory::dims& dims, tag t) {
   return memory::desc(dims, memory::data_type::f32, t);
 }
 
+// oneDNN 3.2 lists its brgemm kernels first, but on maps of a few pixels its older jit
+// kernels are faster: ResNet-18's last stage on MFCC input (2x9 maps, 512 channels) runs
+// 25-30 % faster (benchmarks/NOTES.md, experiment 28). Below kSmallMap pixels a jit
+// implementation is taken when there is one; `make` builds the primitive descriptor.
+constexpr int64_t kSmallMap = 64;
+
+template <typename Make>
+auto PreferJitOnSmallMaps(int64_t pixels, Make make) {
+  auto pd = make();
+  if (pixels >= kSmallMap) return pd;
+  for (auto candidate = make();;) {
+    if (std::string(candidate.impl_info_str()).rfind("jit:", 0) == 0) return candidate;
+    if (!candidate.next_impl()) return pd;
+  }
+}
+
+int64_t Pixels(const memory::dims& nchw) { return nchw[2] * nchw[3]; }
+
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
   return dnnl::convolution_forward::primitive_desc(
       Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
@@ -155,18 +173,20 @@ Cached& Build(char kind, const Geometry& g) {
   auto c = std::make_unique<Cached>();
   c->user_kernel = Desc(g.weights, tag::hwio);
   if (kind == 'a' || kind == 'r' || kind == 's') {
-    auto pd = AffineDesc(kind, g);
+    auto pd = PreferJitOnSmallMaps(Pixels(g.dst), [&] { return AffineDesc(kind, g); });
     c->conv = dnnl::convolution_forward(pd);
     c->conv_kernel = pd.weights_desc();
   } else if (kind == 'f') {
-    auto fwd = ForwardDesc(g);
+    auto fwd = PreferJitOnSmallMaps(Pixels(g.dst), [&] { return ForwardDesc(g); });
     c->conv = dnnl::convolution_forward(fwd);
     c->conv_kernel = fwd.weights_desc();
   } else if (kind == 'd') {
     auto fwd = ForwardDesc(g);
-    auto pd = dnnl::convolution_backward_data::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
-        Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
+    auto pd = PreferJitOnSmallMaps(Pixels(g.src), [&] {
+      return dnnl::convolution_backward_data::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
+          Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
+    });
     c->conv = dnnl::convolution_backward_data(pd);
     c->conv_kernel = pd.weights_desc();
   } else {
