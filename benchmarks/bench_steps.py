@@ -73,9 +73,7 @@ def main() -> None:
     runner = common.JaxRunner(steps, common.synthetic_batch(args.kind, args.batch))
     batch = steps.topology.global_batch(runner.batch_np)
     train_s, train_c = common.compile_seconds(steps.train_step, steps.state, batch, steps.hparams)
-    eval_s, eval_c = common.compile_seconds(
-      steps.eval_step, steps.state, {"features": batch["features"]}
-    )
+    eval_s, eval_c = common.compile_seconds(steps.eval_step, *runner.eval_arguments())
     info[name] = {
       "train": (train_s, train_flops, _memory_line(train_c)),
       "eval": (eval_s, eval_flops, _memory_line(eval_c)),

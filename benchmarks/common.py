@@ -44,6 +44,7 @@ class Steps:
   hparams: dict
   train_step: Callable
   eval_step: Callable
+  pack_kernels: Callable
   topology: Topology
   input_shape: tuple[int, ...]
 
@@ -80,6 +81,7 @@ def build_steps(config, model=None, n_train: int = 1824, fold: int = 0) -> Steps
     hparams=jax.device_put(hparams, topology.replicated),
     train_step=programs.train_step,
     eval_step=programs.eval_step,
+    pack_kernels=programs.pack_kernels,
     topology=topology,
     input_shape=(1, *feature_shape, 1),
   )
@@ -125,6 +127,15 @@ class JaxRunner:
     self.steps = steps
     self.batch_np = batch_np
     self.eval_batch_np = {"features": batch_np["features"]}
+    # Kernels laid out once, as for every evaluation of a fold (experiment.predict_probabilities).
+    self.packed = steps.pack_kernels(steps.state, self.eval_batch())
+
+  def eval_batch(self):
+    return self.steps.topology.global_batch(self.eval_batch_np)
+
+  def eval_arguments(self) -> tuple:
+    """eval_step's arguments: state, batch, packed kernels."""
+    return self.steps.state, self.eval_batch(), self.packed
 
   def train_once(self) -> None:
     s = self.steps
@@ -141,12 +152,12 @@ class JaxRunner:
   def eval_many(self, n: int) -> None:
     s = self.steps
     for _ in range(n):
-      out = s.eval_step(s.state, s.topology.global_batch(self.eval_batch_np))
+      out = s.eval_step(s.state, self.eval_batch(), self.packed)
     out.block_until_ready()
 
   def eval_once(self) -> None:
     s = self.steps
-    s.eval_step(s.state, s.topology.global_batch(self.eval_batch_np)).block_until_ready()
+    s.eval_step(s.state, self.eval_batch(), self.packed).block_until_ready()
 
 
 def compile_seconds(jitted, *args) -> tuple[float, object]:

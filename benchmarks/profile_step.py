@@ -227,7 +227,7 @@ def main() -> None:
   runner = common.JaxRunner(steps, common.synthetic_batch(args.kind, args.batch))
   batch = steps.topology.global_batch(runner.batch_np)
   if args.eval:
-    compiled = steps.eval_step.lower(steps.state, {"features": batch["features"]}).compile()
+    compiled = steps.eval_step.lower(*runner.eval_arguments()).compile()
     once = runner.eval_once
   else:
     compiled = steps.train_step.lower(steps.state, batch, steps.hparams).compile()

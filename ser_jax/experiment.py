@@ -232,7 +232,8 @@ class Programs:
 
   init: Callable  # [members] uint32 seeds, fold -> stacked TrainState
   train_step: Callable  # (stacked state, batch, stacked hparams) -> (state, metrics)
-  eval_step: Callable  # (stacked state, batch) -> [members, batch, n_classes] probabilities
+  eval_step: Callable  # (stacked state, batch, packed kernels) -> [members, batch, n_classes]
+  pack_kernels: Callable  # (stacked state, batch) -> packed kernels for batches of its shape
 
   @classmethod
   def create(
@@ -269,6 +270,7 @@ class Programs:
         donate_argnums=() if jax.default_backend() == "cpu" else (0,),
       ),
       eval_step=jax.jit(train.over_members(train.eval_step, n_members)),
+      pack_kernels=jax.jit(train.over_members(train.pack_kernels, n_members)),
     )
 
 
@@ -405,7 +407,7 @@ def _run_fold(
     writer.close()
 
   probabilities = predict_probabilities(
-    programs.eval_step, state, store, test_idx, mean, std, eval_batch_size, topology
+    programs, state, store, test_idx, mean, std, eval_batch_size, topology
   )
   predictions = probabilities.argmax(-1)  # [members, n_test]
   n_classes = len(store.class_names)
@@ -444,12 +446,13 @@ def _save_fold_result(path, fold, train_idx, test_idx, counts, is_writer) -> dic
 
 
 def predict_probabilities(
-  eval_step, state, store, indices, mean, std, batch_size, topology
+  programs: Programs, state, store, indices, mean, std, batch_size, topology
 ) -> np.ndarray:
   """[members, len(indices), n_classes] probabilities; each example counted exactly once."""
   # The last batch is padded, so any batch size works once rounded up to the devices.
   batch_size = topology.num_devices * math.ceil(batch_size / topology.num_devices)
   outputs = []
+  packed, packed_shape = None, None  # Kernels laid out once per batch shape (all equal here).
   for batch, n_real in input_pipeline.eval_batches(
     store,
     indices,
@@ -459,7 +462,10 @@ def predict_probabilities(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   ):
-    probabilities = eval_step(state, topology.global_batch(batch))
+    batch = topology.global_batch(batch)
+    if batch["features"].shape != packed_shape:
+      packed, packed_shape = programs.pack_kernels(state, batch), batch["features"].shape
+    probabilities = programs.eval_step(state, batch, packed)
     outputs.append(np.asarray(multihost_utils.process_allgather(probabilities, tiled=True)))
     outputs[-1] = outputs[-1][:, :n_real]
   return np.concatenate(outputs, axis=1)

@@ -12,6 +12,9 @@ from flax import linen as nn
 
 from ser_jax import cpu_kernels, norm, onednn
 
+# The collection of kernels laid out for oneDNN's fused inference (see conv_norm).
+PACKED_KERNELS = "onednn_kernels"
+
 
 def conv_norm(
   x, conv: nn.Conv, batch_norm: nn.Module, relu: bool, residual=None, fused: bool = False
@@ -21,7 +24,8 @@ def conv_norm(
   The fused call reads the two modules' variables, as they would, without running them:
   BatchNorm's running statistics become a per-channel scale and shift applied, with
   ReLU and the residual sum, as the convolution writes its output (benchmarks/NOTES.md,
-  experiment 27).
+  experiment 27). When PACKED_KERNELS is mutable, the kernel is also stored there in the
+  layout the call reads for this input shape; when it holds one, that one is read.
   """
   if not fused:
     y = batch_norm(conv(x))
@@ -36,7 +40,13 @@ def conv_norm(
   padding = conv.padding
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-  return onednn.conv_affine(x, kernel, scale, shift, strides, padding, relu, residual)
+  kernel_shape = kernel.shape
+  if conv.is_mutable_collection(PACKED_KERNELS):
+    packed = onednn.pack_kernel(kernel, x.shape, strides, padding, relu, residual is not None)
+    conv.put_variable(PACKED_KERNELS, "kernel", packed)
+  elif conv.has_variable(PACKED_KERNELS, "kernel"):
+    kernel = conv.get_variable(PACKED_KERNELS, "kernel")
+  return onednn.conv_affine(x, kernel, scale, shift, strides, padding, relu, residual, kernel_shape)
 
 
 class BasicBlock(nn.Module):

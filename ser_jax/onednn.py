@@ -41,7 +41,11 @@ _SYMBOLS = {
   "affine": "SerConvAffine",
   "affine_relu": "SerConvAffineRelu",
   "affine_sum_relu": "SerConvAffineSumRelu",
+  "pack_affine": "SerPackAffine",
+  "pack_affine_relu": "SerPackAffineRelu",
+  "pack_affine_sum_relu": "SerPackAffineSumRelu",
 }
+_KINDS = {"affine": b"a", "affine_relu": b"r", "affine_sum_relu": b"s"}  # onednn_conv.cc's
 _TARGET_PREFIX = "ser_jax_onednn_"
 _WHEELS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
 ROOT_ENV = "SER_JAX_ONEDNN_ROOT"  # A prefix with include/oneapi/dnnl and lib/libdnnl.so.
@@ -140,8 +144,8 @@ def build_library(cache_dir: pathlib.Path, cxx: str | None = None) -> pathlib.Pa
 
 
 @functools.cache
-def _registered() -> str:
-  """Builds, loads and registers the FFI targets once; '' on success, else the reason."""
+def _library() -> ctypes.CDLL | str:
+  """Builds, loads and registers the FFI targets once: the library, else why it cannot."""
   try:
     library = ctypes.CDLL(str(build_library(default_cache_dir())))
   except (OneDnnUnavailable, OSError) as error:
@@ -151,7 +155,14 @@ def _registered() -> str:
     jax.ffi.register_ffi_target(
       _TARGET_PREFIX + role, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
     )
-  return ""
+  library.SerPackedKernelElements.restype = ctypes.c_int64
+  return library
+
+
+def _registered() -> str:
+  """'' once the FFI targets are registered, else why they cannot be."""
+  library = _library()
+  return library if isinstance(library, str) else ""
 
 
 def unavailable_reason() -> str:
@@ -169,7 +180,8 @@ def require() -> None:
     raise OneDnnUnavailable(f"oneDNN convolutions (model.lowering='onednn') unavailable: {reason}")
 
 
-def _call(role: str, out_shape, operands, strides, padding, input_output_aliases=None):
+def _call(role: str, out_shape, operands, strides, padding, input_output_aliases=None, **shapes):
+  """The custom call `role`; `shapes` are further int64 attributes (kernel_shape, ...)."""
   require()  # Builds and registers the targets on first use.
   return jax.ffi.ffi_call(
     _TARGET_PREFIX + role,
@@ -180,6 +192,7 @@ def _call(role: str, out_shape, operands, strides, padding, input_output_aliases
     *operands,
     strides=np.asarray(strides, np.int64),
     padding=np.asarray(padding, np.int64).ravel(),
+    **{name: np.asarray(shape, np.int64) for name, shape in shapes.items()},
   )
 
 
@@ -213,21 +226,45 @@ def _conv_bwd(strides, padding, residuals, dy):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv_affine(x, w, scale, shift, strides, padding, relu: bool, residual=None):
+def _affine_role(relu: bool, residual: bool) -> str:
+  if residual and not relu:
+    raise ValueError("conv_affine with a residual always applies ReLU")
+  return "affine_sum_relu" if residual else "affine_relu" if relu else "affine"
+
+
+def conv_affine(x, w, scale, shift, strides, padding, relu: bool, residual=None, kernel_shape=None):
   """Inference: relu?(conv(x, w) * scale + shift (+ residual)) in one oneDNN pass.
 
   scale and shift are per output channel (an inference BatchNorm); with a residual, ReLU
-  is always applied. Not differentiable.
+  is always applied. w is an HWIO kernel, or one from `pack_kernel` for this x's shape,
+  whose HWIO `kernel_shape` is then needed. Not differentiable.
   """
-  if residual is not None and not relu:
-    raise ValueError("conv_affine with a residual always applies ReLU")
-  out_shape = _output_shape(x.shape, w.shape, strides, padding)
+  role = _affine_role(relu, residual is not None)
+  kernel_shape = tuple(w.shape if kernel_shape is None else kernel_shape)
+  out_shape = _output_shape(x.shape, kernel_shape, strides, padding)
   if residual is None:
-    role = "affine_relu" if relu else "affine"
-    return _call(role, out_shape, (x, w, scale, shift), strides, padding)
-  # The output is written over the residual, which the sum post-op reads.
-  operands = (x, w, scale, shift, residual)
-  return _call("affine_sum_relu", out_shape, operands, strides, padding, {4: 0})
+    operands, aliases = (x, w, scale, shift), None
+  else:  # The output is written over the residual, which the sum post-op reads.
+    operands, aliases = (x, w, scale, shift, residual), {4: 0}
+  return _call(role, out_shape, operands, strides, padding, aliases, kernel_shape=kernel_shape)
+
+
+def pack_kernel(w, x_shape, strides, padding, relu: bool, residual: bool):
+  """The HWIO kernel w as a flat array in the layout conv_affine's oneDNN primitive reads
+  for inputs of x_shape, so that evaluation lays each kernel out once, not every call."""
+  role = _affine_role(relu, residual)
+  y_shape = _output_shape(x_shape, w.shape, strides, padding)
+  padding = np.asarray(padding, np.int64).ravel()
+  shapes = [np.asarray(s, np.int64) for s in (x_shape, w.shape, y_shape, strides, padding)]
+  require()
+  elements = _library().SerPackedKernelElements(
+    ctypes.c_char(_KINDS[role]), *(s.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)) for s in shapes)
+  )
+  if elements < 0:
+    raise OneDnnUnavailable(f"oneDNN has no {role} convolution for {x_shape} x {w.shape}")
+  return _call(
+    "pack_" + role, (elements,), (w,), strides, padding, x_shape=x_shape, y_shape=y_shape
+  )
 
 
 def _is_plain(

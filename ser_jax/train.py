@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from ser_jax import losses
+from ser_jax import losses, models
 
 Batch = dict[str, jax.Array]
 HParams = dict[str, jax.Array]
@@ -193,14 +193,29 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch) -> jax.Array:
-  """Class probabilities [batch, n_classes] with running BatchNorm statistics."""
-  logits = state.apply_fn(
+def eval_step(state: TrainState, batch: Batch, packed_kernels=None) -> jax.Array:
+  """Class probabilities [batch, n_classes] with running BatchNorm statistics.
+
+  packed_kernels: pack_kernels(state, batch) for batches of this shape, or None.
+  """
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if packed_kernels:
+    variables[models.PACKED_KERNELS] = packed_kernels
+  logits = state.apply_fn(variables, batch["features"][..., None], train=False)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def pack_kernels(state: TrainState, batch: Batch) -> dict:
+  """The model's kernels laid out once for oneDNN's fused inference on batches of this
+  shape ({} for other lowerings): eval_step's packed_kernels. Only the layout work is
+  compiled; the model's outputs are unused."""
+  _, packed = state.apply_fn(
     {"params": state.params, "batch_stats": state.batch_stats},
     batch["features"][..., None],
     train=False,
+    mutable=[models.PACKED_KERNELS],
   )
-  return jax.nn.softmax(logits, axis=-1)
+  return packed.get(models.PACKED_KERNELS, {})
 
 
 def over_members(step_fn, n_members: int, batch_args: int = 1):

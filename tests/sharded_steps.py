@@ -62,7 +62,7 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
     state, metrics = programs.train_step(state, topology.global_batch(batch), hparams)
     losses.append(np.asarray(metrics["loss"]))
   probabilities = experiment.predict_probabilities(
-    programs.eval_step, state, store, indices, mean, std, eval_batch_size, topology
+    programs, state, store, indices, mean, std, eval_batch_size, topology
   )
   leaves = {f"param_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
   stats = {f"stat_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.batch_stats))}

@@ -7,10 +7,11 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import run_module, tiny_args
 
-from ser_jax import models, onednn
+from ser_jax import models, onednn, train
 
 needs_onednn = pytest.mark.skipif(
   not onednn.available(), reason=f"oneDNN unavailable: {onednn.unavailable_reason()}"
@@ -93,6 +94,33 @@ def test_fused_inference_equals_the_plain_model(width):
   assert hlo.count("ser_jax_onednn_forward") == 1
   expected = jax.jit(lambda v: plain.apply(v, x, train=False))(variables)
   np.testing.assert_allclose(fused_eval(variables), expected, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_packed_kernels_give_the_same_probabilities():
+  """Kernels laid out once per evaluation (train.pack_kernels) give eval_step's values bit
+  for bit; the packing program runs no convolution, and a wrong-sized kernel is refused."""
+  model = models.ResNet18(num_classes=4, width=64, lowering="onednn")
+  batch = {"features": jax.random.normal(jax.random.key(1), (3, 40, 72))}
+  state = train.create_train_state(model, optax.sgd(0.1), jax.random.key(0), (1, 40, 72, 1))
+  variables = _randomised(
+    {"params": state.params, "batch_stats": state.batch_stats}, jax.random.key(2)
+  )
+  state = state.replace(**variables)
+  pack = jax.jit(train.pack_kernels)
+  packed = pack(state, batch)
+  assert len(jax.tree.leaves(packed)) == 19  # Every convolution but the stem.
+  pack_hlo = pack.lower(state, batch).compile().as_text()
+  assert set(re.findall(r"ser_jax_onednn_\w+", pack_hlo)) == {
+    f"ser_jax_onednn_pack_{role}" for role in ("affine", "affine_relu", "affine_sum_relu")
+  }
+  evaluate = jax.jit(train.eval_step)
+  expected = evaluate(state, batch)
+  np.testing.assert_array_equal(evaluate(state, batch, packed), expected)
+  last = packed["BasicBlock_7"]["Conv_1"]["kernel"]
+  packed["BasicBlock_7"]["Conv_1"]["kernel"] = last[:-16]
+  with pytest.raises(Exception, match="pack it for the same input shape"):
+    evaluate(state, batch, packed).block_until_ready()
 
 
 def test_other_convolutions_fall_back_to_xla():

@@ -225,27 +225,41 @@ Geometry MakeGeometry(ffi::Span<const int64_t> src, ffi::Span<const int64_t> ker
           {padding[0], padding[2]}, {padding[1], padding[3]}};
 }
 
+// HWIO -> the primitive's kernel layout, into `blocked`.
+void PackKernel(Cached& c, const Geometry& g, float* hwio, memory blocked) {
+  if (c.o_blocks.block) {
+    CopyToOBlocks(c.o_blocks, g.weights, hwio, static_cast<float*>(blocked.get_data_handle()));
+  } else {
+    memory user_kernel(c.user_kernel, Engine(), hwio);
+    c.kernel_reorder.execute(Stream(), user_kernel, blocked);
+  }
+}
+
+// `packed_elements` > 0: `kernel` is already in the primitive's layout (PackedKernel), of
+// that many elements.
 ffi::Error Run(char kind, const Geometry& g, float* src, float* kernel, float* dst,
-               float* scale = nullptr, float* shift = nullptr) {
+               float* scale = nullptr, float* shift = nullptr, int64_t packed_elements = 0) {
   try {
     std::lock_guard<std::mutex> lock(mu);
     Cached& c = Build(kind, g);
     dnnl::stream& stream = Stream();
     memory src_m(Desc(g.src, tag::nhwc), Engine(), src);
     memory dst_m(Desc(g.dst, tag::nhwc), Engine(), dst);
-    memory user_kernel(c.user_kernel, Engine(), kernel);
-    if (kind != 'w') {
-      if (c.o_blocks.block) {
-        CopyToOBlocks(c.o_blocks, g.weights, kernel,
-                      static_cast<float*>(c.kernel_buffer->get_data_handle()));
-      } else {
-        c.kernel_reorder.execute(stream, user_kernel, *c.kernel_buffer);
-      }
+    memory kernel_m = *c.kernel_buffer;
+    if (packed_elements) {
+      if (packed_elements * sizeof(float) != c.conv_kernel.get_size())
+        return ffi::Error::InvalidArgument(
+            "a packed kernel of " + std::to_string(packed_elements) + " elements, but this " +
+            "convolution needs " + std::to_string(c.conv_kernel.get_size() / sizeof(float)) +
+            ": pack it for the same input shape");
+      kernel_m = memory(c.conv_kernel, Engine(), kernel);
+    } else if (kind != 'w') {
+      PackKernel(c, g, kernel, kernel_m);
     }
     const bool forward = kind != 'd' && kind != 'w';
     std::unordered_map<int, memory> args = {
         {kind == 'd' ? DNNL_ARG_DIFF_SRC : DNNL_ARG_SRC, src_m},
-        {kind == 'w' ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS, *c.kernel_buffer},
+        {kind == 'w' ? DNNL_ARG_DIFF_WEIGHTS : DNNL_ARG_WEIGHTS, kernel_m},
         {forward ? DNNL_ARG_DST : DNNL_ARG_DIFF_DST, dst_m}};
     if (scale) {
       args.emplace(DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
@@ -254,7 +268,10 @@ ffi::Error Run(char kind, const Geometry& g, float* src, float* kernel, float* d
                    memory(ChannelDesc(g), Engine(), shift));
     }
     c.conv.execute(stream, args);
-    if (kind == 'w') c.kernel_reorder.execute(stream, *c.kernel_buffer, user_kernel);
+    if (kind == 'w') {
+      memory user_kernel(c.user_kernel, Engine(), kernel);
+      c.kernel_reorder.execute(stream, *c.kernel_buffer, user_kernel);
+    }
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
@@ -281,16 +298,40 @@ ffi::Error Convolve(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 // Inference with BatchNorm's affine map (and ReLU, and the residual sum) as post-ops:
 // (x, w, scale, shift) -> y for kinds 'a' and 'r'; kind 's' also takes the residual,
 // whose buffer y is (the caller aliases them).
+// w is the HWIO kernel of shape `kernel_shape`, or that kernel packed (a flat buffer
+// from PackedKernel<kind> for the same shapes).
 template <char kind>
 ffi::Error ConvolveAffine(ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32> out,
-                          ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding) {
+                          ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                          ffi::Span<const int64_t> kernel_shape) {
   auto x = args.get<ffi::Buffer<ffi::F32>>(0), w = args.get<ffi::Buffer<ffi::F32>>(1),
        scale = args.get<ffi::Buffer<ffi::F32>>(2), shift = args.get<ffi::Buffer<ffi::F32>>(3);
   if (x.has_error() || w.has_error() || scale.has_error() || shift.has_error())
     return ffi::Error::InvalidArgument("expected float32 x, w, scale and shift");
-  auto g = MakeGeometry(x->dimensions(), w->dimensions(), out->dimensions(), strides, padding);
+  auto g = MakeGeometry(x->dimensions(), kernel_shape, out->dimensions(), strides, padding);
+  const int64_t packed = w->dimensions().size() == 1 ? w->element_count() : 0;
   return Run(kind, g, x->typed_data(), w->typed_data(), out->typed_data(),
-             scale->typed_data(), shift->typed_data());
+             scale->typed_data(), shift->typed_data(), packed);
+}
+
+// Inference: the HWIO kernel w in the layout of ConvolveAffine<kind>'s primitive for an
+// input of shape x_shape, so that a model's kernels are laid out once, not every call.
+template <char kind>
+ffi::Error PackedKernel(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out,
+                        ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
+                        ffi::Span<const int64_t> x_shape, ffi::Span<const int64_t> y_shape) {
+  try {
+    std::lock_guard<std::mutex> lock(mu);
+    auto g = MakeGeometry(x_shape, w.dimensions(), y_shape, strides, padding);
+    Cached& c = Build(kind, g);
+    if (out->element_count() * sizeof(float) != c.conv_kernel.get_size())
+      return ffi::Error::InvalidArgument("packed kernel buffer of the wrong size");
+    PackKernel(c, g, w.typed_data(), memory(c.conv_kernel, Engine(), out->typed_data()));
+    Stream().wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("oneDNN: ") + e.what());
+  }
+  return ffi::Error::Success();
 }
 
 auto AffineBinding() {
@@ -298,7 +339,18 @@ auto AffineBinding() {
       .RemainingArgs()
       .Ret<ffi::Buffer<ffi::F32>>()
       .Attr<ffi::Span<const int64_t>>("strides")
-      .Attr<ffi::Span<const int64_t>>("padding");
+      .Attr<ffi::Span<const int64_t>>("padding")
+      .Attr<ffi::Span<const int64_t>>("kernel_shape");
+}
+
+auto PackBinding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const int64_t>>("strides")
+      .Attr<ffi::Span<const int64_t>>("padding")
+      .Attr<ffi::Span<const int64_t>>("x_shape")
+      .Attr<ffi::Span<const int64_t>>("y_shape");
 }
 
 auto Binding() {
@@ -318,3 +370,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvBackwardWeights, Convolve<'w'>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvAffine, ConvolveAffine<'a'>, AffineBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvAffineRelu, ConvolveAffine<'r'>, AffineBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SerConvAffineSumRelu, ConvolveAffine<'s'>, AffineBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SerPackAffine, PackedKernel<'a'>, PackBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SerPackAffineRelu, PackedKernel<'r'>, PackBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SerPackAffineSumRelu, PackedKernel<'s'>, PackBinding());
+
+// Elements of PackedKernel<kind>'s output for these NHWC / HWIO shapes, padding as
+// (top, bottom, left, right); -1 when oneDNN has no such convolution.
+extern "C" int64_t SerPackedKernelElements(char kind, const int64_t* x_shape,
+                                           const int64_t* kernel_shape, const int64_t* y_shape,
+                                           const int64_t* strides, const int64_t* padding) {
+  try {
+    std::lock_guard<std::mutex> lock(mu);
+    auto g = MakeGeometry({x_shape, 4}, {kernel_shape, 4}, {y_shape, 4}, {strides, 2},
+                          {padding, 4});
+    return Build(kind, g).conv_kernel.get_size() / sizeof(float);
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+}
