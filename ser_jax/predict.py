@@ -118,6 +118,7 @@ class Predictor:
     self._variables = jax.tree.map(jnp.asarray, variables)
     self._means = jnp.asarray(means)
     self._stds = jnp.asarray(stds)
+    self._packed = {}  # Kernels laid out for oneDNN, per batch shape (train.pack_kernels).
 
   @classmethod
   def from_workdir(
@@ -178,8 +179,10 @@ class Predictor:
       size = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
       padded = np.zeros((size, *chunk.shape[1:]), np.float32)
       padded[: len(chunk)] = chunk
+      if padded.shape not in self._packed:
+        self._packed[padded.shape] = _fold_packed_kernels(self._model, self._variables, padded)
       probabilities = _fold_probabilities(
-        self._model, self._variables, self._means, self._stds, padded
+        self._model, self._variables, self._packed[padded.shape], self._means, self._stds, padded
       )
       chunks.append(np.asarray(probabilities, np.float64)[:, : len(chunk)])
     per_fold = np.concatenate(chunks, axis=1)  # [folds, windows, classes]
@@ -219,15 +222,32 @@ class Predictor:
 
 # The model is static (hashable), so predictors of the same architecture share compilations.
 @functools.partial(jax.jit, static_argnums=0)
-def _fold_probabilities(model, variables, means, stds, features) -> jax.Array:
-  """[folds, batch, classes] probabilities of [batch, n_bins, n_frames] raw features."""
+def _fold_probabilities(model, variables, packed, means, stds, features) -> jax.Array:
+  """[folds, batch, classes] probabilities of [batch, n_bins, n_frames] raw features;
+  `packed`: _fold_packed_kernels for features of this shape."""
 
-  def one_fold(fold_variables, mean, std):
+  def one_fold(fold_variables, fold_packed, mean, std):
+    if fold_packed:
+      fold_variables = {**fold_variables, models.PACKED_KERNELS: fold_packed}
     inputs = (features - mean[None, :, None]) / std[None, :, None]
     logits = model.apply(fold_variables, inputs[..., None], train=False)
     return jax.nn.softmax(logits, axis=-1)
 
-  return jax.vmap(one_fold)(variables, means, stds)
+  return jax.vmap(one_fold)(variables, packed, means, stds)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _fold_packed_kernels(model, variables, features) -> dict:
+  """Each fold's kernels laid out for oneDNN's fused inference on features of this shape
+  ({} for other lowerings; models.conv_norm)."""
+
+  def one_fold(fold_variables):
+    _, packed = model.apply(
+      fold_variables, features[..., None], train=False, mutable=[models.PACKED_KERNELS]
+    )
+    return packed.get(models.PACKED_KERNELS, {})
+
+  return jax.vmap(one_fold)(variables)
 
 
 def _class_names(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[str, ...]:
