@@ -45,7 +45,7 @@ _SYMBOLS = {
   "pack_affine_relu": "SerPackAffineRelu",
   "pack_affine_sum_relu": "SerPackAffineSumRelu",
 }
-_KINDS = {"affine": b"a", "affine_relu": b"r", "affine_sum_relu": b"s"}  # onednn_conv.cc's
+_KINDS = {"affine": b"a", "affine_relu": b"r", "affine_sum_relu": b"s"}  # Build()'s kind chars
 _TARGET_PREFIX = "ser_jax_onednn_"
 _WHEELS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
 ROOT_ENV = "SER_JAX_ONEDNN_ROOT"  # A prefix with include/oneapi/dnnl and lib/libdnnl.so.

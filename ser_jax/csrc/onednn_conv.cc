@@ -326,6 +326,8 @@ ffi::Error PackedKernel(ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> out
     Cached& c = Build(kind, g);
     if (out->element_count() * sizeof(float) != c.conv_kernel.get_size())
       return ffi::Error::InvalidArgument("packed kernel buffer of the wrong size");
+    // A blocked layout's padding must be zero; block copies write only the kernel's elements.
+    std::memset(out->typed_data(), 0, c.conv_kernel.get_size());
     PackKernel(c, g, w.typed_data(), memory(c.conv_kernel, Engine(), out->typed_data()));
     Stream().wait();
   } catch (const dnnl::error& e) {
