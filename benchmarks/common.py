@@ -127,7 +127,8 @@ class JaxRunner:
     self.steps = steps
     self.batch_np = batch_np
     self.eval_batch_np = {"features": batch_np["features"]}
-    # Kernels laid out once, as for every evaluation of a fold (experiment.predict_probabilities).
+    # Kernels laid out once, as each evaluation of a fold does (experiment.predict_probabilities).
+    # Packed from the initial state and kept: the eval steps are timed, their values unused.
     self.packed = steps.pack_kernels(steps.state, self.eval_batch())
 
   def eval_batch(self):

@@ -49,6 +49,18 @@ def conv_norm(
   return onednn.conv_affine(x, kernel, scale, shift, strides, padding, relu, residual, kernel_shape)
 
 
+def packed_kernels(apply_fn, variables, inputs) -> dict:
+  """conv_norm's kernels laid out for oneDNN on `inputs`' shape ({} where inference is not
+  fused). Under jit only the layout work is compiled: the model's outputs are unused."""
+  _, packed = apply_fn(variables, inputs, train=False, mutable=[PACKED_KERNELS])
+  return packed.get(PACKED_KERNELS, {})
+
+
+def with_packed_kernels(variables: dict, packed: dict | None) -> dict:
+  """`variables` for inference that reads `packed` (from packed_kernels) when given."""
+  return {**variables, PACKED_KERNELS: packed} if packed else variables
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convolutions, each followed by BatchNorm; ReLU after the residual sum."""
 

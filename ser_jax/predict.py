@@ -227,9 +227,8 @@ def _fold_probabilities(model, variables, packed, means, stds, features) -> jax.
   `packed`: _fold_packed_kernels for features of this shape."""
 
   def one_fold(fold_variables, fold_packed, mean, std):
-    if fold_packed:
-      fold_variables = {**fold_variables, models.PACKED_KERNELS: fold_packed}
     inputs = (features - mean[None, :, None]) / std[None, :, None]
+    fold_variables = models.with_packed_kernels(fold_variables, fold_packed)
     logits = model.apply(fold_variables, inputs[..., None], train=False)
     return jax.nn.softmax(logits, axis=-1)
 
@@ -241,12 +240,7 @@ def _fold_packed_kernels(model, variables, features) -> dict:
   """Each fold's kernels laid out for oneDNN's fused inference on features of this shape
   ({} for other lowerings; models.conv_norm)."""
 
-  def one_fold(fold_variables):
-    _, packed = model.apply(
-      fold_variables, features[..., None], train=False, mutable=[models.PACKED_KERNELS]
-    )
-    return packed.get(models.PACKED_KERNELS, {})
-
+  one_fold = functools.partial(models.packed_kernels, model.apply, inputs=features[..., None])
   return jax.vmap(one_fold)(variables)
 
 

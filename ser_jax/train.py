@@ -199,23 +199,19 @@ def eval_step(state: TrainState, batch: Batch, packed_kernels=None) -> jax.Array
   packed_kernels: pack_kernels(state, batch) for batches of this shape, or None.
   """
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  if packed_kernels:
-    variables[models.PACKED_KERNELS] = packed_kernels
-  logits = state.apply_fn(variables, batch["features"][..., None], train=False)
+  logits = state.apply_fn(
+    models.with_packed_kernels(variables, packed_kernels),
+    batch["features"][..., None],
+    train=False,
+  )
   return jax.nn.softmax(logits, axis=-1)
 
 
 def pack_kernels(state: TrainState, batch: Batch) -> dict:
   """The model's kernels laid out once for oneDNN's fused inference on batches of this
-  shape ({} for other lowerings): eval_step's packed_kernels. Only the layout work is
-  compiled; the model's outputs are unused."""
-  _, packed = state.apply_fn(
-    {"params": state.params, "batch_stats": state.batch_stats},
-    batch["features"][..., None],
-    train=False,
-    mutable=[models.PACKED_KERNELS],
-  )
-  return packed.get(models.PACKED_KERNELS, {})
+  shape ({} for other lowerings): eval_step's packed_kernels."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return models.packed_kernels(state.apply_fn, variables, batch["features"][..., None])
 
 
 def over_members(step_fn, n_members: int, batch_args: int = 1):

@@ -55,18 +55,19 @@ memory::desc Desc(const memory::dims& dims, tag t) {
 
 // oneDNN 3.2 lists its brgemm kernels first, but on maps of a few pixels its older jit
 // kernels are faster: ResNet-18's last stage on MFCC input (2x9 maps, 512 channels) runs
-// 25-30 % faster (benchmarks/NOTES.md, experiment 28). Below kSmallMap pixels a jit
-// implementation is taken when there is one; `make` builds the primitive descriptor.
+// 25-30 % faster (benchmarks/NOTES.md, experiment 28). Below kSmallMap pixels the first
+// jit implementation is taken when there is one; `make` builds the primitive descriptor.
 constexpr int64_t kSmallMap = 64;
 
 template <typename Make>
 auto PreferJitOnSmallMaps(int64_t pixels, Make make) {
-  auto pd = make();
-  if (pixels >= kSmallMap) return pd;
-  for (auto candidate = make();;) {
-    if (std::string(candidate.impl_info_str()).rfind("jit:", 0) == 0) return candidate;
-    if (!candidate.next_impl()) return pd;
+  if (pixels < kSmallMap) {
+    auto candidate = make();
+    do {
+      if (std::string(candidate.impl_info_str()).rfind("jit:", 0) == 0) return candidate;
+    } while (candidate.next_impl());
   }
+  return make();
 }
 
 int64_t Pixels(const memory::dims& nchw) { return nchw[2] * nchw[3]; }
@@ -297,9 +298,8 @@ ffi::Error Convolve(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 
 // Inference with BatchNorm's affine map (and ReLU, and the residual sum) as post-ops:
 // (x, w, scale, shift) -> y for kinds 'a' and 'r'; kind 's' also takes the residual,
-// whose buffer y is (the caller aliases them).
-// w is the HWIO kernel of shape `kernel_shape`, or that kernel packed (a flat buffer
-// from PackedKernel<kind> for the same shapes).
+// whose buffer y is (the caller aliases them). w is the HWIO kernel of shape
+// `kernel_shape`, or that kernel packed (a flat buffer from PackedKernel<kind>).
 template <char kind>
 ffi::Error ConvolveAffine(ffi::RemainingArgs args, ffi::ResultBuffer<ffi::F32> out,
                           ffi::Span<const int64_t> strides, ffi::Span<const int64_t> padding,
