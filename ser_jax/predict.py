@@ -118,7 +118,7 @@ class Predictor:
     self._variables = jax.tree.map(jnp.asarray, variables)
     self._means = jnp.asarray(means)
     self._stds = jnp.asarray(stds)
-    self._packed = {}  # Kernels laid out for oneDNN, per batch shape (train.pack_kernels).
+    self._packed = {}  # Kernels laid out for oneDNN, per batch shape (_fold_packed_kernels).
 
   @classmethod
   def from_workdir(

@@ -198,9 +198,8 @@ def eval_step(state: TrainState, batch: Batch, packed_kernels=None) -> jax.Array
 
   packed_kernels: pack_kernels(state, batch) for batches of this shape, or None.
   """
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
   logits = state.apply_fn(
-    models.with_packed_kernels(variables, packed_kernels),
+    models.with_packed_kernels(_inference_variables(state), packed_kernels),
     batch["features"][..., None],
     train=False,
   )
@@ -210,8 +209,13 @@ def eval_step(state: TrainState, batch: Batch, packed_kernels=None) -> jax.Array
 def pack_kernels(state: TrainState, batch: Batch) -> dict:
   """The model's kernels laid out once for oneDNN's fused inference on batches of this
   shape ({} for other lowerings): eval_step's packed_kernels."""
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return models.packed_kernels(state.apply_fn, variables, batch["features"][..., None])
+  return models.packed_kernels(
+    state.apply_fn, _inference_variables(state), batch["features"][..., None]
+  )
+
+
+def _inference_variables(state: TrainState) -> dict:
+  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def over_members(step_fn, n_members: int, batch_args: int = 1):
