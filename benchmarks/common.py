@@ -63,12 +63,13 @@ def variant_model(name: str, config):
   return variants.create_model(name, config.model, N_CLASSES)
 
 
-def build_steps(config, model=None, n_train: int = 1824, fold: int = 0) -> Steps:
+def build_steps(config, model=None, n_train: int = 1824, fold: int = 0, devices=None) -> Steps:
   """Builds state, hparams, train and eval steps through experiment.Programs, as _run_fold does.
 
-  `model` replaces models.create_model (for variants with identical mathematics).
+  `model` replaces models.create_model (for variants with identical mathematics);
+  `devices` replaces jax.devices().
   """
-  topology = Topology.create()
+  topology = Topology.create(devices)
   model = model if model is not None else models.create_model(config.model, N_CLASSES)
   feature_shape = (N_BINS[config.features.kind], N_FRAMES)
   programs = experiment.Programs.create(config, model, 1, feature_shape, topology)
@@ -179,11 +180,11 @@ def flops_of(stage) -> float:
 def model_flops(config, batch_np) -> tuple[float, float]:
   """FLOPs of one train step and one eval step on `batch_np`: the model's arithmetic.
 
-  Counted on the steps with model.lowering='xla', lowered but not compiled: oneDNN's
-  convolutions and, after a GPU backend's passes, cuDNN's are custom calls that XLA's
-  cost analysis counts as zero.
+  Counted on the steps with model.lowering='xla', lowered for the CPU but not compiled:
+  oneDNN's convolutions and, after a GPU backend's passes, cuDNN's are custom calls that
+  XLA's cost analysis counts as zero, and GPU plugins do not analyse lowered programs.
   """
-  steps = build_steps(config, model=variant_model("xla", config))
+  steps = build_steps(config, model=variant_model("xla", config), devices=jax.devices("cpu")[:1])
   batch = steps.topology.global_batch(batch_np)
   train = steps.train_step.lower(steps.state, batch, steps.hparams)
   evaluation = steps.eval_step.lower(steps.state, {"features": batch["features"]})

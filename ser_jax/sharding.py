@@ -21,10 +21,14 @@ class Topology:
   mesh: jax.sharding.Mesh
 
   @classmethod
-  def create(cls) -> Topology:
+  def create(cls, devices=None) -> Topology:
+    """The mesh over `devices` (default: every device of the default backend)."""
+    devices = jax.devices() if devices is None else devices
     # Auto axes: XLA propagates the batch sharding through every op, including the
     # reshapes that vmap over members introduces; Explicit axes would reject those.
-    mesh = jax.make_mesh((jax.device_count(),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh(
+      (len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices
+    )
     return cls(mesh)
 
   @property

@@ -82,6 +82,17 @@ def test_batch_size_that_does_not_divide_among_devices_is_a_clear_error(tmp_path
   assert "train.batch_size=12 does not divide among 8 devices" in process.stderr
 
 
+def test_mesh_over_all_devices_or_the_ones_given():
+  code = (
+    "import jax; from ser_jax.sharding import Topology; "
+    "print(Topology.create().num_devices, Topology.create(jax.devices()[:2]).num_devices)"
+  )
+  env = {**os.environ, **TEST_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
+  process = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert process.returncode == 0, process.stderr
+  assert process.stdout.split() == ["3", "2"]
+
+
 @pytest.fixture(scope="module")
 def one_device_run(tmp_path_factory):
   """A tiny two-epoch run on one device, and its feature cache: the reference for the
