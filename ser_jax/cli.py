@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 
 import jax
@@ -13,6 +14,7 @@ from ser_jax import audio, io_utils, onednn
 from ser_jax.config import ConfigError
 from ser_jax.data.corpus import CorpusError
 from ser_jax.folds import FoldError
+from ser_jax.store import default_cache_dir
 
 # Errors a user can fix; they get one line, not a traceback.
 USER_ERRORS = (
@@ -84,6 +86,17 @@ def setup_logging() -> None:
   )
   for noisy in ("absl", "orbax", "jax._src"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def use_compilation_cache() -> None:
+  """Keeps compiled programs in <cache>/xla, so that reruns, resumed runs and predictions
+  load them instead of compiling again. A JAX_COMPILATION_CACHE_DIR setting wins (empty:
+  no cache)."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  path = default_cache_dir() / "xla"
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  logging.info("Compiled programs are cached in %s", path)
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.setup_logging()
+  cli.use_compilation_cache()
   cli.maybe_initialize_distributed()
   logging.info(
     "JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count()

@@ -339,4 +339,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
   cli.setup_logging()
+  cli.use_compilation_cache()
   sys.exit(main())

@@ -42,11 +42,14 @@ def tiny_args(workdir, cache_dir, **overrides) -> list[str]:
 
 
 def run_module(module: str, args: list[str], env: dict | None = None, **kwargs):
-  """Runs `python -m module args` from the repository root; returns the CompletedProcess."""
+  """Runs `python -m module args` from the repository root; returns the CompletedProcess.
+
+  `env` adds to TEST_ENV; a None value removes that variable."""
+  merged = {**os.environ, **TEST_ENV, **(env or {})}
   return subprocess.run(
     [sys.executable, "-m", module, *args],
     cwd=REPO,
-    env={**os.environ, **TEST_ENV, **(env or {})},
+    env={key: value for key, value in merged.items() if value is not None},
     capture_output=True,
     text=True,
     **kwargs,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from helpers import result_metrics, run_module, tiny_args
+from helpers import TEST_ENV, result_metrics, run_module, tiny_args
 
 RESULT_KEYS = {
   "class_names",
@@ -77,6 +80,32 @@ def test_rerun_keeps_finished_folds(finished_run):
   assert "Fold 0 already finished" in process.stderr
   assert "Fold 1 already finished" in process.stderr
   assert result_metrics(workdir) == before
+
+
+def test_compiled_programs_are_kept_under_the_cache_folder(tmp_path):
+  args = tiny_args(
+    tmp_path / "run", tmp_path / "features", **{"cv.folds": "(0,)", "train.num_epochs": 1}
+  )
+  env = {"JAX_COMPILATION_CACHE_DIR": None, "SER_JAX_CACHE": str(tmp_path / "cache")}
+  process = run_module("ser_jax.main", args, env=env)
+  assert process.returncode == 0, process.stderr
+  assert f"Compiled programs are cached in {tmp_path / 'cache' / 'xla'}" in process.stderr
+  assert any(p.name.startswith("jit_") for p in (tmp_path / "cache" / "xla").iterdir())
+
+
+@pytest.mark.parametrize("setting", ["", "elsewhere"])
+def test_a_compilation_cache_setting_wins(tmp_path, setting):
+  """JAX_COMPILATION_CACHE_DIR keeps its value; empty means no cache."""
+  code = (
+    "import jax; from ser_jax import cli; cli.use_compilation_cache(); "
+    "print(repr(jax.config.jax_compilation_cache_dir))"
+  )
+  env = {**os.environ, **TEST_ENV, "JAX_COMPILATION_CACHE_DIR": setting}
+  env["SER_JAX_CACHE"] = str(tmp_path)
+  process = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  assert process.returncode == 0, process.stderr
+  assert process.stdout.strip() == repr(setting)
+  assert not (tmp_path / "xla").exists()
 
 
 def test_preprocess_prints_store_and_class_counts(finished_run):
