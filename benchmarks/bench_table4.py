@@ -8,6 +8,7 @@ One config at a time (the default), feature extraction is part of the first conf
 input kind. With --parallel N, the feature stores are built first (timed on their own) and
 then N configs train at once, each logging to <dir>/<config>.log; on one accelerator, one
 ResNet-18 at batch 32 leaves most of it idle, and each process gets 1/N of its memory.
+Compiled programs are kept in <dir>/xla: configs that share a program compile it once.
 
   python benchmarks/bench_table4.py --dir /tmp/table4                 # the whole table
   python benchmarks/bench_table4.py --dir /tmp/table4 --parallel 4    # on one GPU
@@ -43,6 +44,8 @@ def main() -> None:
   parser.add_argument("--parallel", type=int, default=1, help="configs trained at once")
   args = parser.parse_args()
   out = pathlib.Path(args.dir).resolve()
+  # Compiled programs go to <dir>/xla, so a new --dir times the table from a cold start.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "xla"))
   root = args.root
   if not root:
     start = time.perf_counter()
