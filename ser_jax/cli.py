@@ -1,4 +1,5 @@
-"""What the entry points share: logging, one-line errors, the compilation cache, multi-process start-up."""
+"""What the entry points share: logging, one-line errors, the compilation cache and
+multi-process start-up."""
 
 from __future__ import annotations
 

@@ -41,15 +41,28 @@ def tiny_args(workdir, cache_dir, **overrides) -> list[str]:
   ]
 
 
-def run_module(module: str, args: list[str], env: dict | None = None, **kwargs):
-  """Runs `python -m module args` from the repository root; returns the CompletedProcess.
-
-  `env` adds to TEST_ENV; a None value removes that variable."""
+def _environment(env: dict | None) -> dict:
+  """os.environ with TEST_ENV and `env` on top; a None value in `env` removes that variable."""
   merged = {**os.environ, **TEST_ENV, **(env or {})}
+  return {key: value for key, value in merged.items() if value is not None}
+
+
+def run_module(module: str, args: list[str], env: dict | None = None, **kwargs):
+  """Runs `python -m module args` from the repository root; returns the CompletedProcess."""
+  return run_python(["-m", module, *args], env, **kwargs)
+
+
+def run_code(code: str, env: dict | None = None):
+  """Runs `python -c code` with the test environment; returns the CompletedProcess."""
+  return run_python(["-c", code], env)
+
+
+def run_python(args: list[str], env: dict | None = None, **kwargs):
+  """Runs `python args` from the repository root with the test environment."""
   return subprocess.run(
-    [sys.executable, "-m", module, *args],
+    [sys.executable, *args],
     cwd=REPO,
-    env={key: value for key, value in merged.items() if value is not None},
+    env=_environment(env),
     capture_output=True,
     text=True,
     **kwargs,
@@ -60,7 +73,7 @@ def start_module(module: str, args: list[str], env: dict | None = None) -> subpr
   return subprocess.Popen(
     [sys.executable, "-m", module, *args],
     cwd=REPO,
-    env={**os.environ, **TEST_ENV, **(env or {})},
+    env=_environment(env),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from helpers import TEST_ENV, result_metrics, run_module, tiny_args
+from helpers import result_metrics, run_code, run_module, tiny_args
 
 RESULT_KEYS = {
   "class_names",
@@ -100,9 +97,9 @@ def test_a_compilation_cache_setting_wins(tmp_path, setting):
     "import jax; from ser_jax import cli; cli.use_compilation_cache(); "
     "print(repr(jax.config.jax_compilation_cache_dir))"
   )
-  env = {**os.environ, **TEST_ENV, "JAX_COMPILATION_CACHE_DIR": setting}
-  env["SER_JAX_CACHE"] = str(tmp_path)
-  process = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  process = run_code(
+    code, env={"JAX_COMPILATION_CACHE_DIR": setting, "SER_JAX_CACHE": str(tmp_path)}
+  )
   assert process.returncode == 0, process.stderr
   assert process.stdout.strip() == repr(setting)
   assert not (tmp_path / "xla").exists()

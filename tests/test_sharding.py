@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, TEST_ENV, result_metrics, run_module, start_module, tiny_args
+from helpers import REPO, TEST_ENV, result_metrics, run_code, run_module, start_module, tiny_args
 
 
 def _run_steps(tmp_path, n_devices: int, batch_size: int, layout: str = "replicated") -> dict:
@@ -87,8 +87,7 @@ def test_mesh_over_all_devices_or_the_ones_given():
     "import jax; from ser_jax.sharding import Topology; "
     "print(Topology.create().num_devices, Topology.create(jax.devices()[:2]).num_devices)"
   )
-  env = {**os.environ, **TEST_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=3"}
-  process = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+  process = run_code(code, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=3"})
   assert process.returncode == 0, process.stderr
   assert process.stdout.split() == ["3", "2"]
 
