@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -309,9 +310,25 @@ def summary(values: list[float]) -> str:
   return f"{statistics.median(values):7.1f} [{min(values):.1f}-{max(values):.1f}]"
 
 
+def cpu_model() -> str:
+  """The CPU's model name from /proc/cpuinfo, else platform's processor string.
+
+  Ratios against PyTorch differ between CPU models (benchmarks/NOTES.md), so every figure
+  names the CPU it was measured on.
+  """
+  try:
+    with open("/proc/cpuinfo") as cpuinfo:
+      for line in cpuinfo:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown"
+
+
 def machine_line() -> str:
   load = os.getloadavg()[0]
   return (
-    f"jax {jax.__version__}, devices {jax.devices()}, cpus {os.cpu_count()}, "
+    f"jax {jax.__version__}, devices {jax.devices()}, cpu {cpu_model()!r} x {os.cpu_count()}, "
     f"load1 {load:.2f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
