@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import multiprocessing
 import os
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ser_jax import experiment, models, train
+from ser_jax import experiment, models, onednn, train
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 
@@ -192,17 +193,49 @@ def model_flops(config, batch_np) -> tuple[float, float]:
   return flops_of(train), flops_of(evaluation)
 
 
-def matmul_gflops(n: int = 4096, reps: int = 5) -> float:
-  """Achieved GFLOP/s of a float32 n x n jnp.dot: the machine's practical peak here."""
-  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
-  dot = jax.jit(jnp.dot)
-  dot(a, a).block_until_ready()
+def _gflops(run, n: int, reps: int) -> float:
+  """GFLOP/s of an n x n x n product from the median time of `reps` calls of run()."""
+  run()
   times = []
   for _ in range(reps):
     start = time.perf_counter()
-    dot(a, a).block_until_ready()
+    run()
     times.append(time.perf_counter() - start)
   return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def matmul_gflops(n: int = 4096, reps: int = 5) -> float:
+  """Achieved GFLOP/s of a float32 n x n jnp.dot (XLA's matmul)."""
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), dtype=np.float32))
+  dot = jax.jit(jnp.dot)
+  return _gflops(lambda: dot(a, a).block_until_ready(), n, reps)
+
+
+def sgemm_gflops(n: int = 4096, reps: int = 5) -> float:
+  """Achieved GFLOP/s of oneDNN's float32 n x n sgemm, the library that runs ser_jax's
+  CPU convolutions (its kernels are the fastest float32 matmul here); nan without it."""
+  try:
+    _, lib_dir = onednn.onednn_prefixes()
+  except onednn.OneDnnUnavailable:
+    return float("nan")
+  sgemm = ctypes.CDLL(str(lib_dir / "libdnnl.so")).dnnl_sgemm
+  size, real, pointer = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+  sgemm.argtypes = [ctypes.c_char, ctypes.c_char, size, size, size, real, pointer, size]
+  sgemm.argtypes += [pointer, size, real, pointer, size]
+  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  c = np.empty_like(a)
+  args = (b"N", b"N", n, n, n, 1.0, a.ctypes.data, n, a.ctypes.data, n, 0.0, c.ctypes.data, n)
+  return _gflops(lambda: sgemm(*args), n, reps)
+
+
+def peak_gflops(reps: int = 3) -> dict[str, float]:
+  """The device's practical float32 peak: GFLOP/s of each matmul at hand (on CPU also
+  oneDNN's), and the best of them."""
+  rates = {"jnp.dot": matmul_gflops(reps=reps)}
+  if jax.default_backend() == "cpu":
+    rates["oneDNN sgemm"] = sgemm_gflops(reps=reps)
+  rates["best"] = max(v for v in rates.values() if not np.isnan(v))
+  return rates
 
 
 def peak_rss_mb() -> float:

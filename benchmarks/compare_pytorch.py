@@ -1,9 +1,12 @@
 """ser_jax's train and eval steps against the same ResNet-18 in PyTorch, same process.
 
 For each input kind and batch size, alternates the frameworks repetition by repetition
-(so background load hits both alike) and prints samples/s (median [min-max]) and the
-ratio JAX/PyTorch of the medians. PyTorch: eager train step (channels-last, AdamW,
-focal loss, same augmentation) and eval eager and, unless --no-compile, torch.compile.
+(so background load hits both alike) and prints samples/s (median [min-max]), the ratio
+JAX/PyTorch of the medians, and each step's achieved GFLOP/s (XLA's count of the
+model's FLOPs) against the machine's limit: the best float32 matmul at hand (jnp.dot,
+oneDNN's sgemm), timed between repetitions. PyTorch: eager train step (channels-last,
+AdamW, focal loss, same augmentation) and eval eager and, unless --no-compile,
+torch.compile.
 JAX: ser_jax's jitted steps as experiment.Programs builds them; --variants adds model
 variants: 'base' is ser_jax's own model, 'xla', 'cpu' and 'onednn' the same with that
 model.lowering, other names come from variants.py. With --processes separate, each
@@ -18,7 +21,9 @@ slow each other down), still alternating repetition by repetition.
 from __future__ import annotations
 
 import argparse
+import collections
 import multiprocessing
+import statistics
 import time
 
 import common
@@ -131,13 +136,24 @@ def run(kind: str, batch: int, args) -> list[tuple]:
   host = _Subprocess if args.processes == "separate" else _InProcess
   frameworks = [host(name, kind, batch, args) for name in ("jax", "torch")]
   rates = {key: common.Samples() for fw in frameworks for key in fw.keys}
+  peaks = collections.defaultdict(list)
   for _ in range(args.reps):
     for fw in frameworks:
       for key in fw.keys:
         n = args.steps if key[0] == "train" else args.eval_steps
         rates[key].measure(lambda fw=fw, key=key, n=n: fw.rate(key, n))
+    for name, rate in common.peak_gflops().items():
+      peaks[name].append(rate)
   for fw in frameworks:
     fw.close()
+  peak = statistics.median(peaks.pop("best"))
+  print(
+    f"[{kind} {batch}] 4096^2 matmul GFLOP/s (median [min-max]), the machine's limit: "
+    + ", ".join(f"{name} {common.summary(values).strip()}" for name, values in peaks.items())
+  )
+  config, data = common.make_config(kind, batch), common.synthetic_batch(kind, batch)
+  train_flops, eval_flops = common.model_flops(config, data)
+  flops = {"train": train_flops, "eval": eval_flops}
   rows = []
   for mode in ("train", "eval"):
     eager = rates[(mode, "torch eager")].median
@@ -146,7 +162,9 @@ def run(kind: str, batch: int, args) -> list[tuple]:
       if key[0] == mode:
         median = samples.median
         vs_compile = median / compiled.median if compiled else float("nan")
-        rows.append((kind, batch, mode, key[1], samples, median / eager, vs_compile))
+        gflops = flops[mode] / 1e9 * median / batch
+        row = (kind, batch, mode, key[1], samples, gflops, gflops / peak, median / eager)
+        rows.append(row + (vs_compile,))
   return rows
 
 
@@ -177,11 +195,13 @@ def main() -> None:
       rows += run(kind, batch, args)
   print(
     f"\n{'kind':6s} {'batch':>5s} {'step':5s} {'framework':16s} "
-    f"{'samples/s median [min-max] n=clean/all':>38s} {'/torch eager':>12s} {'/torch compile':>14s}"
+    f"{'samples/s median [min-max] n=clean/all':>38s} {'GFLOP/s':>7s} {'of peak':>7s} "
+    f"{'/torch eager':>12s} {'/torch compile':>14s}"
   )
-  for kind, batch, mode, name, samples, ratio, vs_compile in rows:
+  for kind, batch, mode, name, samples, gflops, share, ratio, vs_compile in rows:
     print(
-      f"{kind:6s} {batch:5d} {mode:5s} {name:16s} {samples!s:>38s} {ratio:12.2f} {vs_compile:14.2f}"
+      f"{kind:6s} {batch:5d} {mode:5s} {name:16s} {samples!s:>38s} {gflops:7.1f} "
+      f"{100 * share:6.0f}% {ratio:12.2f} {vs_compile:14.2f}"
     )
 
 
