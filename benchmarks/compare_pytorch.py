@@ -163,8 +163,8 @@ def run(kind: str, batch: int, args) -> list[tuple]:
         median = samples.median
         vs_compile = median / compiled.median if compiled else float("nan")
         gflops = flops[mode] / 1e9 * median / batch
-        row = (kind, batch, mode, key[1], samples, gflops, gflops / peak, median / eager)
-        rows.append(row + (vs_compile,))
+        ratios = (median / eager, vs_compile)
+        rows.append((kind, batch, mode, key[1], samples, gflops, gflops / peak, *ratios))
   return rows
 
 
