@@ -18,9 +18,7 @@ own model) in the same process, alternating them repetition by repetition.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import statistics
 import time
 
 import common
@@ -87,10 +85,9 @@ def main() -> None:
     runners[name] = runner
   modes = ("train",) if args.no_eval else ("train", "eval")
   rates = {(n, m): common.Samples() for n in names for m in modes}
-  peaks = collections.defaultdict(list)
+  peaks = common.Peaks()
   for _ in range(args.reps):
-    for name, rate in common.peak_gflops().items():
-      peaks[name].append(rate)
+    peaks.measure()
     for name in names:
       for mode in modes:
         run = runners[name].train_many if mode == "train" else runners[name].eval_many
@@ -101,11 +98,10 @@ def main() -> None:
           return args.batch * args.steps / (time.perf_counter() - start)
 
         rates[(name, mode)].measure(rate)
-  peak = statistics.median(peaks.pop("best"))
+  peak = peaks.best
   print(
     f"\n{args.kind} batch {args.batch} {args.dtype} width {args.width}: {args.reps} reps x "
-    f"{args.steps} steps; 4096^2 matmul GFLOP/s (median [min-max]): "
-    + ", ".join(f"{name} {common.summary(values).strip()}" for name, values in peaks.items())
+    f"{args.steps} steps; {peaks}"
   )
   header = (
     f"{'variant':10s} {'step':5s} {'samples/s median [min-max], clean reps, load':>46s} "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import multiprocessing
 import os
 import platform
@@ -211,17 +213,26 @@ def matmul_gflops(n: int = 4096, reps: int = 5) -> float:
   return _gflops(lambda: dot(a, a).block_until_ready(), n, reps)
 
 
-def sgemm_gflops(n: int = 4096, reps: int = 5) -> float:
-  """Achieved GFLOP/s of oneDNN's float32 n x n sgemm, the library that runs ser_jax's
-  CPU convolutions (its kernels are the fastest float32 matmul here); nan without it."""
+@functools.cache
+def _sgemm():
+  """oneDNN's dnnl_sgemm through ctypes; None where oneDNN is not installed."""
   try:
     _, lib_dir = onednn.onednn_prefixes()
   except onednn.OneDnnUnavailable:
-    return float("nan")
+    return None
   sgemm = ctypes.CDLL(str(lib_dir / "libdnnl.so")).dnnl_sgemm
   size, real, pointer = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
   sgemm.argtypes = [ctypes.c_char, ctypes.c_char, size, size, size, real, pointer, size]
   sgemm.argtypes += [pointer, size, real, pointer, size]
+  return sgemm
+
+
+def sgemm_gflops(n: int = 4096, reps: int = 5) -> float:
+  """Achieved GFLOP/s of oneDNN's float32 n x n sgemm, the library that runs ser_jax's
+  CPU convolutions (its kernels are the fastest float32 matmul here); nan without it."""
+  sgemm = _sgemm()
+  if sgemm is None:
+    return float("nan")
   a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
   c = np.empty_like(a)
   args = (b"N", b"N", n, n, n, 1.0, a.ctypes.data, n, a.ctypes.data, n, 0.0, c.ctypes.data, n)
@@ -236,6 +247,26 @@ def peak_gflops(reps: int = 3) -> dict[str, float]:
     rates["oneDNN sgemm"] = sgemm_gflops(reps=reps)
   rates["best"] = max(v for v in rates.values() if not np.isnan(v))
   return rates
+
+
+class Peaks:
+  """peak_gflops() measured once per repetition, between a benchmark's own measurements."""
+
+  def __init__(self):
+    self.values = collections.defaultdict(list)
+
+  def measure(self) -> None:
+    for name, rate in peak_gflops().items():
+      self.values[name].append(rate)
+
+  @property
+  def best(self) -> float:
+    """The median over repetitions of the best matmul's GFLOP/s: the machine's limit."""
+    return statistics.median(self.values["best"])
+
+  def __str__(self) -> str:
+    matmuls = (f"{n} {summary(v).strip()}" for n, v in self.values.items() if n != "best")
+    return "4096^2 matmul GFLOP/s (median [min-max]): " + ", ".join(matmuls)
 
 
 def peak_rss_mb() -> float:

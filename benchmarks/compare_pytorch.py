@@ -21,9 +21,7 @@ slow each other down), still alternating repetition by repetition.
 from __future__ import annotations
 
 import argparse
-import collections
 import multiprocessing
-import statistics
 import time
 
 import common
@@ -136,21 +134,17 @@ def run(kind: str, batch: int, args) -> list[tuple]:
   host = _Subprocess if args.processes == "separate" else _InProcess
   frameworks = [host(name, kind, batch, args) for name in ("jax", "torch")]
   rates = {key: common.Samples() for fw in frameworks for key in fw.keys}
-  peaks = collections.defaultdict(list)
+  peaks = common.Peaks()
   for _ in range(args.reps):
     for fw in frameworks:
       for key in fw.keys:
         n = args.steps if key[0] == "train" else args.eval_steps
         rates[key].measure(lambda fw=fw, key=key, n=n: fw.rate(key, n))
-    for name, rate in common.peak_gflops().items():
-      peaks[name].append(rate)
+    peaks.measure()
   for fw in frameworks:
     fw.close()
-  peak = statistics.median(peaks.pop("best"))
-  print(
-    f"[{kind} {batch}] 4096^2 matmul GFLOP/s (median [min-max]), the machine's limit: "
-    + ", ".join(f"{name} {common.summary(values).strip()}" for name, values in peaks.items())
-  )
+  peak = peaks.best
+  print(f"[{kind} {batch}] the machine's limit, {peaks}")
   config, data = common.make_config(kind, batch), common.synthetic_batch(kind, batch)
   train_flops, eval_flops = common.model_flops(config, data)
   flops = {"train": train_flops, "eval": eval_flops}
