@@ -1,4 +1,10 @@
-"""Features and audio loading match librosa's reference pipeline; bad audio is rejected."""
+"""Features and audio loading match an independent reference pipeline; bad audio is rejected.
+
+The reference is computed here from its definition, in float64: a numpy STFT (periodic Hann
+window, frames centred by zero-padding n_fft // 2 at both ends, librosa's center=True with
+pad_mode='constant'), librosa's mel filter bank, power_to_db as 10 log10(max(S, amin)) with an
+absolute reference and an 80 dB floor below the peak, and MFCCs as scipy's orthonormal DCT-II.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import pathlib
 import librosa
 import numpy as np
 import pytest
+import scipy.fft
 import soundfile as sf
 
 from ser_jax import audio
@@ -15,6 +22,11 @@ from ser_jax.features import FeatureParams, compute_features
 SR = 22050
 MAX_SAMPLES = 6 * SR  # 132300
 N_FRAMES = 259  # 1 + 132300 // 512
+# float32 features against the float64 reference. Log-mel values (|x| <= 100 dB) round by
+# ~1e-5 dB in float32 (seen: 7e-6); MFCC c0 sums 128 of them (|c0| up to ~1000), where one
+# float32 step is 6e-5 (seen: 6e-5).
+ATOL_DB = 1e-4
+ATOL_MFCC = 1e-3
 
 
 def _signal(n_samples: int, seed: int = 0, sr: int = SR) -> np.ndarray:
@@ -27,24 +39,32 @@ def _signal(n_samples: int, seed: int = 0, sr: int = SR) -> np.ndarray:
   return x.astype(np.float32)
 
 
-def _reference_logmel(clip: np.ndarray) -> np.ndarray:
-  mel = librosa.feature.melspectrogram(
-    y=clip, sr=SR, n_fft=2048, hop_length=512, win_length=2048, window="hann", n_mels=128
-  )
-  return librosa.power_to_db(mel, ref=1.0, top_db=80)
+def _power_spectrogram(
+  clip: np.ndarray, n_fft: int = 2048, hop_length: int = 512, pad_mode: str = "constant"
+) -> np.ndarray:
+  """|STFT|^2 [1 + n_fft // 2, 1 + len(clip) // hop_length] of centred, Hann-windowed frames."""
+  padded = np.pad(np.asarray(clip, np.float64), n_fft // 2, mode=pad_mode)
+  frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop_length]
+  window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # Periodic, as for FFTs.
+  return (np.abs(np.fft.rfft(frames * window, axis=1)) ** 2).T
 
 
-def _reference_mfcc(clip: np.ndarray) -> np.ndarray:
-  return librosa.feature.mfcc(
-    y=clip,
-    sr=SR,
-    n_mfcc=40,
-    n_fft=2048,
-    hop_length=512,
-    win_length=2048,
-    window="hann",
-    n_mels=128,
-  )
+def _power_to_db(power: np.ndarray, amin: float = 1e-10, top_db: float = 80.0) -> np.ndarray:
+  """Decibels re 1 (absolute), floored at `top_db` below the clip's peak."""
+  db = 10.0 * np.log10(np.maximum(power, amin))
+  return np.maximum(db, db.max() - top_db)
+
+
+def _reference_logmel(
+  clip: np.ndarray, n_mels: int = 128, hop_length: int = 512, pad_mode: str = "constant"
+) -> np.ndarray:
+  power = _power_spectrogram(clip, hop_length=hop_length, pad_mode=pad_mode)
+  mel_basis = librosa.filters.mel(sr=SR, n_fft=2048, n_mels=n_mels, dtype=np.float64)
+  return _power_to_db(mel_basis @ power)
+
+
+def _reference_mfcc(clip: np.ndarray, n_mfcc: int = 40) -> np.ndarray:
+  return scipy.fft.dct(_reference_logmel(clip), type=2, norm="ortho", axis=0)[:n_mfcc]
 
 
 def _pad_or_clip(x: np.ndarray, n: int) -> np.ndarray:
@@ -53,28 +73,40 @@ def _pad_or_clip(x: np.ndarray, n: int) -> np.ndarray:
   return out
 
 
-# --- compute_features against librosa -------------------------------------------------
+# --- compute_features against the reference ------------------------------------------
 
 
 @pytest.mark.parametrize("n_samples", [4 * SR + 123, MAX_SAMPLES, 7 * SR])
-def test_logmel_equals_librosa_melspectrogram_in_db(n_samples):
-  """Log-mel = librosa melspectrogram + power_to_db(ref=1.0, top_db=80) of the 6 s clip."""
+def test_logmel_equals_reference_mel_power_in_db(n_samples):
+  """Log-mel = 10 log10 of mel-filtered |STFT|^2, re 1, floored 80 dB below the peak."""
   x = _signal(n_samples)
   got = compute_features(x, FeatureParams(kind="logmel"))
   want = _reference_logmel(_pad_or_clip(x, MAX_SAMPLES))
   assert got.shape == (128, N_FRAMES)
   assert got.dtype == np.float32
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+  np.testing.assert_allclose(got, want, rtol=0, atol=ATOL_DB)
 
 
 @pytest.mark.parametrize("n_samples", [4 * SR + 123, MAX_SAMPLES, 7 * SR])
-def test_mfcc_equals_librosa_feature_mfcc(n_samples):
+def test_mfcc_equals_orthonormal_dct_of_the_reference_logmel(n_samples):
   x = _signal(n_samples, seed=1)
   got = compute_features(x, FeatureParams(kind="mfcc"))
   want = _reference_mfcc(_pad_or_clip(x, MAX_SAMPLES))
   assert got.shape == (40, N_FRAMES)
   assert got.dtype == np.float32
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+  np.testing.assert_allclose(got, want, rtol=0, atol=ATOL_MFCC)
+
+
+def test_first_and_last_frames_are_centred_on_zero_padding():
+  """The edge frames see zeros beyond the clip, not a reflection of it (librosa < 0.10)."""
+  x = _signal(MAX_SAMPLES, seed=9)
+  got = compute_features(x, FeatureParams(kind="logmel"))
+  reflected = _reference_logmel(x, pad_mode="reflect")
+  # The comparisons above would catch the other convention: it moves the edge frames by
+  # decibels, and leaves the inner frames alone.
+  for edge in (0, -1):
+    assert np.max(np.abs(got[:, edge] - reflected[:, edge])) > 1.0
+  np.testing.assert_allclose(got[:, 4:-4], reflected[:, 4:-4], rtol=0, atol=ATOL_DB)
 
 
 @pytest.mark.parametrize("kind", ["logmel", "mfcc"])
@@ -109,13 +141,10 @@ def test_short_clip_is_zero_padded_at_the_end(kind):
 def test_max_seconds_and_other_parameters_are_honoured():
   params = FeatureParams(kind="logmel", max_seconds=1.0, n_mels=64, hop_length=256)
   x = _signal(SR + 500, seed=5)
-  mel = librosa.feature.melspectrogram(
-    y=x[:SR], sr=SR, n_fft=2048, hop_length=256, win_length=2048, window="hann", n_mels=64
-  )
-  want = librosa.power_to_db(mel, ref=1.0, top_db=80)
+  want = _reference_logmel(x[:SR], n_mels=64, hop_length=256)
   got = compute_features(x, params)
   assert got.shape == (64, 1 + SR // 256) == want.shape
-  np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+  np.testing.assert_allclose(got, want, rtol=0, atol=ATOL_DB)
 
 
 @pytest.mark.filterwarnings("ignore:n_fft=2048 is too large")
@@ -125,7 +154,7 @@ def test_valid_frames_is_librosas_frame_count_of_the_unpadded_clip(n_samples):
   frames = librosa.feature.melspectrogram(
     y=np.ones(n_samples, np.float32), sr=SR, n_fft=2048, hop_length=512
   ).shape[1]
-  assert params.valid_frames(n_samples) == frames
+  assert params.valid_frames(n_samples) == frames == _power_spectrogram(np.ones(n_samples)).shape[1]
 
 
 @pytest.mark.parametrize("n_samples", [MAX_SAMPLES, MAX_SAMPLES + 1, 10 * SR])
@@ -160,11 +189,14 @@ def test_load_audio_equals_librosa_load(tmp_path, file_rate, channels, subtype):
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
-  # The whole pipeline: load + features equals librosa's load + melspectrogram.
-  for kind, reference in (("logmel", _reference_logmel), ("mfcc", _reference_mfcc)):
+  # The whole pipeline: load + features equals librosa's load + the reference features.
+  for kind, reference, atol in (
+    ("logmel", _reference_logmel, ATOL_DB),
+    ("mfcc", _reference_mfcc, ATOL_MFCC),
+  ):
     features = compute_features(got, FeatureParams(kind=kind))
     np.testing.assert_allclose(
-      features, reference(_pad_or_clip(want, MAX_SAMPLES)), rtol=0, atol=1e-3
+      features, reference(_pad_or_clip(want, MAX_SAMPLES)), rtol=0, atol=atol
     )
 
 
@@ -271,5 +303,6 @@ def test_clip_shorter_than_one_frame_gives_finite_features(tmp_path, kind):
   assert features.shape == (params.n_bins, N_FRAMES)
   assert np.all(np.isfinite(features))
   reference = _reference_logmel if kind == "logmel" else _reference_mfcc
-  np.testing.assert_allclose(features, reference(_pad_or_clip(y, MAX_SAMPLES)), atol=1e-3)
+  atol = ATOL_DB if kind == "logmel" else ATOL_MFCC
+  np.testing.assert_allclose(features, reference(_pad_or_clip(y, MAX_SAMPLES)), atol=atol)
   assert params.valid_frames(len(y)) == 1

@@ -1,19 +1,34 @@
-"""Cross-validation folds: stratified as in the paper, or speaker-independent."""
+"""Cross-validation folds: stratified as in the paper, or speaker-independent.
+
+The checks are properties any correct folds have, over random corpora with imbalanced
+classes (IEMOCAP's 48/12/27/13 % among them), not a replay of the scikit-learn call.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.model_selection import StratifiedKFold
 
 from ser_jax.folds import FoldError, make_folds
 
 CLASS_NAMES = ("neutral", "happiness", "sadness", "anger")
+IEMOCAP_SHARES = (0.48, 0.12, 0.27, 0.13)
+CORPUS_SEEDS = range(12)
 
 
 def _labels(seed: int = 0, n: int = 203) -> np.ndarray:
   rng = np.random.default_rng(seed)
   return rng.choice(len(CLASS_NAMES), n, p=[0.45, 0.15, 0.25, 0.15])
+
+
+def _random_labels(seed: int) -> tuple[np.ndarray, int]:
+  """(labels, n_folds): 40-500 examples, IEMOCAP's or random class shares, 2-10 folds."""
+  rng = np.random.default_rng(seed)
+  n_folds = int(rng.choice([2, 3, 5, 10]))
+  n = int(rng.integers(40, 500))
+  shares = IEMOCAP_SHARES if seed % 2 == 0 else rng.dirichlet(np.ones(len(CLASS_NAMES)))
+  counts = np.maximum(rng.multinomial(n, shares), n_folds)  # Every class fills every fold.
+  return rng.permutation(np.repeat(np.arange(len(CLASS_NAMES)), counts)), n_folds
 
 
 def _stratified(labels, n_folds=5, seed=0):
@@ -30,63 +45,69 @@ def _stratified(labels, n_folds=5, seed=0):
 
 
 def _assert_partition(folds, n: int) -> None:
-  """Train and test are disjoint, cover everything, and every index is tested once."""
+  """Test sets are disjoint and cover every index once; train is the complement of test."""
   tested = np.concatenate([test for _, test in folds])
   np.testing.assert_array_equal(np.sort(tested), np.arange(n))
   for train, test in folds:
+    assert len(test) > 0
     assert len(np.intersect1d(train, test)) == 0
     np.testing.assert_array_equal(np.union1d(train, test), np.arange(n))
+    assert len(train) + len(test) == n  # No index twice within train or test.
     np.testing.assert_array_equal(train, np.sort(train))
     np.testing.assert_array_equal(test, np.sort(test))
+
+
+def _test_sets(folds) -> list[tuple[int, ...]]:
+  return [tuple(test) for _, test in folds]
+
+
+def _assert_same_folds(first, again) -> None:
+  assert len(first) == len(again)
+  for (a_train, a_test), (b_train, b_test) in zip(first, again, strict=True):
+    np.testing.assert_array_equal(a_train, b_train)
+    np.testing.assert_array_equal(a_test, b_test)
 
 
 # --- stratified ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_folds", [2, 5, 10])
-@pytest.mark.parametrize("seed", [0, 7])
-def test_stratified_folds_partition_the_examples(n_folds, seed):
-  labels = _labels(seed)
-  folds = _stratified(labels, n_folds, seed)
+@pytest.mark.parametrize("corpus_seed", CORPUS_SEEDS)
+def test_stratified_folds_partition_the_examples(corpus_seed):
+  labels, n_folds = _random_labels(corpus_seed)
+  folds = _stratified(labels, n_folds, seed=corpus_seed)
   assert len(folds) == n_folds
   _assert_partition(folds, len(labels))
 
 
-@pytest.mark.parametrize("n_folds", [2, 5, 10])
-def test_stratified_test_folds_keep_class_proportions_within_one(n_folds):
-  labels = _labels(1)
+@pytest.mark.parametrize("corpus_seed", CORPUS_SEEDS)
+def test_stratified_folds_keep_each_class_share_within_one_example(corpus_seed):
+  """Each fold's test (and so train) set has every class's overall share, +-1 example."""
+  labels, n_folds = _random_labels(corpus_seed)
   totals = np.bincount(labels, minlength=len(CLASS_NAMES))
-  for _, test in _stratified(labels, n_folds, seed=3):
-    counts = np.bincount(labels[test], minlength=len(CLASS_NAMES))
-    assert np.all(np.abs(counts - totals / n_folds) <= 1), (counts, totals / n_folds)
+  for train, test in _stratified(labels, n_folds, seed=corpus_seed + 100):
+    test_counts = np.bincount(labels[test], minlength=len(CLASS_NAMES))
+    train_counts = np.bincount(labels[train], minlength=len(CLASS_NAMES))
+    assert np.all(np.abs(test_counts - totals / n_folds) <= 1), (test_counts, totals / n_folds)
+    want_train = totals * (n_folds - 1) / n_folds
+    assert np.all(np.abs(train_counts - want_train) <= 1), (train_counts, want_train)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 42])
-def test_stratified_folds_equal_sklearn_stratified_kfold(seed):
-  labels = _labels(seed)
-  splitter = StratifiedKFold(5, shuffle=True, random_state=seed)
-  want = list(splitter.split(np.zeros(len(labels)), labels))
-  got = _stratified(labels, 5, seed)
-  assert len(got) == len(want)
-  for (train, test), (want_train, want_test) in zip(got, want, strict=True):
-    np.testing.assert_array_equal(train, np.sort(want_train))
-    np.testing.assert_array_equal(test, np.sort(want_test))
+@pytest.mark.parametrize("corpus_seed", CORPUS_SEEDS)
+def test_stratified_folds_are_deterministic_in_the_seed(corpus_seed):
+  labels, n_folds = _random_labels(corpus_seed)
+  first = _stratified(labels, n_folds, seed=5)
+  _assert_same_folds(first, _stratified(labels, n_folds, seed=5))
+  # Another seed shuffles differently: not the same partition, not even reordered.
+  assert sorted(_test_sets(_stratified(labels, n_folds, seed=6))) != sorted(_test_sets(first))
 
 
-def test_stratified_folds_are_deterministic_in_the_seed():
-  labels = _labels(2)
-  first, again, other = (
-    _stratified(labels, seed=5),
-    _stratified(labels, seed=5),
-    _stratified(labels, seed=6),
-  )
-  for (a_train, a_test), (b_train, b_test) in zip(first, again, strict=True):
-    np.testing.assert_array_equal(a_train, b_train)
-    np.testing.assert_array_equal(a_test, b_test)
-  assert any(
-    not np.array_equal(a_test, c_test)
-    for (_, a_test), (_, c_test) in zip(first, other, strict=True)
-  )
+def test_stratified_folds_mix_the_corpus_order():
+  """Shuffled, not cut in blocks: a fold's examples of a class are not consecutive ones."""
+  labels = _labels(3)
+  for _, test in _stratified(labels, 5, seed=0):
+    for c in range(len(CLASS_NAMES)):
+      of_class = np.flatnonzero(labels == c)  # The class's examples in corpus order.
+      assert np.any(np.diff(np.flatnonzero(np.isin(of_class, test))) > 1), CLASS_NAMES[c]
 
 
 def test_stratified_error_names_the_class_with_too_few_examples():
@@ -115,6 +136,21 @@ def _speaker_corpus(n_speakers: int, speakers_per_group: int, seed: int = 0, per
   return labels, speakers, groups
 
 
+def _random_speaker_corpus(seed: int):
+  """(labels, speakers, groups, n_folds): 5-14 speakers of 3-40 clips in sessions of 1-3."""
+  rng = np.random.default_rng(seed)
+  n_speakers = int(rng.integers(5, 15))
+  per_speaker = rng.integers(3, 41, n_speakers)
+  speakers_per_group = int(rng.integers(1, 4))
+  order = rng.permutation(n_speakers)  # Speakers' clips interleaved, not in blocks.
+  speakers = np.repeat([f"spk{s:02d}" for s in order], per_speaker)
+  groups = np.repeat([f"Session{s // speakers_per_group + 1}" for s in order], per_speaker)
+  index = rng.permutation(len(speakers))
+  labels = rng.choice(len(CLASS_NAMES), len(speakers), p=IEMOCAP_SHARES)
+  n_folds = int(rng.integers(2, min(n_speakers, 6) + 1))
+  return labels, speakers[index], groups[index], n_folds
+
+
 def _speaker_folds(labels, speakers, groups, n_folds=5, seed=0):
   return make_folds(
     labels,
@@ -127,6 +163,20 @@ def _speaker_folds(labels, speakers, groups, n_folds=5, seed=0):
   )
 
 
+def _assert_speaker_independent(folds, speakers) -> None:
+  for train, test in folds:
+    assert not set(speakers[train]) & set(speakers[test])
+
+
+@pytest.mark.parametrize("corpus_seed", CORPUS_SEEDS)
+def test_random_corpora_give_speaker_independent_partitions(corpus_seed):
+  labels, speakers, groups, n_folds = _random_speaker_corpus(corpus_seed)
+  folds = _speaker_folds(labels, speakers, groups, n_folds, seed=corpus_seed)
+  assert len(folds) == n_folds
+  _assert_partition(folds, len(labels))
+  _assert_speaker_independent(folds, speakers)
+
+
 @pytest.mark.parametrize(
   ("n_speakers", "speakers_per_group", "n_folds"),
   [(10, 2, 5), (8, 1, 5), (12, 4, 3), (7, 1, 7), (9, 3, 2)],
@@ -136,8 +186,7 @@ def test_no_speaker_is_in_both_train_and_test(n_speakers, speakers_per_group, n_
   folds = _speaker_folds(labels, speakers, groups, n_folds)
   assert len(folds) == n_folds
   _assert_partition(folds, len(labels))
-  for train, test in folds:
-    assert not set(speakers[train]) & set(speakers[test])
+  _assert_speaker_independent(folds, speakers)
 
 
 def test_five_groups_and_five_folds_is_leave_one_group_out():
@@ -153,13 +202,23 @@ def test_five_groups_and_five_folds_is_leave_one_group_out():
   assert sorted(held_out) == [f"Session{i}" for i in range(1, 6)]
 
 
-def test_speaker_folds_are_deterministic_in_the_seed():
-  labels, speakers, groups = _speaker_corpus(9, 1, seed=4)
-  first = _speaker_folds(labels, speakers, groups, seed=1)
-  again = _speaker_folds(labels, speakers, groups, seed=1)
-  for (a_train, a_test), (b_train, b_test) in zip(first, again, strict=True):
-    np.testing.assert_array_equal(a_train, b_train)
-    np.testing.assert_array_equal(a_test, b_test)
+@pytest.mark.parametrize("corpus_seed", CORPUS_SEEDS)
+def test_speaker_folds_are_deterministic_in_the_seed(corpus_seed):
+  labels, speakers, groups, n_folds = _random_speaker_corpus(corpus_seed)
+  _assert_same_folds(
+    _speaker_folds(labels, speakers, groups, n_folds, seed=1),
+    _speaker_folds(labels, speakers, groups, n_folds, seed=1),
+  )
+
+
+def test_another_seed_spreads_speakers_differently():
+  """Nine speakers with the same label mix, so which speakers share a fold is the seed's."""
+  labels = np.tile(np.repeat(np.arange(len(CLASS_NAMES)), [10, 2, 6, 3]), 9)
+  speakers = np.repeat([f"spk{s}" for s in range(9)], 21)
+  first = _speaker_folds(labels, speakers, speakers, n_folds=3, seed=1)
+  other = _speaker_folds(labels, speakers, speakers, n_folds=3, seed=2)
+  _assert_speaker_independent(other, speakers)
+  assert sorted(_test_sets(other)) != sorted(_test_sets(first))
 
 
 @pytest.mark.parametrize(("n_speakers", "speakers_per_group"), [(3, 1), (4, 2), (4, 4)])

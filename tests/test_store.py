@@ -5,12 +5,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import soundfile as sf
 import threadpoolctl
+from helpers import REPO, TEST_ENV
 
 from ser_jax import audio, store
 from ser_jax.data.corpus import Corpus, CorpusError, Utterance
@@ -239,6 +245,106 @@ def test_crash_mid_extraction_leaves_no_store_and_resume_gives_identical_bytes(
   assert _build(corpus, tmp_path) == final
   # Only the clips that had not finished are extracted again.
   assert sorted(resumed) == list(range(6, 12))
+  assert not partial.exists()
+  assert _bytes(final) == _bytes(reference_build)
+
+
+# Builds a store in chunks of two clips and hangs once `hang_after` clips are extracted:
+# mid-chunk, so that the killed process leaves a row written but not yet recorded as done.
+_HANGING_BUILD = """
+import json, pathlib, sys, time
+from ser_jax import store
+from ser_jax.data.corpus import Corpus, Utterance
+from ser_jax.features import FeatureParams
+
+spec = json.loads(sys.argv[1])
+corpus = Corpus(
+  spec["name"], tuple(spec["class_names"]), tuple(Utterance(*u) for u in spec["utterances"])
+)
+real_extract_one = store._extract_one
+extracted = []
+
+def extract_then_hang(raw, index, path, params):
+  result = real_extract_one(raw, index, path, params)
+  extracted.append(index)
+  if len(extracted) == spec["hang_after"]:
+    pathlib.Path(spec["marker"]).write_text(json.dumps(extracted))
+    time.sleep(3600)
+  return result
+
+store._CHUNK = 2
+store._extract_one = extract_then_hang
+store.build_store(
+  corpus, FeatureParams(**spec["params"]), spec["cache"], num_workers=1, progress=False
+)
+"""
+
+
+def test_sigkill_mid_extraction_then_rebuild_extracts_only_the_rest(
+  corpus, reference_build, tmp_path, monkeypatch
+):
+  """kill -9 while a chunk is half done: the partial store keeps the finished chunks, and
+  the rebuild extracts the other clips only, to the bytes of an uninterrupted build."""
+  marker = tmp_path / "hanging"
+  spec = {
+    "name": corpus.name,
+    "class_names": corpus.class_names,
+    "utterances": [dataclasses.astuple(u) for u in corpus.utterances],
+    "params": dataclasses.asdict(PARAMS),
+    "cache": str(tmp_path / "cache"),
+    "hang_after": 7,  # Chunks [0, 1], [2, 3], [4, 5] recorded; clip 6 extracted, 7 not.
+    "marker": str(marker),
+  }
+  process = subprocess.Popen(
+    [sys.executable, "-c", _HANGING_BUILD, json.dumps(spec)],
+    cwd=REPO,
+    env={**os.environ, **TEST_ENV},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+      if process.poll() is not None:
+        pytest.fail(f"the build ended before it hung: {process.communicate()[1]}")
+      if time.monotonic() > deadline:
+        pytest.fail("the build did not reach its 7th clip in 120 s")
+      time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+  finally:
+    process.kill()
+    process.communicate()
+  assert process.returncode == -signal.SIGKILL
+  assert json.loads(marker.read_text()) == list(range(7))
+
+  final = store.store_path(corpus, PARAMS, tmp_path / "cache")
+  partial = final.with_name(final.name + ".partial")
+  assert not final.exists()
+  assert partial.is_dir()
+  assert not (partial / "meta.json").exists()
+  assert not (partial / "features.npy").exists()
+  n_samples = np.load(partial / "n_samples.npy")
+  done = np.flatnonzero(n_samples >= 0)
+  pending = np.flatnonzero(n_samples == store.PENDING)
+  assert 0 < len(done) < len(corpus.utterances)
+  np.testing.assert_array_equal(done, np.arange(6))  # Clip 6's chunk was not recorded.
+  np.testing.assert_array_equal(pending, np.arange(6, 12))
+  # The rows recorded as done are already on disk with their final bytes.
+  raw = np.load(partial / "raw_features.npy")
+  reference = store.open_store(reference_build)
+  np.testing.assert_array_equal(raw[done], reference.features[done])
+
+  real_chunk = store._extract_chunk
+  rebuilt = []
+
+  def record(raw_path, params, job):
+    rebuilt.extend(index for index, _ in job)
+    return real_chunk(raw_path, params, job)
+
+  monkeypatch.setattr(store, "_extract_chunk", record)
+  assert _build(corpus, tmp_path / "cache") == final
+  assert sorted(rebuilt) == pending.tolist()
   assert not partial.exists()
   assert _bytes(final) == _bytes(reference_build)
 
