@@ -6,12 +6,16 @@ so every run has the same keys and a misspelt key is an error, not a silent defa
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 LOSSES = ("focal", "softmax")
 FEATURE_KINDS = ("logmel", "mfcc")
 CV_SCHEMES = ("stratified", "speaker")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# loss.alpha and sweep.alphas[] may name a rule instead of giving the weights.
+ALPHA_RULES = ("inverse_frequency",)
 
 
 class ConfigError(ValueError):
@@ -31,6 +35,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.strict = False  # True: a bad audio file is an error, not a logged skip.
   config.data.cache_dir = ""  # Feature stores; empty means $SER_JAX_CACHE or ~/.cache/ser_jax.
   config.data.num_workers = 0  # Preprocessing processes; 0: one per core, >= 1000 clips each.
+  # Class weights in class order: keep the largest subset with these class shares, what is
+  # dropped spread over speakers (data/shares.py); empty: every utterance as read.
+  config.data.class_shares = ()
+  config.data.class_shares_seed = 0  # Draws what class_shares drops; apart from `seed`.
 
   config.features = ml_collections.ConfigDict()
   config.features.kind = "mfcc"
@@ -55,7 +63,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict()
   config.loss.name = "focal"
   config.loss.gamma = 2.0
-  config.loss.alpha = ()  # Per-class weights in class order; empty means none.
+  # Per-class weights in class order; 'inverse_frequency': 1 / count in the training fold,
+  # normalised to mean 1 (losses.inverse_frequency_alpha); empty means none. A reference of
+  # type object, so a config file or --config.loss.alpha=inverse_frequency can set a string.
+  config.loss.alpha = ml_collections.FieldReference((), field_type=object)
 
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 40
@@ -78,9 +89,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.cv.folds = ()  # Run only these fold indices; empty means all.
 
   config.sweep = ml_collections.ConfigDict()
-  config.sweep.gammas = ()  # Non-empty: train one model per (gamma, seed) in one program.
+  # Non-empty gammas: one model per (gamma, seed, learning rate, alpha), trained in one program;
+  # empty seeds, learning_rates or alphas mean seed, train.learning_rate, loss.alpha.
+  config.sweep.gammas = ()
   config.sweep.seeds = ()
   config.sweep.learning_rates = ()
+  config.sweep.alphas = ()  # Entries as loss.alpha: per-class weight tuples, 'inverse_frequency'.
   config.sweep.members_per_chunk = 0  # Members trained at once; 0 means all. Lower it for memory.
 
   config.seed = 0
@@ -110,6 +124,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   if len(set(config.data.classes)) != len(config.data.classes):
     raise ConfigError(f"data.classes={tuple(config.data.classes)!r} has repeated class names")
+  n_classes = len(config.data.classes)
+  if config.data.class_shares:
+    _check_weights("data.class_shares", config.data.class_shares, n_classes)
+  at_least("data.class_shares_seed", config.data.class_shares_seed, 0)
   allowed("features.kind", config.features.kind, FEATURE_KINDS)
   at_least("features.sample_rate", config.features.sample_rate, 1000)
   at_least("features.max_seconds", config.features.max_seconds, 0, strict=True)
@@ -132,13 +150,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   allowed("model.lowering", config.model.lowering, ("auto", "xla", "cpu", "onednn"))
   allowed("loss.name", config.loss.name, LOSSES)
   at_least("loss.gamma", config.loss.gamma, 0.0)
-  if (
-    config.loss.alpha and config.data.classes and len(config.loss.alpha) != len(config.data.classes)
-  ):
-    raise ConfigError(
-      f"loss.alpha has {len(config.loss.alpha)} weights but data.classes has "
-      f"{len(config.data.classes)} classes"
-    )
+  if config.loss.alpha and not isinstance(config.loss.alpha, str):
+    _check_weights("loss.alpha", config.loss.alpha, n_classes)
+  for index, alpha in enumerate(config.sweep.alphas):
+    key = f"sweep.alphas[{index}]"
+    if isinstance(alpha, str):
+      _check_alpha_rule(key, alpha)
+    elif isinstance(alpha, tuple | list):
+      _check_weights(key, alpha, n_classes)
+    else:
+      raise ConfigError(
+        f"{key}={alpha!r} is not allowed; expected a tuple of {n_classes} per-class weights or "
+        f"one of: {', '.join(ALPHA_RULES)} (one entry: --config.sweep.alphas='((1, 2, 1, 1),)')"
+      )
   for gamma in config.sweep.gammas:
     at_least("sweep.gammas[]", gamma, 0.0)
   at_least("sweep.members_per_chunk", config.sweep.members_per_chunk, 0)
@@ -160,6 +184,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"cv.folds contains {fold}; folds are 0..{config.cv.n_folds - 1}")
 
 
+def _check_weights(key: str, weights, n_classes: int) -> None:
+  """Per-class weights: one finite number > 0 per class."""
+  if n_classes and len(weights) != n_classes:
+    raise ConfigError(
+      f"{key} has {len(weights)} weights but data.classes has {n_classes} classes; "
+      "give one weight per class, in class order"
+    )
+  for weight in weights:
+    number = isinstance(weight, int | float) and not isinstance(weight, bool)
+    if not (number and math.isfinite(weight) and weight > 0):
+      raise ConfigError(
+        f"{key}={tuple(weights)!r} has weight {weight!r}; every weight must be a number > 0"
+      )
+
+
+def _check_alpha_rule(key: str, value: str) -> None:
+  if value not in ALPHA_RULES:
+    raise ConfigError(
+      f"{key}={value!r} is not allowed; expected per-class weights (a tuple) or one of: "
+      f"{', '.join(ALPHA_RULES)}"
+    )
+
+
 def _check_keys(config, reference, prefix: str) -> None:
   for key in config.keys():
     name = f"{prefix}{key}"
@@ -175,6 +222,9 @@ def _check_keys(config, reference, prefix: str) -> None:
 
 
 def _check_type(name: str, value, reference) -> None:
+  if name == "loss.alpha" and isinstance(value, str):
+    _check_alpha_rule(name, value)
+    return
   if isinstance(reference, bool):
     ok = isinstance(value, bool)
   elif isinstance(reference, int):
@@ -186,7 +236,9 @@ def _check_type(name: str, value, reference) -> None:
   else:
     ok = isinstance(value, tuple | list)
   if not ok:
+    expected = type(reference).__name__
+    if name == "loss.alpha":
+      expected += f" of per-class weights or one of: {', '.join(ALPHA_RULES)}"
     raise ConfigError(
-      f"config key '{name}'={value!r} has type {type(value).__name__}; "
-      f"expected {type(reference).__name__}"
+      f"config key '{name}'={value!r} has type {type(value).__name__}; expected {expected}"
     )

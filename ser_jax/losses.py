@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from ser_jax.config import ConfigError
 
 
 def focal_loss(
@@ -54,3 +59,29 @@ def softmax_loss(
 ) -> jax.Array:
   """Softmax cross entropy per example: the focal loss with gamma = 0."""
   return focal_loss(logits, labels, 0.0, alpha, label_smoothing)
+
+
+def inverse_frequency_alpha(
+  labels: np.ndarray, n_classes: int, class_names: Sequence[str] = ()
+) -> np.ndarray:
+  """Class weights [n_classes] float32 proportional to 1 / count, normalised to mean 1.
+
+  Computed from the training fold's labels [N], so every class carries the same total
+  weight (count_c * alpha_c is equal for all c); loss.alpha='inverse_frequency'.
+  """
+  labels = np.asarray(labels)
+  if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+    raise ValueError(
+      f"labels range over {int(labels.min())}..{int(labels.max())} but there are "
+      f"{n_classes} classes; labels must be class indices 0..{n_classes - 1}"
+    )
+  counts = np.bincount(labels.astype(np.int64), minlength=n_classes)
+  if not counts.all():
+    missing = int(np.argmin(counts))
+    name = class_names[missing] if class_names else str(missing)
+    raise ConfigError(
+      f"loss.alpha='inverse_frequency' needs every class in the training fold, but class "
+      f"'{name}' has none; give loss.alpha per-class weights or drop the class from data.classes"
+    )
+  inverse = 1.0 / counts.astype(np.float64)
+  return (inverse / inverse.mean()).astype(np.float32)

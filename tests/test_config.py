@@ -7,12 +7,16 @@ import pathlib
 
 import ml_collections
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data import corpora
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
+
+IEMOCAP_SHARES = (0.482, 0.125, 0.267, 0.127)
 
 REQUIRED_KEYS = (
   "data.corpus",
@@ -217,3 +221,109 @@ def test_repeated_class_is_an_error(config):
   config.data.classes = ("neutral", "anger", "neutral")
   with pytest.raises(ConfigError, match="repeated class names"):
     validate_config(config)
+
+
+def test_class_shares_and_alpha_rules_validate(config):
+  config.data.class_shares = IEMOCAP_SHARES
+  config.data.class_shares_seed = 3
+  config.loss.alpha = "inverse_frequency"
+  config.sweep.alphas = ((1.0, 2.0, 1.0, 1.0), "inverse_frequency", [1, 1, 1, 1])
+  validate_config(config)
+
+
+def test_counts_are_accepted_as_class_shares(config):
+  config.data.class_shares = (1099, 284, 608, 289)
+  validate_config(config)
+
+
+@pytest.mark.parametrize(
+  ("key", "value", "message"),
+  [
+    (
+      "data.class_shares",
+      (1.0, 1.0),
+      r"data\.class_shares has 2 weights but data\.classes has 4 classes; give one weight per",
+    ),
+    (
+      "data.class_shares",
+      (1.0, 0.0, 1.0, 1.0),
+      r"data\.class_shares=\(1\.0, 0\.0, 1\.0, 1\.0\) has weight 0\.0; every weight must be a "
+      r"number > 0",
+    ),
+    ("data.class_shares", (1, -2, 1, 1), r"data\.class_shares=.* has weight -2"),
+    ("data.class_shares_seed", -1, r"data\.class_shares_seed=-1 is not allowed; it must be >= 0"),
+    ("loss.alpha", (1.0, -1.0, 1.0, 1.0), r"loss\.alpha=.* has weight -1\.0; every weight must"),
+    ("loss.alpha", (1.0, float("nan"), 1.0, 1.0), r"loss\.alpha=.* has weight nan"),
+    (
+      "loss.alpha",
+      "inverse",
+      r"loss\.alpha='inverse' is not allowed; expected per-class weights \(a tuple\) or one "
+      r"of: inverse_frequency$",
+    ),
+    ("sweep.alphas", ((1.0, 1.0),), r"sweep\.alphas\[0\] has 2 weights but data\.classes has 4"),
+    ("sweep.alphas", ("inverse_frequency", (1, 0, 1, 1)), r"sweep\.alphas\[1\]=\(1, 0, 1, 1\)"),
+    ("sweep.alphas", ("balanced",), r"sweep\.alphas\[0\]='balanced' is not allowed; expected"),
+    (
+      "sweep.alphas",
+      (1.0, 2.0, 1.0, 1.0),
+      r"sweep\.alphas\[0\]=1\.0 is not allowed; expected a tuple of 4 per-class weights or one "
+      r"of: inverse_frequency",
+    ),
+  ],
+)
+def test_bad_weights_are_an_error_naming_the_key(config, key, value, message):
+  group, name = key.split(".")
+  config[group][name] = value
+  with pytest.raises(ConfigError, match=message) as error:
+    validate_config(config)
+  assert "\n" not in str(error.value)
+
+
+def test_alpha_of_another_type_is_an_error_naming_what_is_allowed(config):
+  config.loss.alpha = 1.0
+  with pytest.raises(
+    ConfigError,
+    match=r"'loss\.alpha'=1\.0 has type float; expected tuple of per-class weights or one of: "
+    "inverse_frequency",
+  ):
+    validate_config(config)
+
+
+def test_alpha_rule_is_accepted_in_a_dict_built_config(config):
+  config.loss.alpha = "inverse_frequency"
+  validate_config(ml_collections.ConfigDict(config.to_dict()))
+
+
+def test_class_shares_longer_than_the_classes_is_an_error_after_dropping_a_class(config):
+  config.data.classes = ("neutral", "sadness", "anger")
+  config.data.class_shares = IEMOCAP_SHARES
+  with pytest.raises(
+    ConfigError, match=r"data\.class_shares has 4 weights but data\.classes has 3"
+  ):
+    validate_config(config)
+
+
+@pytest.mark.parametrize(
+  ("override", "key", "want"),
+  [
+    ("--config.loss.alpha=inverse_frequency", "loss.alpha", "inverse_frequency"),
+    ("--config.loss.alpha=(1,2,1,1)", "loss.alpha", (1, 2, 1, 1)),
+    (
+      "--config.sweep.alphas=((1,2,1,1),'inverse_frequency')",
+      "sweep.alphas",
+      ((1, 2, 1, 1), "inverse_frequency"),
+    ),
+    ("--config.data.class_shares=(0.482,0.125,0.267,0.127)", "data.class_shares", IEMOCAP_SHARES),
+  ],
+)
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # config_flags' loader.
+def test_weights_and_rules_can_be_set_on_the_command_line(override, key, want):
+  """As main.py reads them: a string for loss.alpha, tuples of tuples for sweep.alphas."""
+  argv = ["main", f"--config={CONFIG_DIR / 'demo.py'}", override]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file.", values, lock_config=True, sys_argv=argv
+  )
+  values(argv)
+  assert _get(values.config, key) == want
+  validate_config(values.config)

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from scipy.special import logsumexp
+from scipy.special import log_softmax, logsumexp
 
-from ser_jax.losses import focal_loss, softmax_loss
+from ser_jax.config import ConfigError
+from ser_jax.losses import focal_loss, inverse_frequency_alpha, softmax_loss
 
 N_CLASSES = 4
 GAMMAS = [0.0, 0.5, 1.0, 2.0, 5.0]
@@ -186,3 +187,49 @@ def test_bfloat16_logits_are_computed_in_float32():
   assert got.dtype == jnp.float32
   rounded = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
   np.testing.assert_allclose(got, _reference(rounded, labels, 2.0), rtol=2e-5, atol=1e-6)
+
+
+def test_inverse_frequency_alpha_equals_closed_form():
+  """Counts 6, 2, 3, 1: sum of 1/count is 2, so alpha_c = 4 / (2 * count_c) = 2 / count_c."""
+  labels = np.array([0] * 6 + [1] * 2 + [2] * 3 + [3])
+  alpha = inverse_frequency_alpha(np.random.default_rng(0).permutation(labels), N_CLASSES)
+  assert alpha.shape == (N_CLASSES,) and alpha.dtype == np.float32
+  np.testing.assert_allclose(alpha, [1 / 3, 1.0, 2 / 3, 2.0], rtol=1e-6)
+
+
+def test_inverse_frequency_alpha_has_mean_one_and_equal_class_totals():
+  labels = np.random.default_rng(1).choice(N_CLASSES, 500, p=[0.48, 0.12, 0.27, 0.13])
+  alpha = inverse_frequency_alpha(labels, N_CLASSES)
+  np.testing.assert_allclose(alpha.mean(), 1.0, rtol=1e-6)
+  totals = np.bincount(labels, minlength=N_CLASSES) * alpha
+  np.testing.assert_allclose(totals, totals[0], rtol=1e-6)
+
+
+def test_inverse_frequency_alpha_of_a_balanced_fold_is_one():
+  np.testing.assert_array_equal(inverse_frequency_alpha(np.arange(40) % N_CLASSES, N_CLASSES), 1)
+
+
+def test_inverse_frequency_alpha_without_a_class_is_an_error_naming_it():
+  labels = np.array([0, 1, 3, 3])
+  names = ("neutral", "happiness", "sadness", "anger")
+  with pytest.raises(ConfigError, match=r"class 'sadness' has none; give loss\.alpha per-class"):
+    inverse_frequency_alpha(labels, N_CLASSES, names)
+  with pytest.raises(ConfigError, match="class '2' has none"):
+    inverse_frequency_alpha(labels, N_CLASSES)
+
+
+def test_inverse_frequency_alpha_rejects_labels_beyond_the_classes():
+  with pytest.raises(ValueError, match=r"labels range over 0\.\.4 but there are 4 classes"):
+    inverse_frequency_alpha(np.array([0, 1, 2, 3, 4]), N_CLASSES)
+
+
+def test_focal_loss_at_gamma_zero_with_inverse_frequency_alpha_is_weighted_cross_entropy():
+  """mean(-alpha_y log softmax(z)_y), computed independently with scipy in float64."""
+  logits, labels = _batch(seed=11, batch=64)
+  alpha = inverse_frequency_alpha(labels, N_CLASSES)
+  want = np.mean(
+    -alpha[labels] * log_softmax(logits.astype(np.float64), axis=-1)[np.arange(len(labels)), labels]
+  )
+  got = jnp.mean(FOCAL(logits, labels, 0.0, alpha=alpha))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  np.testing.assert_allclose(jnp.mean(softmax_loss(logits, labels, alpha=alpha)), want, rtol=1e-5)
