@@ -2,6 +2,11 @@
 
 One row per run (per gamma and learning rate for a sweep, seeds averaged), sorted by input
 then loss. `--figures` also (re)writes each run's PNG figures.
+
+`--compare RUN_A RUN_B` tests the difference B - A on the same test utterances (ser_jax.compare):
+WA and UA with 95% bootstrap intervals and p-values, per fold, and the runs' provenance.
+`--compare SWEEP_RUN` does so for each sweep setting against gamma 0 of the same seeds.
+`--json` adds the numbers as one JSON object on the last line.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from ser_jax import plots, results
+from ser_jax import compare, plots, results
 
 _INPUT_ORDER = ("MFCC", "Log-mel")
 
@@ -115,15 +120,178 @@ def markdown_table(table_rows: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _signed(value: float) -> str:
+  return f"{value:+.2f}"
+
+
+def _value(value) -> str:
+  return "absent" if value is None else str(value)
+
+
+def comparison_text(result: dict) -> str:
+  """The statistics table, how they were computed, and the per-fold table of one comparison."""
+  lines = [
+    "| | A (%) | B (%) | B - A | 95% CI | p | test |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for name, test in (
+    (
+      "wa",
+      f"exact McNemar (only A right {result['only_a_correct']}, only B right "
+      f"{result['only_b_correct']})",
+    ),
+    ("ua", f"paired permutation, {result['n_resamples']} resamples"),
+  ):
+    low, high = result[f"{name}_difference_ci95"]
+    lines.append(
+      f"| {name.upper()} | {result[f'{name}_a']:.2f} | {result[f'{name}_b']:.2f} | "
+      f"{_signed(result[f'{name}_difference'])} | [{_signed(low)}, {_signed(high)}] | "
+      f"{result[f'{name}_p_value']:.3g} | {test} |"
+    )
+  lines += [
+    "",
+    f"WA and UA pool the test utterances of every fold; CIs: {result['interval_method']}, "
+    f"{result['n_resamples']} resamples, seed {result['seed']}.",
+    "",
+    "| Fold | Test | WA A | WA B | WA B - A | UA A | UA B | UA B - A |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for fold in result["per_fold"]:
+    lines.append(
+      f"| {fold['fold']} | {fold['n_test']} | {fold['wa_a']:.2f} | {fold['wa_b']:.2f} | "
+      f"{_signed(fold['wa_difference'])} | {fold['ua_a']:.2f} | {fold['ua_b']:.2f} | "
+      f"{_signed(fold['ua_difference'])} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def provenance_text(result: dict) -> str:
+  """'Provenance: runs differ in: lowering onednn vs cpu; ...', or why there is nothing to say."""
+  missing = [name for name, has in zip("AB", result["provenance_recorded"], strict=True) if not has]
+  if missing:
+    return f"Provenance: not recorded in run {' and '.join(missing)}\n"
+  differences = result["provenance_differences"]
+  if not differences:
+    return "Provenance: the same\n"
+  return (
+    "Provenance: runs differ in: "
+    + "; ".join(f"{key} {_value(a)} vs {_value(b)}" for key, (a, b) in differences.items())
+    + "\n"
+  )
+
+
+def two_run_text(result: dict, run_a: str, run_b: str) -> str:
+  return (
+    f"Paired comparison (differences are B - A) over {result['n_utterances']} test utterances "
+    f"in {result['n_folds']} folds\n"
+    f"  A: {run_a} (member {result['member_a']})\n"
+    f"  B: {run_b} (member {result['member_b']})\n\n"
+    + comparison_text(result)
+    + "\n"
+    + provenance_text(result)
+  )
+
+
+def sweep_text(result: dict, run: str) -> str:
+  blocks = [
+    f"Sweep {run}: each setting (B) against gamma 0 (A) with the same seed, learning rate and "
+    "alpha; differences are B - A\n"
+  ]
+  for c in result["comparisons"]:
+    blocks.append(
+      f"## {compare.describe_setting(c['setting'])} vs gamma=0 (seeds "
+      f"{', '.join(map(str, c['seeds']))}; members "
+      f"{', '.join(map(str, c['members']))} vs {', '.join(map(str, c['reference_members']))})\n"
+      f"{c['n_paired_predictions']} paired predictions ({c['n_utterances']} test utterances x "
+      f"{len(c['seeds'])} seeds) in {c['n_folds']} folds\n\n" + comparison_text(c)
+    )
+  return "\n".join(blocks)
+
+
+def _warn_inconsistent(run: str) -> None:
+  try:
+    problems = compare.consistency_problems(run)
+  except (KeyError, TypeError, ValueError) as error:
+    problems = [f"could not be checked ({error!r})"]
+  for problem in problems:
+    print(f"warning: {run}: results.json vs predictions.csv: {problem}", file=sys.stderr)
+
+
+def compare_main(args) -> int:
+  """--compare: one sweep run, or two runs; returns the exit status."""
+  try:
+    summaries = [load_summary(run) for run in args.compare]
+    predictions = [compare.load_predictions(run) for run in args.compare]
+    for run in args.compare:
+      _warn_inconsistent(run)
+    options = {"n_resamples": args.resamples, "seed": args.seed}
+    if len(args.compare) == 1:
+      result = compare.compare_sweep(predictions[0], summaries[0], **options)
+      result = {"run": args.compare[0], **result}
+      text = sweep_text(result, args.compare[0])
+    else:
+      member_a, member_b = args.member * 2 if len(args.member) == 1 else args.member
+      result = compare.compare_runs(
+        *predictions, *summaries, member_a=member_a, member_b=member_b, **options
+      )
+      result = {"run_a": args.compare[0], "run_b": args.compare[1], **result}
+      text = two_run_text(result, *args.compare)
+  except (ReportError, compare.CompareError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+  print(text, end="")
+  if args.json:
+    print(json.dumps(compare.json_ready(result)))
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
     prog="python -m ser_jax.report", description=__doc__.splitlines()[0]
   )
-  parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="Workdirs of finished runs.")
+  parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="Workdirs of finished runs.")
   parser.add_argument(
     "--figures", action="store_true", help="(Re)write each run's confusion, curve, sweep PNGs."
   )
+  parser.add_argument(
+    "--compare",
+    nargs="+",
+    metavar="RUN",
+    help="Paired comparison: RUN_A RUN_B (B - A), or one sweep RUN (each gamma vs gamma 0).",
+  )
+  parser.add_argument(
+    "--member",
+    nargs="+",
+    type=int,
+    default=[0],
+    metavar="K",
+    help="With --compare RUN_A RUN_B: the sweep member to use, for both runs or one per run.",
+  )
+  parser.add_argument(
+    "--resamples",
+    type=int,
+    default=compare.DEFAULT_RESAMPLES,
+    help="Bootstrap resamples and permutations for --compare.",
+  )
+  parser.add_argument("--seed", type=int, default=0, help="Seed of the resampling in --compare.")
+  parser.add_argument(
+    "--json", action="store_true", help="With --compare: end with the numbers as one JSON line."
+  )
   args = parser.parse_args(argv)
+  if args.compare is not None:
+    if args.runs or args.figures:
+      parser.error("--compare takes its runs itself; drop RUN_DIR and --figures, or --compare")
+    if len(args.compare) > 2:
+      parser.error(f"--compare takes one sweep run or two runs, got {len(args.compare)}")
+    if len(args.member) > 2 or (args.member != [0] and len(args.compare) == 1):
+      parser.error("--member takes one or two indices, and only with --compare RUN_A RUN_B")
+    if args.resamples < 1:
+      parser.error(f"--resamples {args.resamples} must be at least 1")
+    return compare_main(args)
+  if not args.runs:
+    parser.error("give RUN_DIR... for the table, or --compare RUN_A RUN_B")
+  if args.json:
+    parser.error("--json goes with --compare")
   table_rows = []
   for run in args.runs:
     try:
