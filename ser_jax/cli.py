@@ -11,8 +11,9 @@ import sys
 import jax
 from absl import flags
 
-from ser_jax import audio, io_utils, onednn
+from ser_jax import audio, io_utils
 from ser_jax.config import ConfigError
+from ser_jax.cpu import onednn
 from ser_jax.data.corpus import CorpusError
 from ser_jax.folds import FoldError
 from ser_jax.store import default_cache_dir

@@ -20,7 +20,17 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from ser_jax import checkpoints, input_pipeline, io_utils, metrics, models, plots, results, train
+from ser_jax import (
+  checkpoints,
+  cpu,
+  input_pipeline,
+  io_utils,
+  metrics,
+  models,
+  plots,
+  results,
+  train,
+)
 from ser_jax.audio import AudioError
 from ser_jax.config import ConfigError, validate_config
 from ser_jax.data import corpora, demo
@@ -166,11 +176,18 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
     class_names=class_names,
   )
   members = members_of(config)
-  model = models.create_model(config.model, len(class_names))
+  feature_shape = store.features.shape[1:]
+  backend = cpu.select_backend(
+    config.model.lowering,
+    functools.partial(models.create_model, config.model, len(class_names)),
+    [(config.train.batch_size, *feature_shape, 1), (eval_batch_size, *feature_shape, 1)],
+  )
+  logging.info("Lowering: %s", backend.lowering)
+  model = models.create_model(config.model, len(class_names), backend.ops)
   chunks = member_chunks(len(members), config.sweep.members_per_chunk)
   programs = {}
   for size in sorted({stop - start for start, stop in chunks}):
-    programs[size] = Programs.create(config, model, size, store.features.shape[1:], topology)
+    programs[size] = Programs.create(config, model, backend, size, feature_shape, topology)
   fold_ids = list(config.cv.folds) or list(range(config.cv.n_folds))
   log = results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer)
   fold_results = []
@@ -232,12 +249,19 @@ class Programs:
 
   init: Callable  # [members] uint32 seeds, fold -> stacked TrainState
   train_step: Callable  # (stacked state, batch, stacked hparams) -> (state, metrics)
-  eval_step: Callable  # (stacked state, batch, packed kernels) -> [members, batch, n_classes]
-  pack_kernels: Callable  # (stacked state, batch) -> packed kernels for batches of its shape
+  eval_step: Callable  # (stacked state, batch, extra variables) -> [members, batch, n_classes]
+  # (stacked state, batch) -> the backend's extra inference variables for batches of its shape
+  inference_variables: Callable
 
   @classmethod
   def create(
-    cls, config, model, n_members: int, feature_shape: tuple[int, int], topology: Topology
+    cls,
+    config,
+    model,
+    backend: cpu.Backend,
+    n_members: int,
+    feature_shape: tuple[int, int],
+    topology: Topology,
   ) -> Programs:
     tx = train.make_optimizer(config.train.weight_decay)
     input_shape = (1, *feature_shape, 1)
@@ -254,23 +278,26 @@ class Programs:
       state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
 
     augmentation = train.Augmentation.from_config(config.train)
+
+    def inference_variables(state, batch):
+      if backend.inference_variables is None:
+        return {}
+      variables = {"params": state.params, "batch_stats": state.batch_stats}
+      return backend.inference_variables(state.apply_fn, variables, batch["features"][..., None])
+
     return cls(
       init=jax.jit(init, out_shardings=state_sharding),
       train_step=jax.jit(
         train.over_members(
           functools.partial(
-            train.train_step,
-            augmentation=augmentation,
-            update_after_backward=getattr(model, "lowering", "") == "onednn",
+            train.train_step, augmentation=augmentation, gradients_hook=backend.gradients_hook
           ),
           n_members,
         ),
-        # XLA:CPU copies every donated parameter and moment before the update (it cannot
-        # update them in place from its three fusions per leaf): 5 % of a step there.
-        donate_argnums=() if jax.default_backend() == "cpu" else (0,),
+        donate_argnums=(0,) if backend.donate_state else (),
       ),
       eval_step=jax.jit(train.over_members(train.eval_step, n_members)),
-      pack_kernels=jax.jit(train.over_members(train.pack_kernels, n_members)),
+      inference_variables=jax.jit(train.over_members(inference_variables, n_members)),
     )
 
 
@@ -452,7 +479,7 @@ def predict_probabilities(
   # The last batch is padded, so any batch size works once rounded up to the devices.
   batch_size = topology.num_devices * math.ceil(batch_size / topology.num_devices)
   outputs = []
-  packed, packed_shape = None, None  # Kernels laid out once per batch shape (all equal here).
+  extra, extra_shape = None, None  # Computed once per batch shape (all equal here).
   for batch, n_real in input_pipeline.eval_batches(
     store,
     indices,
@@ -463,9 +490,9 @@ def predict_probabilities(
     process_count=jax.process_count(),
   ):
     batch = topology.global_batch(batch)
-    if batch["features"].shape != packed_shape:
-      packed, packed_shape = programs.pack_kernels(state, batch), batch["features"].shape
-    probabilities = programs.eval_step(state, batch, packed)
+    if batch["features"].shape != extra_shape:
+      extra, extra_shape = programs.inference_variables(state, batch), batch["features"].shape
+    probabilities = programs.eval_step(state, batch, extra)
     outputs.append(np.asarray(multihost_utils.process_allgather(probabilities, tiled=True)))
     outputs[-1] = outputs[-1][:, :n_real]
   return np.concatenate(outputs, axis=1)

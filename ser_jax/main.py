@@ -9,7 +9,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ser_jax import cli, experiment
+from ser_jax import cli, cpu, experiment
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and results.")
@@ -32,5 +32,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  cpu.tune_process()
   cli.check_override_keys(sys.argv)
   sys.exit(app.run(main))

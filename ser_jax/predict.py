@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ser_jax import audio, cli, models
+from ser_jax import audio, cli, cpu, models
 from ser_jax.config import default_config
 from ser_jax.features import FeatureParams, compute_features
 
@@ -114,11 +114,17 @@ class Predictor:
     self.member = member
     self.params = FeatureParams.from_config(config.features)
     self.batch_size = int(config.train.eval_batch_size)
-    self._model = models.create_model(config.model, len(self.class_names))
+    feature_shape = (self.batch_size, self.params.n_bins, self.params.n_frames, 1)
+    self._backend = cpu.select_backend(
+      config.model.lowering,
+      functools.partial(models.create_model, config.model, len(self.class_names)),
+      [feature_shape, feature_shape],
+    )
+    self._model = models.create_model(config.model, len(self.class_names), self._backend.ops)
     self._variables = jax.tree.map(jnp.asarray, variables)
     self._means = jnp.asarray(means)
     self._stds = jnp.asarray(stds)
-    self._packed = {}  # Kernels laid out for oneDNN, per batch shape (_fold_packed_kernels).
+    self._extra = {}  # The backend's extra inference variables, per batch shape.
 
   @classmethod
   def from_workdir(
@@ -179,10 +185,12 @@ class Predictor:
       size = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
       padded = np.zeros((size, *chunk.shape[1:]), np.float32)
       padded[: len(chunk)] = chunk
-      if padded.shape not in self._packed:
-        self._packed[padded.shape] = _fold_packed_kernels(self._model, self._variables, padded)
+      if padded.shape not in self._extra:
+        self._extra[padded.shape] = _fold_inference_variables(
+          self._model, self._backend.inference_variables, self._variables, padded
+        )
       probabilities = _fold_probabilities(
-        self._model, self._variables, self._packed[padded.shape], self._means, self._stds, padded
+        self._model, self._variables, self._extra[padded.shape], self._means, self._stds, padded
       )
       chunks.append(np.asarray(probabilities, np.float64)[:, : len(chunk)])
     per_fold = np.concatenate(chunks, axis=1)  # [folds, windows, classes]
@@ -222,26 +230,24 @@ class Predictor:
 
 # The model is static (hashable), so predictors of the same architecture share compilations.
 @functools.partial(jax.jit, static_argnums=0)
-def _fold_probabilities(model, variables, packed, means, stds, features) -> jax.Array:
+def _fold_probabilities(model, variables, extra, means, stds, features) -> jax.Array:
   """[folds, batch, classes] probabilities of [batch, n_bins, n_frames] raw features;
-  `packed`: _fold_packed_kernels for features of this shape."""
+  `extra`: _fold_inference_variables for features of this shape."""
 
-  def one_fold(fold_variables, fold_packed, mean, std):
+  def one_fold(fold_variables, fold_extra, mean, std):
     inputs = (features - mean[None, :, None]) / std[None, :, None]
-    fold_variables = models.with_packed_kernels(fold_variables, fold_packed)
-    logits = model.apply(fold_variables, inputs[..., None], train=False)
+    logits = model.apply({**fold_variables, **fold_extra}, inputs[..., None], train=False)
     return jax.nn.softmax(logits, axis=-1)
 
-  return jax.vmap(one_fold)(variables, packed, means, stds)
+  return jax.vmap(one_fold)(variables, extra, means, stds)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _fold_packed_kernels(model, variables, features) -> dict:
-  """Each fold's kernels laid out for oneDNN's fused inference on features of this shape
-  ({} for other lowerings; models.conv_norm)."""
-
-  one_fold = functools.partial(models.packed_kernels, model.apply, inputs=features[..., None])
-  return jax.vmap(one_fold)(variables)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _fold_inference_variables(model, inference_variables, variables, features) -> dict:
+  """Each fold's extra inference variables (the backend's) for features of this shape."""
+  if inference_variables is None:
+    return {}
+  return jax.vmap(lambda v: inference_variables(model.apply, v, features[..., None]))(variables)
 
 
 def _class_names(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -338,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  cpu.tune_process()
   cli.setup_logging()
   cli.use_compilation_cache()
   sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from ser_jax import losses, models
+from ser_jax import losses
 
 Batch = dict[str, jax.Array]
 HParams = dict[str, jax.Array]
@@ -128,30 +129,18 @@ def augment(features: jax.Array, valid_frames: jax.Array, rng: jax.Array, aug: A
   return jnp.where(keep, features, 0.0)  # 0 is the training mean after standardisation.
 
 
-def after_all(tree, deps):
-  """`tree`, with the same values, but computed only once every leaf of `deps` is.
-
-  XLA:CPU runs independent operations concurrently and orders them by their buffers
-  alone, so lax.optimization_barrier does not hold back its consumers. Adding zero times
-  one element of each leaf of `deps` does. (A non-finite element makes `tree` NaN.)
-  """
-  anchor = 0.0 * sum(leaf.ravel()[0] for leaf in jax.tree.leaves(deps))
-  return jax.tree.map(lambda x: x + anchor.astype(x.dtype), tree)
-
-
 def train_step(
   state: TrainState,
   batch: Batch,
   hparams: HParams,
   *,
   augmentation: Augmentation,
-  update_after_backward: bool = False,
+  gradients_hook: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimiser step on a batch; pure, so it jits, shards over the batch and vmaps.
 
-  update_after_backward: start the optimiser update only once all gradients are done.
-  With oneDNN's convolutions (each runs on all cores) this is faster on CPUs: updates
-  that XLA would run beside them slow them down more than they gain.
+  gradients_hook: applied to the gradients before the update, with the same values (a
+  backend may order work there, see ser_jax.cpu.Backend).
   """
   rng = jax.random.fold_in(jax.random.key(hparams["rng_seed"]), state.step)
   features = augment(batch["features"], batch["valid_frames"], rng, augmentation)
@@ -174,8 +163,8 @@ def train_step(
     return per_example.mean(), (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  if update_after_backward:
-    grads = after_all(grads, grads)
+  if gradients_hook is not None:
+    grads = gradients_hook(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   learning_rate = scheduled_learning_rate(state.step, hparams)
   updates = jax.tree.map(lambda u: learning_rate * u, updates)
@@ -193,29 +182,15 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, packed_kernels=None) -> jax.Array:
+def eval_step(state: TrainState, batch: Batch, extra_variables: dict | None = None) -> jax.Array:
   """Class probabilities [batch, n_classes] with running BatchNorm statistics.
 
-  packed_kernels: pack_kernels(state, batch) for batches of this shape, or None.
+  extra_variables: variable collections the model's ops read at inference besides params
+  and batch_stats (a backend's, see ser_jax.cpu.Backend.inference_variables).
   """
-  logits = state.apply_fn(
-    models.with_packed_kernels(_inference_variables(state), packed_kernels),
-    batch["features"][..., None],
-    train=False,
-  )
+  variables = {"params": state.params, "batch_stats": state.batch_stats, **(extra_variables or {})}
+  logits = state.apply_fn(variables, batch["features"][..., None], train=False)
   return jax.nn.softmax(logits, axis=-1)
-
-
-def pack_kernels(state: TrainState, batch: Batch) -> dict:
-  """The model's kernels laid out once for oneDNN's fused inference on batches of this
-  shape ({} for other lowerings): eval_step's packed_kernels."""
-  return models.packed_kernels(
-    state.apply_fn, _inference_variables(state), batch["features"][..., None]
-  )
-
-
-def _inference_variables(state: TrainState) -> dict:
-  return {"params": state.params, "batch_stats": state.batch_stats}
 
 
 def over_members(step_fn, n_members: int, batch_args: int = 1):

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ser_jax import experiment, input_pipeline, models
+from ser_jax import cpu, experiment, input_pipeline, models
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 from ser_jax.store import FeatureStore
@@ -42,9 +42,11 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
   topology = Topology.create()
   gammas = (0.0, 2.0, 5.0) if layout == "sweep" else (2.0,)
   members = [experiment.Member(gamma, 0, 1e-2) for gamma in gammas]
-  model = models.create_model(ml_collections.ConfigDict(config.model), 4)
+  # The same lowering on any number of devices, so that only the sharding differs.
+  backend = cpu.backend("cpu")
+  model = models.create_model(ml_collections.ConfigDict(config.model), 4, backend.ops)
   programs = experiment.Programs.create(
-    config, model, len(members), store.features.shape[1:], topology
+    config, model, backend, len(members), store.features.shape[1:], topology
   )
   state = programs.init(np.zeros(len(members), np.uint32), 0)
   if layout == "fsdp":  # Large enough leaves are split over the data axis.

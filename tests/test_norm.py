@@ -11,7 +11,7 @@ import pytest
 from flax import linen as nn
 from jax.test_util import check_grads
 
-from ser_jax import norm
+from ser_jax.cpu import norm
 
 
 def _modules(**fields):

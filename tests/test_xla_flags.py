@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from ser_jax import xla_flags
+from ser_jax.cpu import xla_flags
 
 
 def test_adds_each_tuned_flag_once():
@@ -32,9 +32,16 @@ def test_user_setting_wins_and_opt_out_and_old_jaxlib():
   assert env == {}
 
 
-def test_importing_ser_jax_sets_the_flags_before_jax_starts():
-  code = "import os, ser_jax, jax; jax.devices(); print(os.environ['XLA_FLAGS'])"
+def test_importing_ser_jax_leaves_xla_flags_alone_and_tune_process_sets_them():
+  code = (
+    "import os, sys, ser_jax, ser_jax.cpu\n"
+    "print(os.environ.get('XLA_FLAGS', '<unset>'))\n"
+    "ser_jax.cpu.tune_process()\n"
+    "import jax; jax.devices(); print(os.environ['XLA_FLAGS'])"
+  )
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_flags.OPT_OUT)}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.split() == list(xla_flags.TUNED_CPU_FLAGS)
+  untouched, tuned = out.stdout.splitlines()
+  assert untouched == "<unset>"
+  assert tuned.split() == list(xla_flags.TUNED_CPU_FLAGS)

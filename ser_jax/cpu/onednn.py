@@ -9,11 +9,12 @@ they are. Values are those of lax.conv_general_dilated up to the order of float 
 The library is compiled with the system's C++ compiler against the oneDNN wheel
 (`onednn-cpu-gomp`, `onednn-devel-cpu-gomp`) the first time it is needed, and cached
 under $SER_JAX_CACHE (default ~/.cache/ser_jax). `available()` says whether it could be
-built; model.lowering='auto' falls back to XLA's lowering when it could not.
+built; whether it computes the right values on this CPU is for ser_jax.cpu.selftest.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -30,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ser_jax import cpu_kernels, io_utils
+from ser_jax import io_utils
+from ser_jax.cpu import kernels
 from ser_jax.store import default_cache_dir
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
@@ -137,25 +139,36 @@ def build_library(cache_dir: pathlib.Path, cxx: str | None = None) -> pathlib.Pa
         compile_command(compiler, partial, include, lib), capture_output=True, text=True
       )
       if done.returncode != 0:
-        raise OneDnnUnavailable(f"compiling {SOURCE.name} failed:\n{done.stderr[-2000:]}")
+        logging.info("Compiling %s failed:\n%s", SOURCE.name, done.stderr[-4000:])
+        errors = [line for line in done.stderr.splitlines() if "error" in line]
+        raise OneDnnUnavailable(
+          f"compiling {SOURCE.name} failed: {(errors or ['(no message)'])[0].strip()}"
+        )
       os.replace(partial, path)
   logging.info("Built the oneDNN convolution library: %s", path)
   return path
+
+
+# Loaded with its own symbols first (RTLD_DEEPBIND): where another oneDNN is in the
+# process already (PyTorch's), this library still calls the oneDNN it was linked with.
+_DLOPEN_MODE = os.RTLD_LOCAL | getattr(os, "RTLD_DEEPBIND", 0)
 
 
 @functools.cache
 def _library() -> ctypes.CDLL | str:
   """Builds, loads and registers the FFI targets once: the library, else why it cannot."""
   try:
-    library = ctypes.CDLL(str(build_library(default_cache_dir())))
+    library = ctypes.CDLL(str(build_library(default_cache_dir())), mode=_DLOPEN_MODE)
   except (OneDnnUnavailable, OSError) as error:
-    logging.warning("oneDNN convolutions unavailable; XLA's are used (slower): %s", error)
+    logging.info("oneDNN convolutions unavailable: %s", error)
     return str(error)
   for role, symbol in _SYMBOLS.items():
     jax.ffi.register_ffi_target(
       _TARGET_PREFIX + role, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu"
     )
   library.SerPackedKernelElements.restype = ctypes.c_int64
+  library.SerTrusted.restype = ctypes.c_int
+  library.SerOneDnnVersion.restype = ctypes.c_int
   return library
 
 
@@ -174,6 +187,36 @@ def available() -> bool:
   return not _registered()
 
 
+def library_key() -> str:
+  """The built library's file name (it names its build's hash), or why there is none."""
+  library = _library()
+  return library if isinstance(library, str) else pathlib.Path(library._name).name
+
+
+def version() -> str:
+  """The version of the oneDNN the library calls ('' where it cannot be built)."""
+  if not available():
+    return ""
+  major, rest = divmod(_library().SerOneDnnVersion(), 10000)
+  return f"{major}.{rest // 100}.{rest % 100}"
+
+
+# Every custom call traced while `recording_calls()` is open: (role, operand shapes,
+# output shape, int64 attributes); ser_jax.cpu.selftest replays them on random data.
+_recorded: list | None = None
+
+
+@contextlib.contextmanager
+def recording_calls():
+  """Yields the list that collects the custom calls traced inside the block."""
+  global _recorded
+  previous, _recorded = _recorded, []
+  try:
+    yield _recorded
+  finally:
+    _recorded = previous
+
+
 def require() -> None:
   reason = _registered()
   if reason:
@@ -183,6 +226,16 @@ def require() -> None:
 def _call(role: str, out_shape, operands, strides, padding, input_output_aliases=None, **shapes):
   """The custom call `role`; `shapes` are further int64 attributes (kernel_shape, ...)."""
   require()  # Builds and registers the targets on first use.
+  if _recorded is not None:
+    attributes = {"strides": strides, "padding": np.asarray(padding).ravel(), **shapes}
+    _recorded.append(
+      (
+        role,
+        [tuple(o.shape) for o in operands],
+        tuple(out_shape),
+        {name: [int(v) for v in np.ravel(value)] for name, value in attributes.items()},
+      )
+    )
   return jax.ffi.ffi_call(
     _TARGET_PREFIX + role,
     jax.ShapeDtypeStruct(out_shape, jnp.float32),
@@ -199,7 +252,7 @@ def _call(role: str, out_shape, operands, strides, padding, input_output_aliases
 def _output_shape(x_shape, w_shape, strides, padding):
   return (
     x_shape[0],
-    *cpu_kernels.output_hw(x_shape[1:3], w_shape[:2], strides, padding),
+    *kernels.output_hw(x_shape[1:3], w_shape[:2], strides, padding),
     w_shape[3],
   )
 
@@ -218,15 +271,62 @@ def _conv_fwd(x, w, strides, padding):
 
 def _conv_bwd(strides, padding, residuals, dy):
   x, w = residuals
-  dx = _call("input_grad", x.shape, (dy, w), strides, padding)
-  dw = _call("kernel_grad", w.shape, (x, dy), strides, padding)
+  xla_vjp = None
+  if not (
+    trusted("d", x.shape, w.shape, strides, padding)
+    and trusted("w", x.shape, w.shape, strides, padding)
+  ):
+    # oneDNN has only implementations that fail here (csrc/onednn_conv.cc, Trusted).
+    _, xla_vjp = jax.vjp(
+      lambda x, w: kernels.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC),
+      x,
+      w,
+    )
+  if trusted("d", x.shape, w.shape, strides, padding):
+    dx = _call("input_grad", x.shape, (dy, w), strides, padding)
+  else:
+    dx = xla_vjp(dy)[0]
+  if trusted("w", x.shape, w.shape, strides, padding):
+    dw = _call("kernel_grad", w.shape, (x, dy), strides, padding)
+  else:
+    dw = xla_vjp(dy)[1]
   return dx, dw
+
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+_ROLE_KINDS = {"forward": b"f", "input_grad": b"d", "kernel_grad": b"w", **_KINDS}
+
+
+def trusted(role: str, x_shape, w_shape, strides, padding) -> bool:
+  """Whether oneDNN runs convolution `role` ('f', 'd', 'w' or a fused role's name) of these
+  shapes with an implementation ser_jax trusts (csrc/onednn_conv.cc, Trusted); where it
+  does not, XLA computes it."""
+  require()
+  kind = _ROLE_KINDS.get(role, role.encode() if isinstance(role, str) else role)
+  strides = tuple(int(s) for s in strides)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return _trusted(kind, tuple(x_shape), tuple(w_shape), strides, padding)
+
+
+@functools.cache
+def _trusted(kind: bytes, x_shape, w_shape, strides, padding) -> bool:
+  shapes = [
+    np.asarray(s, np.int64)
+    for s in (x_shape, w_shape, _output_shape(x_shape, w_shape, strides, padding), strides)
+  ]
+  shapes.append(np.asarray(padding, np.int64).ravel())
+  answer = _library().SerTrusted(
+    ctypes.c_char(kind), *(s.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)) for s in shapes)
+  )
+  if answer < 0:
+    raise OneDnnUnavailable(f"oneDNN has no convolution for {x_shape} x {w_shape}")
+  return bool(answer)
 
 
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _affine_role(relu: bool, residual: bool) -> str:
+def affine_role(relu: bool, residual: bool) -> str:
   if residual and not relu:
     raise ValueError("conv_affine with a residual always applies ReLU")
   return "affine_sum_relu" if residual else "affine_relu" if relu else "affine"
@@ -239,7 +339,7 @@ def conv_affine(x, w, scale, shift, strides, padding, relu: bool, residual=None,
   is always applied. w is an HWIO kernel, or one from `pack_kernel` for this x's shape,
   whose HWIO `kernel_shape` is then needed. Not differentiable.
   """
-  role = _affine_role(relu, residual is not None)
+  role = affine_role(relu, residual is not None)
   kernel_shape = tuple(w.shape if kernel_shape is None else kernel_shape)
   out_shape = _output_shape(x.shape, kernel_shape, strides, padding)
   if residual is None:
@@ -252,7 +352,7 @@ def conv_affine(x, w, scale, shift, strides, padding, relu: bool, residual=None,
 def pack_kernel(w, x_shape, strides, padding, relu: bool, residual: bool):
   """The HWIO kernel w as a flat array in the layout conv_affine's oneDNN primitive reads
   for inputs of x_shape, so that evaluation lays each kernel out once, not every call."""
-  role = _affine_role(relu, residual)
+  role = affine_role(relu, residual)
   y_shape = _output_shape(x_shape, w.shape, strides, padding)
   padding = np.asarray(padding, np.int64).ravel()
   shapes = [np.asarray(s, np.int64) for s in (x_shape, w.shape, y_shape, strides, padding)]
@@ -284,7 +384,7 @@ def _is_plain(
     lhs.ndim == 4
     and lhs.dtype == rhs.dtype == jnp.float32
     and preferred_element_type in (None, jnp.float32)
-    and cpu_kernels.is_plain_nhwc(
+    and kernels.is_plain_nhwc(
       lhs.shape,
       rhs.shape,
       dimension_numbers,
@@ -298,18 +398,18 @@ def _is_plain(
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, **options):
   """lax.conv_general_dilated (other options as keywords): oneDNN for plain float32 NHWC
-  convolutions of maps larger than the kernel, cpu_kernels.conv_general_dilated for the rest."""
+  convolutions of maps larger than the kernel, kernels.conv_general_dilated for the rest."""
   if not _is_plain(lhs, rhs, **options):
-    return cpu_kernels.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+    return kernels.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
   strides = tuple(int(s) for s in window_strides)
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   out_shape = _output_shape(lhs.shape, rhs.shape, strides, padding)
-  if cpu_kernels.within_kernel(lhs.shape, rhs.shape) or cpu_kernels.within_kernel(
-    out_shape, rhs.shape
-  ):
+  if kernels.within_kernel(lhs.shape, rhs.shape) or kernels.within_kernel(out_shape, rhs.shape):
     # Maps no larger than the kernel (the last stage of 2 s clips): oneDNN is 2x slower
-    # than cpu_kernels' patches times a matrix there (benchmarks/NOTES.md, experiment 15).
-    return cpu_kernels.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+    # than kernels.py's patches times a matrix there (benchmarks/NOTES.md).
+    return kernels.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
+  if not trusted("forward", lhs.shape, rhs.shape, strides, padding):
+    return kernels.conv_general_dilated(lhs, rhs, window_strides, padding, **options)
   return conv(lhs, rhs, strides, padding)

@@ -53,24 +53,49 @@ memory::desc Desc(const memory::dims& dims, tag t) {
   return memory::desc(dims, memory::data_type::f32, t);
 }
 
-// oneDNN 3.2 lists its brgemm kernels first, but on maps of a few pixels its older jit
-// kernels are faster: ResNet-18's last stage on MFCC input (2x9 maps, 512 channels) runs
-// 25-30 % faster (benchmarks/NOTES.md, experiment 28). Below kSmallMap pixels the first
-// jit implementation is taken when there is one; `make` builds the primitive descriptor.
-constexpr int64_t kSmallMap = 64;
+int64_t Pixels(const memory::dims& nchw) { return nchw[2] * nchw[3]; }
 
-template <typename Make>
-auto PreferJitOnSmallMaps(int64_t pixels, Make make) {
-  if (pixels < kSmallMap) {
-    auto candidate = make();
-    do {
-      if (std::string(candidate.impl_info_str()).rfind("jit:", 0) == 0) return candidate;
-    } while (candidate.next_impl());
-  }
-  return make();
+// Implementations ser_jax does not run. Where oneDNN offers no other, that convolution
+// or gradient runs in XLA instead (the Python side asks SerTrusted):
+// - gemm (im2col) ones: below AVX-512, oneDNN 3.2 falls back to them on small NHWC maps,
+//   where they read out of bounds and crash the process;
+// - the AVX2 and SSE4.1 jit_1x1 kernel gradients: wrong when a 1x1 convolution has fewer
+//   input channels than their block (oneDNN issue 6035);
+// - reference ones: right, but slower than XLA.
+// The self-test (ser_jax/cpu/selftest.py) then checks what is left on the machine.
+bool Trusted(char kind, const std::string& impl) {
+  const auto gemm = impl.find("gemm:");
+  if (impl.rfind("ref", 0) == 0) return false;
+  if (gemm != std::string::npos && (gemm < 2 || impl.compare(gemm - 2, 2, "br") != 0))
+    return false;
+  return kind != 'w' || (impl.rfind("jit_1x1:avx2", 0) != 0 && impl.rfind("jit_1x1:sse41", 0) != 0);
 }
 
-int64_t Pixels(const memory::dims& nchw) { return nchw[2] * nchw[3]; }
+// oneDNN 3.2 lists its brgemm kernels first, but on maps of a few pixels its older jit
+// kernels are faster: ResNet-18's last stage on MFCC input (2x9 maps, 512 channels) runs
+// 25-30 % faster (benchmarks/NOTES.md). Below kSmallMap pixels the first trusted jit
+// implementation is taken when there is one (not for kernel gradients).
+constexpr int64_t kSmallMap = 64;
+
+// The implementation to run: `make` builds the primitive descriptor; `trusted` says
+// whether it is one ser_jax runs (see Trusted).
+template <typename Make>
+auto Choose(char kind, int64_t pixels, Make make, bool& trusted) {
+  trusted = true;
+  if (kind != 'w' && pixels < kSmallMap) {
+    auto candidate = make();
+    do {
+      const std::string impl = candidate.impl_info_str();
+      if (impl.rfind("jit:", 0) == 0 && Trusted(kind, impl)) return candidate;
+    } while (candidate.next_impl());
+  }
+  auto candidate = make();
+  do {
+    if (Trusted(kind, candidate.impl_info_str())) return candidate;
+  } while (candidate.next_impl());
+  trusted = false;
+  return make();
+}
 
 dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
   return dnnl::convolution_forward::primitive_desc(
@@ -162,6 +187,7 @@ struct Cached {
   OBlocks o_blocks;
   memory::desc user_kernel, conv_kernel;
   std::unique_ptr<memory> kernel_buffer;
+  bool trusted = true;  // False: an implementation Trusted() rejects; not to be run.
 };
 
 std::mutex mu;
@@ -174,27 +200,31 @@ Cached& Build(char kind, const Geometry& g) {
   auto c = std::make_unique<Cached>();
   c->user_kernel = Desc(g.weights, tag::hwio);
   if (kind == 'a' || kind == 'r' || kind == 's') {
-    auto pd = PreferJitOnSmallMaps(Pixels(g.dst), [&] { return AffineDesc(kind, g); });
+    auto pd = Choose(kind, Pixels(g.dst), [&] { return AffineDesc(kind, g); }, c->trusted);
     c->conv = dnnl::convolution_forward(pd);
     c->conv_kernel = pd.weights_desc();
   } else if (kind == 'f') {
-    auto fwd = PreferJitOnSmallMaps(Pixels(g.dst), [&] { return ForwardDesc(g); });
+    auto fwd = Choose(kind, Pixels(g.dst), [&] { return ForwardDesc(g); }, c->trusted);
     c->conv = dnnl::convolution_forward(fwd);
     c->conv_kernel = fwd.weights_desc();
   } else if (kind == 'd') {
     auto fwd = ForwardDesc(g);
-    auto pd = PreferJitOnSmallMaps(Pixels(g.src), [&] {
+    auto make = [&] {
       return dnnl::convolution_backward_data::primitive_desc(
           Engine(), dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
           Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
-    });
+    };
+    auto pd = Choose(kind, Pixels(g.src), make, c->trusted);
     c->conv = dnnl::convolution_backward_data(pd);
     c->conv_kernel = pd.weights_desc();
   } else {
     auto fwd = ForwardDesc(g);
-    auto pd = dnnl::convolution_backward_weights::primitive_desc(
-        Engine(), dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
-        Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
+    auto make = [&] {
+      return dnnl::convolution_backward_weights::primitive_desc(
+          Engine(), dnnl::algorithm::convolution_direct, Desc(g.src, tag::nhwc),
+          Desc(g.weights, tag::any), Desc(g.dst, tag::nhwc), g.strides, g.pad_l, g.pad_r, fwd);
+    };
+    auto pd = Choose(kind, Pixels(g.src), make, c->trusted);
     c->conv = dnnl::convolution_backward_weights(pd);
     c->conv_kernel = pd.diff_weights_desc();
   }
@@ -389,4 +419,27 @@ extern "C" int64_t SerPackedKernelElements(char kind, const int64_t* x_shape,
   } catch (const dnnl::error&) {
     return -1;
   }
+}
+
+// Whether oneDNN has an implementation ser_jax runs (see Trusted) for convolution `kind`
+// (Build's) of these NHWC / HWIO shapes, padding as (top, bottom, left, right): 1, 0, or
+// -1 when oneDNN has none at all.
+extern "C" int SerTrusted(char kind, const int64_t* x_shape, const int64_t* kernel_shape,
+                          const int64_t* y_shape, const int64_t* strides,
+                          const int64_t* padding) {
+  try {
+    std::lock_guard<std::mutex> lock(mu);
+    auto g = MakeGeometry({x_shape, 4}, {kernel_shape, 4}, {y_shape, 4}, {strides, 2},
+                          {padding, 4});
+    return Build(kind, g).trusted ? 1 : 0;
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+}
+
+// The version of the oneDNN this library runs (the one it was linked with, unless another
+// process-wide oneDNN took its symbols): major * 10000 + minor * 100 + patch.
+extern "C" int SerOneDnnVersion() {
+  const dnnl_version_t* v = dnnl_version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
 }

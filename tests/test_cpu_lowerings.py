@@ -1,4 +1,4 @@
-"""cpu_kernels and onednn: the same values and gradients as lax.conv_general_dilated and
+"""The CPU backend's lowerings: the same values and gradients as lax.conv_general_dilated and
 nn.max_pool."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from ser_jax import cpu_kernels, onednn
-from ser_jax.models import LOWERINGS, ResNet18
+from ser_jax import cpu
+from ser_jax.cpu import kernels, onednn
+from ser_jax.models import ResNet18
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 # (input shape, kernel shape, strides, padding): ResNet-18's kinds of convolution.
@@ -57,7 +58,7 @@ def test_conv_value_and_gradients_equal_lax(x_shape, w_shape, strides, padding, 
   x = jax.nn.relu(jax.random.normal(kx, x_shape) - 0.2)
   w = jax.random.normal(kw, w_shape) / np.sqrt(np.prod(w_shape[:3]))  # Outputs of order 1.
   results = []
-  for conv in (jax.lax.conv_general_dilated, LOWERINGS[_lowering(lowering)].conv):
+  for conv in (jax.lax.conv_general_dilated, cpu.backend(_lowering(lowering)).ops.conv):
     grad = jax.jit(
       jax.value_and_grad(functools.partial(_loss, conv), argnums=(0, 1)), static_argnums=(2, 3)
     )
@@ -73,7 +74,7 @@ def test_maps_within_the_kernel_are_convolved_as_a_matmul():
   def primitives(x_shape):
     x, w = jnp.zeros(x_shape), jnp.zeros((3, 3, x_shape[-1], 8))
     conv = functools.partial(
-      cpu_kernels.conv_general_dilated, dimension_numbers=DIMS, padding=((1, 1), (1, 1))
+      kernels.conv_general_dilated, dimension_numbers=DIMS, padding=((1, 1), (1, 1))
     )
     jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: conv(x, w, (1, 1)).sum(), (0, 1)))(x, w)
     return str(jaxpr)
@@ -93,7 +94,7 @@ def test_max_pool_routes_ties_like_reduce_window(shape):
   )
   window, strides, padding = (3, 3), (2, 2), ((1, 1), (1, 1))
   outs = []
-  for pool in (nn.max_pool, cpu_kernels.max_pool):
+  for pool in (nn.max_pool, kernels.max_pool):
     value, vjp = jax.vjp(lambda x, pool=pool: pool(x, window, strides, padding), x)
     outs.append((value, vjp(g)[0]))
   (ref_value, ref_dx), (value, dx) = outs
@@ -119,7 +120,7 @@ def test_resnet_lowering_same_variables_logits_and_gradients(lowering):
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), updates
 
   plain = ResNet18(num_classes=4, width=4)
-  tuned = ResNet18(num_classes=4, width=4, lowering=_lowering(lowering))
+  tuned = ResNet18(num_classes=4, width=4, ops=cpu.backend(_lowering(lowering)).ops)
   variables = plain.init(jax.random.key(0), x, train=False)
   tuned_variables = tuned.init(jax.random.key(0), x, train=False)
   assert jax.tree.structure(variables) == jax.tree.structure(tuned_variables)
@@ -143,3 +144,14 @@ def test_resnet_lowering_same_variables_logits_and_gradients(lowering):
     rtol=1e-4,
     atol=1e-5,
   )
+
+
+def test_after_all_keeps_values_and_waits_for_every_dep():
+  tree = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+  deps = {"x": jnp.ones(4), "y": jnp.arange(3.0)}
+  kept = jax.jit(cpu.after_all)(tree, deps)
+  for a, b in zip(jax.tree.leaves(kept), jax.tree.leaves(tree), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # It reads every dep: a non-finite one reaches the result.
+  poisoned = cpu.after_all(tree, {**deps, "y": jnp.array([jnp.inf, 1.0, 1.0])})
+  assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(poisoned))

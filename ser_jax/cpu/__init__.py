@@ -1,0 +1,125 @@
+"""The CPU backend: everything that exists only to make ser_jax fast on CPUs.
+
+The experiment and predict ask `select_backend(config.model.lowering, ...)` once for the
+model's ops and the step's options; the research code (models, losses, train) names no
+platform. Entry points call `tune_process()` before JAX starts (XLA:CPU flags, malloc),
+as they set up logging; importing ser_jax changes nothing in the process.
+
+Lowerings, all computing the same values:
+  xla     XLA's own ops (accelerators; any CPU).
+  cpu     XLA with kernels.py's convolution and max-pool gradients and norm.py's BatchNorm.
+  onednn  as 'cpu', with convolutions in oneDNN through jax.ffi (onednn.py), and inference
+          fused with BatchNorm and ReLU (fused.py). Taken by 'auto' on a one-device CPU
+          only once selftest.py has passed on this machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+
+import jax
+
+from ser_jax import models
+from ser_jax.cpu import fused, kernels, malloc, norm, onednn, selftest, xla_flags
+
+LOWERINGS = ("auto", "xla", "cpu", "onednn")
+
+XLA_OPS = models.XLA_OPS
+CPU_OPS = models.Ops(kernels.conv_general_dilated, norm.BatchNorm, kernels.max_pool)
+ONEDNN_OPS = models.Ops(
+  onednn.conv_general_dilated, norm.BatchNorm, kernels.max_pool, fused.conv_norm
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """How a run computes: the model's ops and the train and eval steps' options."""
+
+  lowering: str  # The lowering taken: 'xla', 'cpu' or 'onednn' (never 'auto').
+  ops: models.Ops
+  # Applied to the gradients before the optimiser update (train.train_step's hook).
+  gradients_hook: Callable | None = None
+  # (apply_fn, variables, inputs) -> variable collections that inference reads besides
+  # params and batch_stats (oneDNN's kernel layouts); None: nothing to add.
+  inference_variables: Callable | None = None
+  # Whether the train step donates its state (XLA:CPU copies donated buffers instead).
+  donate_state: bool = True
+
+  def provenance(self) -> dict:
+    """What results files record about the computation."""
+    return {
+      "backend": jax.default_backend(),
+      "lowering": self.lowering,
+      "onednn": onednn.version() if self.lowering == "onednn" else None,
+    }
+
+
+def after_all(tree, deps):
+  """`tree`, with the same values, but computed only once every leaf of `deps` is.
+
+  XLA:CPU runs independent operations concurrently and orders them by their buffers
+  alone, so lax.optimization_barrier does not hold back its consumers. Adding zero times
+  one element of each leaf of `deps` does. (A non-finite element makes `tree` NaN.)
+  """
+  anchor = 0.0 * sum(leaf.ravel()[0] for leaf in jax.tree.leaves(deps))
+  return jax.tree.map(lambda x: x + anchor.astype(x.dtype), tree)
+
+
+def _update_after_gradients(grads):
+  # oneDNN's convolutions each use every core: an optimiser update that XLA runs beside
+  # them slows them more than it gains, so it waits for the whole backward pass.
+  return after_all(grads, grads)
+
+
+def backend(lowering: str) -> Backend:
+  """The Backend of a lowering other than 'auto', without any check."""
+  if lowering == "xla":
+    return Backend("xla", XLA_OPS, donate_state=jax.default_backend() != "cpu")
+  if lowering == "cpu":
+    return Backend("cpu", CPU_OPS, donate_state=False)
+  if lowering == "onednn":
+    return Backend(
+      "onednn",
+      ONEDNN_OPS,
+      gradients_hook=_update_after_gradients,
+      inference_variables=fused.packed_kernels,
+      donate_state=False,
+    )
+  raise ValueError(f"unknown lowering {lowering!r}; expected one of: {', '.join(LOWERINGS)}")
+
+
+def select_backend(
+  lowering: str,
+  make_model: Callable[[models.Ops], object] | None = None,
+  input_shapes: Sequence[tuple[int, ...]] = (),
+) -> Backend:
+  """The Backend for model.lowering.
+
+  'auto' is 'xla' on accelerators, 'cpu' on CPUs with several devices, and 'onednn' on a
+  one-device CPU once the oneDNN library has built and its self-test has passed for the
+  model `make_model(ops)` at `input_shapes` ([train batch shape, eval batch shape]);
+  otherwise 'cpu', with one logged line saying why. 'onednn' raises OneDnnUnavailable
+  where 'auto' would log that line.
+  """
+  if lowering not in ("auto", "onednn"):
+    return backend(lowering)
+  if lowering == "auto" and jax.default_backend() != "cpu":
+    return backend("xla")
+  if lowering == "auto" and jax.device_count() > 1:
+    return backend("cpu")
+  reason = onednn.unavailable_reason() or selftest.failure(make_model, input_shapes)
+  if not reason:
+    return backend("onednn")
+  if lowering == "onednn":
+    raise onednn.OneDnnUnavailable(f"oneDNN convolutions (model.lowering='onednn'): {reason}")
+  logging.warning("oneDNN convolutions not used (XLA's instead, slower): %s", reason)
+  return backend("cpu")
+
+
+def tune_process() -> None:
+  """Process-wide settings for CPU speed, for entry points to call before JAX starts:
+  XLA:CPU flags (xla_flags.py) and glibc malloc (malloc.py). Each has its opt-out."""
+  xla_flags.apply()
+  malloc.apply()
