@@ -6,11 +6,13 @@
    first (cold, posix_fadvise DONTNEED) and cached (warm); compares with the train step.
 2. Runs one epoch's data work (normalisation_stats, train_batches, eval_batches) in a
    fresh subprocess for a store of N and of 10N clips (with --with-step, after building
-   and running ser_jax's train step, i.e. a run's JAX footprint) and reports peak
-   memory: VmHWM (peak RSS, which counts mapped file pages), peak anonymous RSS
+   and running ser_jax's train step with ser_jax.cpu.tune_process()'s settings, i.e. a
+   run's footprint; without it, the data work alone: no JAX, glibc's default malloc) and
+   reports peak memory: VmHWM (peak RSS, which counts mapped file pages), peak anonymous RSS
    (private memory, sampled per batch) and the file pages mapped at the end.
 Readers: 'store' is ser_jax's store as opened (DiskRows: rows copied out with os.preadv);
-'memmap' maps features.npy with numpy instead (what the store did before).
+'memmap' maps features.npy with numpy instead (what the store did before). The train
+step is ser_jax's with --lowering ('auto': the one a run takes).
 
   python benchmarks/bench_input.py --kind mfcc --clips 2280 --batch 32 --with-step
 """
@@ -35,6 +37,9 @@ from ser_jax import input_pipeline
 from ser_jax.store import open_store
 
 CLASSES = ("neutral", "happiness", "sadness", "anger")
+# ser_jax.cpu.LOWERINGS; that module imports JAX, which the memory children leave out
+# unless --with-step asks for a train step.
+LOWERINGS = ("auto", "xla", "cpu", "onednn")
 N_FRAMES = 259
 
 
@@ -172,21 +177,28 @@ def main() -> None:
     action="store_true",
     help="memory children first build and run ser_jax's train step (a run's JAX footprint)",
   )
+  parser.add_argument("--lowering", default="auto", choices=LOWERINGS, help="the step's")
   parser.add_argument("--dir", default="", help="where to write stores (default: a temp dir)")
   parser.add_argument("--child-memory", default="", help=argparse.SUPPRESS)
   parser.add_argument("--reader", default="store", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child_memory:
     if args.with_step:
-      measure_train_rate(args.kind, args.batch, reps=1)
+      _tune_process()
+      measure_train_rate(args.kind, args.batch, args.lowering, reps=1)
     child_memory(args.child_memory, args.batch, args.reader)
     return
+  _tune_process()
+  import common
+
+  load = os.getloadavg()[0]
+  print(f"cpu {common.cpu_model()!r} x {os.cpu_count()} ({common.cpu_isa()}), load1 {load:.2f}")
   n_bins = 128 if args.kind == "logmel" else 40
   readers = args.readers.split(",")
   root = pathlib.Path(tempfile.mkdtemp(prefix="ser_jax_store_", dir=args.dir or None))
   try:
     small = make_store(root / "small", args.clips, n_bins)
-    train_rate = args.train_rate or measure_train_rate(args.kind, args.batch)
+    train_rate = args.train_rate or measure_train_rate(args.kind, args.batch, args.lowering)
     print(
       f"\ninput pipeline, {args.kind} {args.clips} clips x {n_bins} x {N_FRAMES}, "
       f"batch {args.batch}; train step {train_rate:.1f} samples/s"
@@ -211,7 +223,7 @@ def main() -> None:
       for path in (small, big):
         evict(path / "features.npy")
         cmd = [sys.executable, __file__, f"--child-memory={path}", f"--batch={args.batch}"]
-        cmd += [f"--reader={reader}", f"--kind={args.kind}"]
+        cmd += [f"--reader={reader}", f"--kind={args.kind}", f"--lowering={args.lowering}"]
         cmd += ["--with-step"] if args.with_step else []
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -236,11 +248,14 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def measure_train_rate(kind: str, batch: int, reps: int = 3) -> float:
+def measure_train_rate(kind: str, batch: int, lowering: str, reps: int = 3) -> float:
   """samples/s of ser_jax's train step (median of `reps` repetitions of 3 steps)."""
   import common
 
-  steps = common.build_steps(common.make_config(kind, batch))
+  config = common.make_config(kind, batch)
+  backend = common.select_backend(config, lowering)
+  print(common.lowering_line(lowering, backend), file=sys.stderr)
+  steps = common.build_steps(config, backend)
   runner = common.JaxRunner(steps, common.synthetic_batch(kind, batch))
   runner.train_many(2)
   rates = []
@@ -249,6 +264,14 @@ def measure_train_rate(kind: str, batch: int, reps: int = 3) -> float:
     runner.train_many(3)
     rates.append(3 * batch / (time.perf_counter() - start))
   return float(np.median(rates))
+
+
+def _tune_process() -> None:
+  """ser_jax's process settings (XLA:CPU flags, malloc), as `python -m ser_jax.main` applies
+  them before JAX starts; not in memory children that do the data work alone."""
+  from ser_jax import cpu
+
+  cpu.tune_process()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ and prints clips/s and speed-ups against the librosa loop. num_workers > 1 uses 
 spawn process pool, so its figure includes starting the workers (imports, first calls).
 
   python benchmarks/bench_preprocess.py --kind mfcc [--limit 200]
+
+Like `python -m ser_jax.preprocess`, it leaves the process as it is (no
+ser_jax.cpu.tune_process(): preprocessing runs no JAX).
 """
 
 from __future__ import annotations
@@ -74,6 +77,10 @@ def main() -> None:
     "--all-classes", action="store_true", help="EmoDB's 7 classes, not the default 4"
   )
   args = parser.parse_args()
+  # Here, not at the top: spawned workers import this module, and common imports JAX.
+  import common
+
+  print(f"cpu {common.cpu_model()!r} x {os.cpu_count()} ({common.cpu_isa()})")
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="ser_jax_pre_"))
   try:
     if args.generate:

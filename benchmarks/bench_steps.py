@@ -2,17 +2,17 @@
 
 Builds the steps through experiment.Programs (as a run does), then reports samples/s
 (median [min-max] of --reps repetitions after warm-up), compile time, model FLOPs per
-step (XLA's cost_analysis of the steps lowered with model.lowering='xla'), achieved
+step (XLA's cost_analysis of the steps lowered with the 'xla' lowering), achieved
 GFLOP/s against the machine's practical peak (the faster of a 4096x4096 jnp.dot and, on
 CPU, oneDNN's sgemm, timed in the same run), XLA's buffer sizes and the
 process's peak RSS.
 
---variants runs several model variants ('xla', 'cpu', 'onednn': ser_jax's model with
-that model.lowering; others from benchmarks/variants.py; 'base' is ser_jax's
-own model) in the same process, alternating them repetition by repetition.
+--lowering takes one lowering or several, comma-separated ('auto', as a run chooses it,
+'xla', 'cpu', 'onednn'; see ser_jax/cpu/__init__.py); several run in the same process,
+alternated repetition by repetition.
 
   python benchmarks/bench_steps.py --kind mfcc --batch 32
-  python benchmarks/bench_steps.py --kind logmel --batch 64 --variants base,fast
+  python benchmarks/bench_steps.py --kind mfcc --batch 32 --lowering onednn,cpu --no-eval
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import json
 import time
 
 import common
+
+from ser_jax import cpu
 
 
 def _memory_line(compiled) -> str:
@@ -45,9 +47,10 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=3, help="steps per repetition")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument(
-    "--variants",
-    default="base",
-    help="comma-separated: base, xla, cpu, onednn or names in variants.py",
+    "--lowering",
+    default=["auto"],
+    type=common.lowerings,
+    help=f"comma-separated, each one of: {', '.join(cpu.LOWERINGS)}",
   )
   parser.add_argument("--no-eval", action="store_true")
   parser.add_argument("--json", default="", help="also write the results to this file")
@@ -64,13 +67,17 @@ def main() -> None:
   common.N_FRAMES = args.n_frames
   print(common.machine_line())
   config = common.make_config(args.kind, args.batch, args.dtype, args.width)
-  names = args.variants.split(",")
+  names = list(dict.fromkeys(args.lowering))
   train_flops, eval_flops = common.model_flops(
     config, common.synthetic_batch(args.kind, args.batch)
   )
-  runners, info = {}, {}
+  runners, info, taken, labels = {}, {}, {}, {}
   for name in names:
-    steps = common.build_steps(config, model=common.variant_model(name, config))
+    backend = common.select_backend(config, name)
+    print(common.lowering_line(name, backend))
+    taken[name] = backend.lowering
+    labels[name] = name if backend.lowering == name else f"{name}->{backend.lowering}"
+    steps = common.build_steps(config, backend)
     runner = common.JaxRunner(steps, common.synthetic_batch(args.kind, args.batch))
     batch = steps.topology.global_batch(runner.batch_np)
     train_s, train_c = common.compile_seconds(steps.train_step, steps.state, batch, steps.hparams)
@@ -104,7 +111,7 @@ def main() -> None:
     f"{args.steps} steps; {peaks}"
   )
   header = (
-    f"{'variant':10s} {'step':5s} {'samples/s median [min-max], clean reps, load':>46s} "
+    f"{'lowering':14s} {'step':5s} {'samples/s median [min-max], clean reps, load':>46s} "
     f"{'ms/step':>8s} {'GFLOP/step':>10s} {'GFLOP/s':>8s} {'of peak':>7s} {'MFU':>5s} "
     f"{'compile s':>9s}"
   )
@@ -119,12 +126,13 @@ def main() -> None:
       gflops = flops / 1e9 * median / args.batch
       mfu = f"{gflops / (10 * args.peak_tflops):4.1f}%" if args.peak_tflops else "-"
       print(
-        f"{name:10s} {mode:5s} {samples!s:>46s} {1e3 * args.batch / median:8.1f} "
+        f"{labels[name]:14s} {mode:5s} {samples!s:>46s} {1e3 * args.batch / median:8.1f} "
         f"{flops / 1e9:10.1f} {gflops:8.1f} {100 * gflops / peak:6.0f}% {mfu:>5s} {compile_s:9.1f}"
       )
       results.append(
         {
-          "variant": name,
+          "lowering": name,
+          "lowering_taken": taken[name],
           "step": mode,
           "samples_per_s": median,
           "values": samples.values,
@@ -139,12 +147,21 @@ def main() -> None:
   print("\nXLA buffers:")
   for name in names:
     for mode in modes:
-      print(f"  {name:10s} {mode:5s} {info[name][mode][2]}")
+      print(f"  {labels[name]:14s} {mode:5s} {info[name][mode][2]}")
   print(f"peak RSS of this process: {common.peak_rss_mb():.0f} MiB")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"args": vars(args), "peak_rss_mib": common.peak_rss_mb(), "results": results}, f)
+      json.dump(
+        {
+          "args": vars(args),
+          "machine": common.machine_line(),
+          "peak_rss_mib": common.peak_rss_mb(),
+          "results": results,
+        },
+        f,
+      )
 
 
 if __name__ == "__main__":
+  cpu.tune_process()  # Before JAX starts, as `python -m ser_jax.main` does.
   main()

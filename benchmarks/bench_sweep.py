@@ -1,20 +1,24 @@
 """A K-member gamma sweep in one vmapped program against K sequential single-model runs.
 
-python benchmarks/bench_sweep.py --members 6 --width 16 --n_frames 130 --steps 8
+  python benchmarks/bench_sweep.py --members 6 --width 16 --n_frames 130 --steps 8
+  python benchmarks/bench_sweep.py --members 6 --lowering cpu
 
-Both sides run ser_jax's real jitted programs (experiment.Programs) on the same batches;
-the figure is the wall time of `steps` optimiser steps per model, compilation excluded.
+Both sides run ser_jax's real jitted programs (experiment.Programs) with the backend of
+--lowering ('auto': the one a run takes) on the same batches; the figure is the wall
+time of `steps` optimiser steps per model, compilation excluded.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
+import common
 import jax
 import numpy as np
 
-from ser_jax import experiment, models
+from ser_jax import cpu, experiment, models
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 
@@ -43,13 +47,19 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--lowering", default="auto", choices=cpu.LOWERINGS)
   args = parser.parse_args()
+  print(common.machine_line())
 
   config = default_config()
   config.model.width = args.width
   config.train.batch_size = args.batch
   topology = Topology.create()
-  model = models.create_model(config.model, 4)
+  input_shape = (args.batch, args.n_bins, args.n_frames, 1)
+  make_model = functools.partial(models.create_model, config.model, 4)
+  backend = cpu.select_backend(args.lowering, make_model, [input_shape, input_shape])
+  print(common.lowering_line(args.lowering, backend))
+  model = make_model(backend.ops)
   gammas = np.linspace(0.0, 5.0, args.members)
   members = [experiment.Member(float(g), 0, 1e-3) for g in gammas]
   rng = np.random.default_rng(0)
@@ -64,11 +74,10 @@ def main() -> None:
     for _ in range(args.steps)
   ]
   shape = (args.n_bins, args.n_frames)
-  single = experiment.Programs.create(config, model, 1, shape, topology)
-  stacked = experiment.Programs.create(config, model, args.members, shape, topology)
+  single = experiment.Programs.create(config, model, backend, 1, shape, topology)
+  stacked = experiment.Programs.create(config, model, backend, args.members, shape, topology)
   sequential = sum(_time_steps(single, [m], config, batches, args.repeats) for m in members)
   together = _time_steps(stacked, members, config, batches, args.repeats)
-  print(f"device: {jax.devices()[0].device_kind}, {jax.device_count()} device(s)")
   print(
     f"input [{args.batch}, {args.n_bins}, {args.n_frames}, 1], width {args.width}, "
     f"{args.steps} steps per model"
@@ -95,4 +104,5 @@ def _step_memory_mib(programs, members, config, batch) -> float:
 
 
 if __name__ == "__main__":
+  cpu.tune_process()  # Before JAX starts, as `python -m ser_jax.main` does.
   main()

@@ -9,6 +9,9 @@ input kind. With --parallel N, the feature stores are built first (timed on thei
 then N configs train at once, each logging to <dir>/<config>.log; on one accelerator, one
 ResNet-18 at batch 32 leaves most of it idle, and each process gets 1/N of its memory.
 Compiled programs are kept in <dir>/xla: configs that share a program compile it once.
+--lowering sets model.lowering for every config (default: theirs, 'auto'); each run
+logs the lowering it took ("Lowering: ..."), and the table shows it where results.json
+records it.
 
   python benchmarks/bench_table4.py --dir /tmp/table4                 # the whole table
   python benchmarks/bench_table4.py --dir /tmp/table4 --parallel 4    # on one GPU
@@ -27,6 +30,9 @@ import subprocess
 import sys
 import time
 
+import common
+
+from ser_jax.cpu import LOWERINGS
 from ser_jax.data import demo
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -42,7 +48,12 @@ def main() -> None:
   parser.add_argument("--utterances", type=int, default=2280, help="size of the synthetic corpus")
   parser.add_argument("--set", action="append", default=[], help="config override key=value")
   parser.add_argument("--parallel", type=int, default=1, help="configs trained at once")
+  parser.add_argument(
+    "--lowering", choices=LOWERINGS, help="model.lowering (default: the configs')"
+  )
   args = parser.parse_args()
+  # No JAX in this process: the runs are children, and on a GPU this one would hold memory.
+  print(f"cpu {common.cpu_model()!r} x {os.cpu_count()} ({common.cpu_isa()})")
   out = pathlib.Path(args.dir).resolve()
   # Compiled programs go to <dir>/xla, so a new --dir times the table from a cold start.
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(out / "xla"))
@@ -55,6 +66,7 @@ def main() -> None:
     f"--config.data.corpus={args.corpus}",
     f"--config.data.root={root}",
     f"--config.data.cache_dir={out / 'cache'}",
+    *([f"--config.model.lowering={args.lowering}"] if args.lowering else []),
     *[f"--config.{item}" for item in args.set],
   ]
   names = args.configs.split(",")
@@ -77,10 +89,13 @@ def main() -> None:
   rows = []
   for name in names:
     results = json.loads((workdirs[name] / "results.json").read_text())
-    rows.append((name, walls[name], results["overall_accuracy"], results["class_accuracy"]))
-  print(f"\n{'config':16s} {'wall s':>8s} {'WA':>6s} {'UA':>6s}")
-  for name, wall, wa, ua in rows:
-    print(f"{name:16s} {wall:8.0f} {wa:6.2f} {ua:6.2f}")
+    lowering = (results.get("provenance") or {}).get("lowering") or "(see its log)"
+    rows.append(
+      (name, walls[name], results["overall_accuracy"], results["class_accuracy"], lowering)
+    )
+  print(f"\n{'config':16s} {'wall s':>8s} {'WA':>6s} {'UA':>6s}  lowering")
+  for name, wall, wa, ua, lowering in rows:
+    print(f"{name:16s} {wall:8.0f} {wa:6.2f} {ua:6.2f}  {lowering}")
   print(f"{'total':16s} {total:8.0f}")
   report = [sys.executable, "-m", "ser_jax.report", *map(str, workdirs.values())]
   subprocess.run(report, check=True, cwd=REPO)

@@ -1,12 +1,17 @@
-"""Shared pieces of the benchmarks: ser_jax's real steps built as experiment.py builds them."""
+"""Shared pieces of the benchmarks: ser_jax's real steps built as experiment.py builds them.
+
+Scripts that time JAX call `ser_jax.cpu.tune_process()` before JAX starts (as
+`python -m ser_jax.main` does), so that they time the process a run has.
+"""
 
 from __future__ import annotations
 
+import argparse
 import collections
-import contextlib
 import ctypes
 import dataclasses
 import functools
+import importlib.metadata
 import multiprocessing
 import os
 import platform
@@ -20,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ser_jax import experiment, models, onednn, train
+from ser_jax import cpu, experiment, models, train
 from ser_jax.config import default_config
+from ser_jax.cpu import onednn
 from ser_jax.sharding import Topology
 
 sys.stdout.reconfigure(line_buffering=True)
@@ -40,43 +46,60 @@ def make_config(kind: str = "mfcc", batch: int = 32, dtype: str = "float32", wid
   return config
 
 
+def lowerings(text: str) -> list[str]:
+  """argparse type: comma-separated lowerings, each one of ser_jax.cpu.LOWERINGS."""
+  names = text.split(",")
+  for name in names:
+    if name not in cpu.LOWERINGS:
+      raise argparse.ArgumentTypeError(
+        f"unknown lowering {name!r}; expected one of: {', '.join(cpu.LOWERINGS)}"
+      )
+  return names
+
+
+def select_backend(config, lowering: str) -> cpu.Backend:
+  """The backend a run of `config` takes with model.lowering=`lowering`, chosen as
+  experiment.py chooses it: 'auto' and 'onednn' only after oneDNN's self-test at this
+  config's batch shape."""
+  shape = (config.train.batch_size, N_BINS[config.features.kind], N_FRAMES, 1)
+  make_model = functools.partial(models.create_model, config.model, N_CLASSES)
+  return cpu.select_backend(lowering, make_model, [shape, shape])
+
+
+def lowering_line(requested: str, backend: cpu.Backend) -> str:
+  """What a results line needs to say about the computation: the lowering asked for and
+  the one taken, with its library's version."""
+  provenance = backend.provenance()
+  library = f", oneDNN {provenance['onednn']}" if provenance["onednn"] else ""
+  return (
+    f"lowering {requested} -> {backend.lowering} (JAX backend {provenance['backend']}{library})"
+  )
+
+
 @dataclasses.dataclass
 class Steps:
-  """A member-stacked state, hparams and the jitted train and eval steps, as in _run_fold."""
+  """A member-stacked state, hparams and the jitted steps, as in experiment._run_fold."""
 
   state: train.TrainState
   hparams: dict
   train_step: Callable
   eval_step: Callable
-  pack_kernels: Callable
+  inference_variables: Callable
   topology: Topology
-  input_shape: tuple[int, ...]
 
 
-def variant_model(name: str, config):
-  """None for 'base' (ser_jax's model as configured); the model with model.lowering=name for
-  'xla', 'cpu' and 'onednn'; else the variants.py model of that name."""
-  if name == "base":
-    return None
-  if name in models.LOWERINGS:
-    model_config = config.model.copy_and_resolve_references()
-    model_config.lowering = name
-    return models.create_model(model_config, N_CLASSES)
-  import variants
+def build_steps(
+  config, backend: cpu.Backend, n_train: int = 1824, fold: int = 0, devices=None
+) -> Steps:
+  """State, hparams, train and eval steps through experiment.Programs, as _run_fold has them.
 
-  return variants.create_model(name, config.model, N_CLASSES)
-
-
-def build_steps(config, model=None, n_train: int = 1824, fold: int = 0, devices=None) -> Steps:
-  """Builds state, hparams, train and eval steps through experiment.Programs, as _run_fold does.
-
-  `model` replaces models.create_model (for variants with identical mathematics);
+  `backend`: the lowering's (select_backend, or ser_jax.cpu.backend without the self-test);
   `devices` replaces jax.devices().
   """
   topology = Topology.create(devices)
-  model = model if model is not None else models.create_model(config.model, N_CLASSES)
+  model = models.create_model(config.model, N_CLASSES, backend.ops)
   feature_shape = (N_BINS[config.features.kind], N_FRAMES)
-  programs = experiment.Programs.create(config, model, 1, feature_shape, topology)
+  programs = experiment.Programs.create(config, model, backend, 1, feature_shape, topology)
   steps_per_epoch = n_train // config.train.batch_size
   state = programs.init(jnp.array([config.seed], jnp.uint32), fold)
   members = experiment.members_of(config)
@@ -86,25 +109,9 @@ def build_steps(config, model=None, n_train: int = 1824, fold: int = 0, devices=
     hparams=jax.device_put(hparams, topology.replicated),
     train_step=programs.train_step,
     eval_step=programs.eval_step,
-    pack_kernels=programs.pack_kernels,
+    inference_variables=programs.inference_variables,
     topology=topology,
-    input_shape=(1, *feature_shape, 1),
   )
-
-
-@contextlib.contextmanager
-def environment(**values: str):
-  """os.environ with `values` set (for processes started inside), restored afterwards."""
-  saved = {key: os.environ.get(key) for key in values}
-  os.environ.update(values)
-  try:
-    yield
-  finally:
-    for key, value in saved.items():
-      if value is None:
-        os.environ.pop(key)
-      else:
-        os.environ[key] = value
 
 
 def synthetic_batch(kind: str, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -117,14 +124,6 @@ def synthetic_batch(kind: str, batch: int, seed: int = 0) -> dict[str, np.ndarra
   }
 
 
-def time_call(fn: Callable[[], object], n_iter: int) -> float:
-  """Seconds per call of `fn` over n_iter calls; fn must block on its result."""
-  start = time.perf_counter()
-  for _ in range(n_iter):
-    fn()
-  return (time.perf_counter() - start) / n_iter
-
-
 class JaxRunner:
   """Runs ser_jax's jitted train or eval step the way the experiment loop does."""
 
@@ -132,21 +131,17 @@ class JaxRunner:
     self.steps = steps
     self.batch_np = batch_np
     self.eval_batch_np = {"features": batch_np["features"]}
-    # Kernels laid out once, as each evaluation of a fold does (experiment.predict_probabilities).
-    # Packed from the initial state and kept: the eval steps are timed, their values unused.
-    self.packed = steps.pack_kernels(steps.state, self.eval_batch())
+    # The backend's inference variables (oneDNN: kernels laid out for the primitives) made
+    # once, as each evaluation of a fold does (experiment.predict_probabilities). Made from
+    # the initial state and kept: the eval steps are timed, their values unused.
+    self.extra = steps.inference_variables(steps.state, self.eval_batch())
 
   def eval_batch(self):
     return self.steps.topology.global_batch(self.eval_batch_np)
 
   def eval_arguments(self) -> tuple:
-    """eval_step's arguments: state, batch, packed kernels."""
-    return self.steps.state, self.eval_batch(), self.packed
-
-  def train_once(self) -> None:
-    s = self.steps
-    s.state, metrics = s.train_step(s.state, s.topology.global_batch(self.batch_np), s.hparams)
-    metrics["loss"].block_until_ready()
+    """eval_step's arguments: state, batch, the backend's inference variables."""
+    return self.steps.state, self.eval_batch(), self.extra
 
   def train_many(self, n: int) -> None:
     """n steps dispatched back to back, as the epoch loop does, then one wait."""
@@ -158,12 +153,8 @@ class JaxRunner:
   def eval_many(self, n: int) -> None:
     s = self.steps
     for _ in range(n):
-      out = s.eval_step(s.state, self.eval_batch(), self.packed)
+      out = s.eval_step(s.state, self.eval_batch(), self.extra)
     out.block_until_ready()
-
-  def eval_once(self) -> None:
-    s = self.steps
-    s.eval_step(s.state, self.eval_batch(), self.packed).block_until_ready()
 
 
 def compile_seconds(jitted, *args) -> tuple[float, object]:
@@ -184,11 +175,11 @@ def flops_of(stage) -> float:
 def model_flops(config, batch_np) -> tuple[float, float]:
   """FLOPs of one train step and one eval step on `batch_np`: the model's arithmetic.
 
-  Counted on the steps with model.lowering='xla', lowered for the CPU but not compiled:
+  Counted on the steps with the 'xla' lowering, lowered for the CPU but not compiled:
   oneDNN's convolutions and, after a GPU backend's passes, cuDNN's are custom calls that
   XLA's cost analysis counts as zero, and GPU plugins do not analyse lowered programs.
   """
-  steps = build_steps(config, model=variant_model("xla", config), devices=jax.devices("cpu")[:1])
+  steps = build_steps(config, cpu.backend("xla"), devices=jax.devices("cpu")[:1])
   batch = steps.topology.global_batch(batch_np)
   train = steps.train_step.lower(steps.state, batch, steps.hparams)
   evaluation = steps.eval_step.lower(steps.state, {"features": batch["features"]})
@@ -390,9 +381,35 @@ def cpu_model() -> str:
   return platform.processor() or "unknown"
 
 
+def cpu_isa() -> str:
+  """The widest vector instruction set this CPU reports that oneDNN tells apart (its
+  implementations differ between them: benchmarks/NOTES.md, "Instruction sets"), and
+  ONEDNN_MAX_CPU_ISA where set."""
+  try:
+    with open("/proc/cpuinfo") as cpuinfo:
+      flags = next((line.split() for line in cpuinfo if line.startswith("flags")), [])
+  except OSError:
+    flags = []
+  wanted = {"avx512_core": ("avx512f", "avx512bw", "avx512vl", "avx512dq"), "avx2": ("avx2",)}
+  wanted["sse41"] = ("sse4_1",)
+  isa = next((name for name, need in wanted.items() if set(need) <= set(flags)), "unknown")
+  cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+  return f"{isa}, ONEDNN_MAX_CPU_ISA={cap}" if cap else isa
+
+
 def machine_line() -> str:
-  load = os.getloadavg()[0]
+  """The machine and software a figure was measured with, for a script's first line."""
+  devices = jax.devices()
+  versions = ", ".join(f"{name} {_version(name)}" for name in ("jax", "jaxlib", "flax", "optax"))
   return (
-    f"jax {jax.__version__}, devices {jax.devices()}, cpu {cpu_model()!r} x {os.cpu_count()}, "
-    f"load1 {load:.2f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+    f"{versions}; {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}); "
+    f"cpu {cpu_model()!r} x {os.cpu_count()} ({cpu_isa()}), load1 {os.getloadavg()[0]:.2f}, "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
   )
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "?"

@@ -7,14 +7,14 @@ model's FLOPs) against the machine's limit: the best float32 matmul at hand (jnp
 oneDNN's sgemm), timed between repetitions. PyTorch: eager train step (channels-last,
 AdamW, focal loss, same augmentation) and eval eager and, unless --no-compile,
 torch.compile.
-JAX: ser_jax's jitted steps as experiment.Programs builds them; --variants adds model
-variants: 'base' is ser_jax's own model, 'xla', 'cpu' and 'onednn' the same with that
-model.lowering, other names come from variants.py. With --processes separate, each
-framework runs in a spawned process of its own (two OpenMP runtimes in one process
-slow each other down), still alternating repetition by repetition.
+JAX: ser_jax's jitted steps as experiment.Programs builds them, with each lowering of
+--lowering ('auto', as a run chooses it, 'xla', 'cpu', 'onednn'; comma-separated).
+With --processes separate, each framework runs in a spawned process of its own (two
+OpenMP runtimes in one process slow each other down), still alternating repetition by
+repetition.
 
   python benchmarks/compare_pytorch.py                      # mfcc+logmel, batch 32+64
-  python benchmarks/compare_pytorch.py --kinds mfcc --batches 32 --variants onednn,cpu
+  python benchmarks/compare_pytorch.py --kinds mfcc --batches 32 --lowering onednn,cpu
   python benchmarks/compare_pytorch.py --processes separate --no-compile
 """
 
@@ -26,7 +26,7 @@ import time
 
 import common
 
-from ser_jax import malloc
+from ser_jax import cpu
 
 
 def _rate(fn, n: int, batch: int) -> float:
@@ -40,12 +40,13 @@ def _jax_jobs(kind: str, batch: int, args) -> dict:
   config = common.make_config(kind, batch)
   data = common.synthetic_batch(kind, batch)
   jobs = {}
-  for name in args.variants.split(","):
-    runner = common.JaxRunner(
-      common.build_steps(config, model=common.variant_model(name, config)), data
-    )
-    jobs[("train", f"jax {name}")] = runner.train_many
-    jobs[("eval", f"jax {name}")] = runner.eval_many
+  for name in dict.fromkeys(args.lowering):
+    backend = common.select_backend(config, name)
+    print(f"[{kind} {batch}] jax {common.lowering_line(name, backend)}")
+    runner = common.JaxRunner(common.build_steps(config, backend), data)
+    label = name if backend.lowering == name else f"{name}->{backend.lowering}"
+    jobs[("train", f"jax {label}")] = runner.train_many
+    jobs[("eval", f"jax {label}")] = runner.eval_many
   return jobs
 
 
@@ -102,6 +103,11 @@ class _InProcess:
 
 
 def _serve(conn, framework: str, kind: str, batch: int, args) -> None:
+  # A spawned process starts afresh: ser_jax's process settings (XLA:CPU flags, malloc) are
+  # applied again, in the JAX process only. PyTorch runs with glibc's default malloc, as
+  # its users have it.
+  if framework == "jax":
+    cpu.tune_process()
   jobs = _InProcess(framework, kind, batch, args)
   conn.send(jobs.keys)
   while (request := conn.recv()) is not None:
@@ -115,10 +121,7 @@ class _Subprocess:
     context = multiprocessing.get_context("spawn")
     self.conn, child = context.Pipe()
     self.process = context.Process(target=_serve, args=(child, framework, kind, batch, args))
-    # PyTorch runs with glibc's default malloc, as its users have it (ser_jax's import
-    # in the child would otherwise tune it too).
-    with common.environment(**({malloc.OPT_OUT: "0"} if framework == "torch" else {})):
-      self.process.start()
+    self.process.start()
     self.keys = self.conn.recv()
 
   def rate(self, key, n: int) -> float:
@@ -166,7 +169,12 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--kinds", default="mfcc,logmel")
   parser.add_argument("--batches", default="32,64")
-  parser.add_argument("--variants", default="base")
+  parser.add_argument(
+    "--lowering",
+    default=["auto"],
+    type=common.lowerings,
+    help=f"ser_jax's lowerings, comma-separated, each one of: {', '.join(cpu.LOWERINGS)}",
+  )
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--steps", type=int, default=5, help="train steps per repetition")
   parser.add_argument("--eval-steps", type=int, default=4)
@@ -188,16 +196,17 @@ def main() -> None:
     for batch in (int(b) for b in args.batches.split(",")):
       rows += run(kind, batch, args)
   print(
-    f"\n{'kind':6s} {'batch':>5s} {'step':5s} {'framework':16s} "
+    f"\n{'kind':6s} {'batch':>5s} {'step':5s} {'framework':20s} "
     f"{'samples/s median [min-max] n=clean/all':>38s} {'GFLOP/s':>7s} {'of peak':>7s} "
     f"{'/torch eager':>12s} {'/torch compile':>14s}"
   )
   for kind, batch, mode, name, samples, gflops, share, ratio, vs_compile in rows:
     print(
-      f"{kind:6s} {batch:5d} {mode:5s} {name:16s} {samples!s:>38s} {gflops:7.1f} "
+      f"{kind:6s} {batch:5d} {mode:5s} {name:20s} {samples!s:>38s} {gflops:7.1f} "
       f"{100 * share:6.0f}% {ratio:12.2f} {vs_compile:14.2f}"
     )
 
 
 if __name__ == "__main__":
+  cpu.tune_process()  # Before JAX starts, as `python -m ser_jax.main` does.
   main()
