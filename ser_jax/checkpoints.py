@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 
 import jax
 import orbax.checkpoint as ocp
@@ -30,3 +31,42 @@ def restore_latest(manager: ocp.CheckpointManager, state):
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
   )
   return epoch, manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+
+
+class NoCheckpointError(FileNotFoundError):
+  """A folder that holds no checkpoint."""
+
+
+def restore_variables(directory: str | os.PathLike) -> dict:
+  """{'params', 'batch_stats'} of the newest checkpoint in `directory` (leading member axis).
+
+  Restores only these two parts, so the optimiser's structure (and its moments) never
+  matter: what inference needs, for predict and tests.
+  """
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    raise NoCheckpointError(f"no checkpoints in {directory}")
+  manager = ocp.CheckpointManager(
+    directory.absolute(),
+    item_handlers=ocp.PyTreeCheckpointHandler(),
+    options=ocp.CheckpointManagerOptions(create=False),
+  )
+  try:
+    epoch = manager.latest_step()
+    if epoch is None:
+      raise NoCheckpointError(f"no checkpoints in {directory}")
+    saved = manager.item_metadata(epoch).tree
+    abstract = {
+      part: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved[part])
+      for part in ("params", "batch_stats")
+    }
+    return manager.restore(
+      epoch,
+      args=ocp.args.PyTreeRestore(
+        abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True,
+      ),
+    )
+  finally:
+    manager.close()

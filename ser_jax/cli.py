@@ -4,14 +4,16 @@ multi-process start-up."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 
 import jax
 from absl import flags
+from ml_collections import config_flags
 
-from ser_jax import audio, io_utils
+from ser_jax import audio, io_utils, memory
 from ser_jax.config import ConfigError
 from ser_jax.cpu import onednn
 from ser_jax.data.corpus import CorpusError
@@ -25,9 +27,22 @@ USER_ERRORS = (
   FoldError,
   audio.AudioError,
   io_utils.LockedError,
+  memory.MemoryPlanError,
   onednn.OneDnnUnavailable,
   FileNotFoundError,
 )
+
+
+@functools.cache
+def config_flag():
+  """The --config flag (a locked ml_collections config file), defined once per process so
+  that every entry point's module can be imported together."""
+  return config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+
+
+@functools.cache
+def workdir_flag():
+  return flags.DEFINE_string("workdir", None, "Folder for checkpoints and results.")
 
 
 def check_override_keys(argv: list[str]) -> None:

@@ -25,6 +25,9 @@ from ser_jax import (
   cpu,
   input_pipeline,
   io_utils,
+  layout,
+  losses,
+  memory,
   metrics,
   models,
   plots,
@@ -33,20 +36,21 @@ from ser_jax import (
 )
 from ser_jax.audio import AudioError
 from ser_jax.config import ConfigError, validate_config
-from ser_jax.data import corpora, demo
+from ser_jax.data import corpora, demo, shares
 from ser_jax.features import FeatureParams
 from ser_jax.folds import FoldError, make_folds
 from ser_jax.sharding import Topology
-from ser_jax.store import build_store, default_cache_dir, open_store
+from ser_jax.store import FeatureStore, build_store, default_cache_dir, open_store
 
-# Keys that do not change the mathematics of a run; a rerun may change them without a
-# fresh start.
-_RESULT_NEUTRAL_KEYS = (
+# Keys that change how a run computes or where it keeps things, but not its results; a
+# rerun may change them without a fresh start.
+RESULT_NEUTRAL_KEYS = (
   "data.num_workers",
   "data.cache_dir",
   "cv.folds",
   "train.eval_batch_size",
   "model.lowering",
+  "sweep.members_per_chunk",
 )
 
 
@@ -65,20 +69,24 @@ class Member:
   gamma: float
   seed: int
   learning_rate: float
+  alpha: tuple[float, ...] | str = ()  # Per-class weights, 'inverse_frequency', or none.
 
   def as_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    return {**dataclasses.asdict(self), "alpha": _alpha_json(self.alpha)}
 
 
 def members_of(config: ml_collections.ConfigDict) -> list[Member]:
-  """The models trained together: one, or every (gamma, seed, learning rate) of the sweep."""
-  if not config.sweep.gammas:
-    gamma = config.loss.gamma if config.loss.name == "focal" else 0.0
-    return [Member(float(gamma), int(config.seed), float(config.train.learning_rate))]
-  seeds = config.sweep.seeds or (config.seed,)
-  rates = config.sweep.learning_rates or (config.train.learning_rate,)
+  """The models trained together: one, or every (gamma, seed, rate, alpha) of the sweep."""
+  gamma = float(config.loss.gamma) if config.loss.name == "focal" else 0.0
+  sweep = config.sweep
+  if not (sweep.gammas or sweep.alphas):
+    return [Member(gamma, int(config.seed), float(config.train.learning_rate), config.loss.alpha)]
   return [
-    Member(float(g), int(s), float(r)) for g in config.sweep.gammas for s in seeds for r in rates
+    Member(float(g), int(s), float(r), a)
+    for g in sweep.gammas or (gamma,)
+    for s in sweep.seeds or (config.seed,)
+    for r in sweep.learning_rates or (config.train.learning_rate,)
+    for a in sweep.alphas or (config.loss.alpha,)
   ]
 
 
@@ -134,6 +142,33 @@ def prepare_store(config: ml_collections.ConfigDict, progress: bool | None = Non
   return store
 
 
+def utterances(config: ml_collections.ConfigDict, store: FeatureStore) -> np.ndarray:
+  """Indices of the store's utterances the run uses: all, or the data.class_shares subset."""
+  if not config.data.class_shares:
+    return np.arange(len(store))
+  return shares.subset_to_shares(
+    store.labels,
+    store.speakers,
+    tuple(config.data.class_shares),
+    config.data.class_shares_seed,
+    store.class_names,
+  )
+
+
+def cross_validation_folds(config, store: FeatureStore, kept: np.ndarray):
+  """(train, test) store indices per fold, made over the kept utterances only."""
+  folds = make_folds(
+    store.labels[kept],
+    store.speakers[kept],
+    store.groups[kept],
+    scheme=config.cv.scheme,
+    n_folds=config.cv.n_folds,
+    seed=config.seed,
+    class_names=store.class_names,
+  )
+  return [(kept[train_idx], kept[test_idx]) for train_idx, test_idx in folds]
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False
 ) -> dict:
@@ -150,97 +185,114 @@ def train_and_evaluate(
     return _run(config, workdir, is_writer)
 
 
+@dataclasses.dataclass(frozen=True)
+class Fold:
+  """One fold: its index, its (store) indices and its training normalisation."""
+
+  index: int
+  train_idx: np.ndarray
+  test_idx: np.ndarray
+  mean: np.ndarray  # [n_bins]
+  std: np.ndarray  # [n_bins]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """What every fold of a run shares: its data, members, programs and where it writes."""
+
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  store: FeatureStore
+  members: tuple[Member, ...]
+  chunks: tuple[range, ...]  # Members trained together, in order.
+  programs: dict  # Chunk size -> Programs.
+  topology: Topology
+  log: results.MetricsLog
+  is_writer: bool
+
+  def chunk_dir(self, fold: int, chunk: range) -> pathlib.Path:
+    return layout.chunk_dir(self.workdir, fold, chunk, len(self.members))
+
+
 def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   start_time = time.time()
   topology = Topology.create()
   topology.check_batch_size("train.batch_size", config.train.batch_size)
-  eval_batch_size = config.train.eval_batch_size
   store = prepare_store(config)
-  class_names = store.class_names
-  logging.info(
-    "Feature store %s: %d clips, classes %s", store.path, len(store), store.meta["class_names"]
-  )
-  for skipped in _skipped(store):
-    logging.warning("Skipped %s: %s", skipped["path"], skipped["reason"])
-  if store.meta["n_skipped"]:
-    logging.warning(
-      "%d files skipped; listed in %s", store.meta["n_skipped"], store.path / "skipped.csv"
-    )
-  folds = make_folds(
-    store.labels,
-    store.speakers,
-    store.groups,
-    scheme=config.cv.scheme,
-    n_folds=config.cv.n_folds,
-    seed=config.seed,
-    class_names=class_names,
-  )
-  members = members_of(config)
+  _log_store(store)
+  kept = utterances(config, store)
+  folds = cross_validation_folds(config, store, kept)
+  members = tuple(members_of(config))
   feature_shape = store.features.shape[1:]
+  eval_batch_size = _eval_batch_size(config, topology)
+  make_model = functools.partial(models.create_model, config.model, len(store.class_names))
   backend = cpu.select_backend(
     config.model.lowering,
-    functools.partial(models.create_model, config.model, len(class_names)),
+    make_model,
     [(config.train.batch_size, *feature_shape, 1), (eval_batch_size, *feature_shape, 1)],
   )
   logging.info("Lowering: %s", backend.lowering)
-  model = models.create_model(config.model, len(class_names), backend.ops)
-  chunks = member_chunks(len(members), config.sweep.members_per_chunk)
-  programs = {}
-  for size in sorted({stop - start for start, stop in chunks}):
-    programs[size] = Programs.create(config, model, backend, size, feature_shape, topology)
-  fold_ids = list(config.cv.folds) or list(range(config.cv.n_folds))
-  log = results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer)
-  fold_results = []
-  for fold in fold_ids:
-    train_idx, test_idx = folds[fold]
-    fold_dir = workdir / f"fold_{fold}"
-    done_path = fold_dir / "result.json"
-    if done_path.exists():
-      logging.info("Fold %d already finished; keeping its result (%s)", fold, done_path)
-      fold_results.append(json.loads(done_path.read_text()))
-      continue
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
-    if is_writer:
-      results.save_normalisation(fold_dir / "normalisation.npz", mean, std)
-    counts = []
-    for start, stop in chunks:
-      # One chunk keeps the plain layout; several get a folder each.
-      chunk_name = "" if len(chunks) == 1 else f"members_{start}-{stop - 1}"
-      counts += _run_fold(
-        config,
-        fold_dir / chunk_name,
-        workdir / "tensorboard" / f"fold_{fold}" / chunk_name,
-        mean,
-        std,
-        store,
-        programs[stop - start],
-        members[start:stop],
-        start,
-        topology,
-        fold,
-        train_idx,
-        test_idx,
-        eval_batch_size,
-        log,
-        is_writer,
-      )
-    fold_results.append(_save_fold_result(done_path, fold, train_idx, test_idx, counts, is_writer))
+  model = make_model(backend.ops)
+  chunks, programs = _plan_chunks(config, model, backend, members, feature_shape, topology)
+  run = Run(
+    config=config,
+    workdir=workdir,
+    store=store,
+    members=members,
+    chunks=tuple(chunks),
+    programs=programs,
+    topology=topology,
+    log=results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer),
+    is_writer=is_writer,
+  )
+  fold_results = [run_fold(run, k, *folds[k]) for k in list(config.cv.folds) or range(len(folds))]
   summary = results.summarise_run(
     config=config,
-    class_names=class_names,
+    class_names=store.class_names,
     members=[m.as_dict() for m in members],
     fold_results=fold_results,
     num_params=_count_params(model, store),
     feature_store=str(store.path),
     skipped=_skipped(store),
+    class_counts={
+      "corpus": _class_counts(store, np.arange(len(store))),
+      "used": _class_counts(store, kept),
+    },
+    provenance=results.provenance(backend.provenance()),
     wall_seconds=time.time() - start_time,
   )
   if is_writer:
     results.write_results(workdir, summary)
-    plots.write_figures(workdir, summary, log.read())
+    results.write_predictions(
+      workdir / layout.PREDICTIONS,
+      store.class_names,
+      [layout.fold_dir(workdir, r["fold"]) / layout.PREDICTIONS for r in fold_results],
+    )
+    plots.write_figures(workdir, summary, run.log.read())
     logging.info("%s", results.final_line(summary))
   return summary
+
+
+def run_fold(run: Run, index: int, train_idx: np.ndarray, test_idx: np.ndarray) -> dict:
+  """Trains every chunk of members on one fold (resuming); returns the fold's result."""
+  fold_dir = layout.fold_dir(run.workdir, index)
+  done_path = fold_dir / "result.json"
+  if done_path.exists():
+    logging.info("Fold %d already finished; keeping its result (%s)", index, done_path)
+    return json.loads(done_path.read_text())
+  fold_dir.mkdir(parents=True, exist_ok=True)
+  store = run.store
+  mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
+  if run.is_writer:
+    results.save_normalisation(fold_dir / "normalisation.npz", mean, std)
+  fold = Fold(index, train_idx, test_idx, mean, std)
+  counts, prediction_files = [], []
+  for chunk in run.chunks:
+    counts += train_chunk(run, fold, chunk)
+    prediction_files.append(run.chunk_dir(index, chunk) / layout.PREDICTIONS)
+  if run.is_writer and len(run.chunks) > 1:
+    results.write_predictions(fold_dir / layout.PREDICTIONS, store.class_names, prediction_files)
+  return _save_fold_result(done_path, fold, counts, run.is_writer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,38 +329,100 @@ class Programs:
     else:
       state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
 
-    augmentation = train.Augmentation.from_config(config.train)
-
     def inference_variables(state, batch):
-      if backend.inference_variables is None:
-        return {}
-      variables = {"params": state.params, "batch_stats": state.batch_stats}
-      return backend.inference_variables(state.apply_fn, variables, batch["features"][..., None])
+      return train.inference_variables(
+        state.apply_fn,
+        train.state_variables(state),
+        batch["features"],
+        backend.inference_variables,
+      )
 
+    step = functools.partial(
+      train.train_step,
+      augmentation=train.Augmentation.from_config(config.train),
+      gradients_hook=backend.gradients_hook,
+    )
     return cls(
       init=jax.jit(init, out_shardings=state_sharding),
       train_step=jax.jit(
-        train.over_members(
-          functools.partial(
-            train.train_step, augmentation=augmentation, gradients_hook=backend.gradients_hook
-          ),
-          n_members,
-        ),
-        donate_argnums=(0,) if backend.donate_state else (),
+        train.over_members(step, n_members), donate_argnums=(0,) if backend.donate_state else ()
       ),
       eval_step=jax.jit(train.over_members(train.eval_step, n_members)),
       inference_variables=jax.jit(train.over_members(inference_variables, n_members)),
     )
 
+  def bytes_per_member(
+    self, config, n_members: int, feature_shape, eval_batch_size: int, topology: Topology
+  ) -> int:
+    """XLA's peak memory of the train and eval programs (the larger), per member."""
+    state = jax.eval_shape(self.init, jnp.zeros((n_members,), jnp.uint32), 0)
+    state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=topology.replicated), state
+    )
 
-def stacked_hparams(config, members, n_classes: int, fold: int, steps_per_epoch: int):
-  """Each member's hyperparameters as arrays with a leading member axis."""
-  alpha = tuple(config.loss.alpha) or (1.0,) * n_classes
+    def batch(size: int) -> dict:
+      shapes = {"features": ((size, *feature_shape), jnp.float32), "labels": ((size,), jnp.int32)}
+      shapes["valid_frames"] = ((size,), jnp.int32)
+      return {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=topology.batch)
+        for name, (shape, dtype) in shapes.items()
+      }
+
+    hparams = jax.eval_shape(
+      lambda: stacked_hparams(config, [Member(0.0, 0, 1.0)] * n_members, None, 0, 1)
+    )
+    hparams = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=topology.replicated), hparams
+    )
+    train_bytes = memory.compiled_bytes(
+      self.train_step.lower(state, batch(config.train.batch_size), hparams).compile()
+    )
+    eval_batch = batch(eval_batch_size)
+    extra = jax.eval_shape(self.inference_variables, state, eval_batch)
+    extra = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=topology.replicated), extra
+    )
+    eval_bytes = memory.compiled_bytes(self.eval_step.lower(state, eval_batch, extra).compile())
+    return math.ceil(max(train_bytes, eval_bytes) / n_members)
+
+
+def _plan_chunks(config, model, backend, members, feature_shape, topology):
+  """The member chunks and their Programs: sweep.members_per_chunk, or (0) as many as fit."""
+  n_members = len(members)
+  eval_batch_size = _eval_batch_size(config, topology)
+  programs = {}
+
+  def programs_for(size: int) -> Programs:
+    if size not in programs:
+      programs[size] = Programs.create(config, model, backend, size, feature_shape, topology)
+    return programs[size]
+
+  per_chunk = config.sweep.members_per_chunk
+  if not per_chunk:
+    needed = programs_for(1).bytes_per_member(config, 1, feature_shape, eval_batch_size, topology)
+    plan = memory.plan_chunks(
+      n_members, needed, memory.available_bytes(jax.devices()[0]), jax.default_backend()
+    )
+    logging.info("%s", plan.describe())
+    per_chunk = plan.members_per_chunk
+  chunks = layout.split_members(n_members, per_chunk)
+  for chunk in chunks:
+    programs_for(len(chunk))
+  return chunks, programs
+
+
+def stacked_hparams(config, members, fold_labels, fold: int, steps_per_epoch: int):
+  """Each member's hyperparameters as arrays with a leading member axis.
+
+  fold_labels: the training fold's labels, for 'inverse_frequency' class weights (None
+  when only shapes are wanted).
+  """
+  n_classes = len(config.data.classes) or int(np.max(fold_labels)) + 1
   per_member = [
     train.make_hparams(
       gamma=m.gamma,
       learning_rate=m.learning_rate,
-      alpha=alpha,
+      alpha=class_weights(m.alpha, fold_labels, n_classes, tuple(config.data.classes)),
       label_smoothing=config.train.label_smoothing,
       rng_seed=m.seed * 1000 + fold,
       warmup_steps=steps_per_epoch * config.train.warmup_epochs,
@@ -319,66 +433,54 @@ def stacked_hparams(config, members, n_classes: int, fold: int, steps_per_epoch:
   return jax.tree.map(lambda *xs: jnp.stack(xs), *per_member)
 
 
-def member_chunks(n_members: int, members_per_chunk: int) -> list[tuple[int, int]]:
-  """[start, stop) ranges of members trained together; 0 means all at once."""
-  size = members_per_chunk or n_members
-  return [(start, min(start + size, n_members)) for start in range(0, n_members, size)]
+def class_weights(alpha, fold_labels, n_classes: int, class_names=()) -> np.ndarray:
+  """[n_classes] loss weights: given, from the training fold's counts, or all ones."""
+  if alpha == "inverse_frequency":
+    if fold_labels is None:
+      return np.ones(n_classes, np.float32)
+    return losses.inverse_frequency_alpha(fold_labels, n_classes, class_names)
+  return np.asarray(tuple(alpha) or (1.0,) * n_classes, np.float32)
 
 
-def _run_fold(
-  config,
-  run_dir: pathlib.Path,
-  tensorboard_dir: pathlib.Path,
-  mean: np.ndarray,
-  std: np.ndarray,
-  store,
-  programs: Programs,
-  members,
-  first_member: int,
-  topology,
-  fold,
-  train_idx,
-  test_idx,
-  eval_batch_size,
-  log,
-  is_writer,
-) -> list:
-  """Trains one chunk of members on one fold (resuming), returns their confusion counts."""
+def train_chunk(run: Run, fold: Fold, chunk: range) -> list:
+  """Trains one chunk of members on one fold (resuming); returns their confusion counts."""
+  run_dir = run.chunk_dir(fold.index, chunk)
   done_path = run_dir / "result.json"
   if done_path.exists():  # A finished chunk of a fold that was interrupted later.
     return json.loads(done_path.read_text())["confusion_counts"]
   run_dir.mkdir(parents=True, exist_ok=True)
-
-  steps_per_epoch = len(train_idx) // config.train.batch_size
+  config, store = run.config, run.store
+  members = run.members[chunk.start : chunk.stop]
+  programs = run.programs[len(chunk)]
+  steps_per_epoch = len(fold.train_idx) // config.train.batch_size
   if steps_per_epoch == 0:
     raise ConfigError(
-      f"fold {fold} has {len(train_idx)} training examples, fewer than train.batch_size="
-      f"{config.train.batch_size}; lower train.batch_size"
+      f"fold {fold.index} has {len(fold.train_idx)} training examples, fewer than "
+      f"train.batch_size={config.train.batch_size}; lower train.batch_size"
     )
-  n_members = len(members)
-  seeds = jnp.array([m.seed for m in members], jnp.uint32)
-  state = programs.init(seeds, fold)
+  state = programs.init(jnp.array([m.seed for m in members], jnp.uint32), fold.index)
   hparams = jax.device_put(
-    stacked_hparams(config, members, len(store.class_names), fold, steps_per_epoch),
-    topology.replicated,
+    stacked_hparams(config, members, store.labels[fold.train_idx], fold.index, steps_per_epoch),
+    run.topology.replicated,
   )
-
   manager = checkpoints.checkpoint_manager(run_dir / "checkpoints")
   start_epoch, state = checkpoints.restore_latest(manager, state)
   if start_epoch:
     logging.info(
       "Fold %d: resuming from the checkpoint of epoch %d (step %d)",
-      fold,
+      fold.index,
       start_epoch,
       start_epoch * steps_per_epoch,
     )
-    log.truncate(fold, start_epoch, first_member)
-
-  writer = results.TensorBoard(tensorboard_dir, enabled=is_writer)
+    run.log.truncate(fold.index, start_epoch, chunk.start)
+  writer = results.TensorBoard(
+    layout.tensorboard_dir(run.workdir, fold.index, chunk, len(run.members)),
+    enabled=run.is_writer,
+  )
   epochs = tqdm.trange(
     start_epoch,
     config.train.num_epochs,
-    desc=f"fold {fold}",
+    desc=f"fold {fold.index}",
     unit="epoch",
     disable=None,
     initial=start_epoch,
@@ -386,85 +488,100 @@ def _run_fold(
   )
   try:
     for epoch in epochs:
-      epoch_start = time.time()
-      step_metrics = []
-      for batch in input_pipeline.train_batches(
-        store,
-        train_idx,
-        config.train.batch_size,
-        mean,
-        std,
-        seed=config.seed,
-        fold=fold,
-        epoch=epoch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-      ):
-        state, step_metric = programs.train_step(state, topology.global_batch(batch), hparams)
-        step_metrics.append(step_metric)
-      losses = np.asarray(jnp.stack([m["loss"] for m in step_metrics]))  # [steps, members]
-      accuracies = np.asarray(jnp.stack([m["accuracy"] for m in step_metrics]))
-      if not np.all(np.isfinite(losses)):
-        bad_step, bad_member = np.argwhere(~np.isfinite(losses))[0]
-        raise NonFiniteLossError(
-          f"non-finite training loss ({losses[bad_step, bad_member]}) in fold {fold}, epoch "
-          f"{epoch + 1}, step {epoch * steps_per_epoch + bad_step + 1}, member "
-          f"{members[bad_member]}; "
-          f"the last good checkpoint is kept in {run_dir / 'checkpoints'}"
-        )
-      record = {
-        "fold": fold,
-        "first_member": first_member,
-        "epoch": epoch + 1,
-        "step": (epoch + 1) * steps_per_epoch,
-        "train_loss": losses.mean(0).tolist(),
-        "train_accuracy": (100 * accuracies.mean(0)).tolist(),
-        "seconds": time.time() - epoch_start,
-      }
-      log.append(record)
+      state, record = _train_epoch(run, fold, chunk, programs, state, hparams, epoch)
+      run.log.append(record)
       writer.scalars(record, members)
-      epochs.set_postfix(loss=f"{losses.mean():.3f}", acc=f"{100 * accuracies.mean():.1f}")
-      if (
-        epoch + 1
-      ) % config.train.checkpoint_every_epochs == 0 or epoch + 1 == config.train.num_epochs:
+      epochs.set_postfix(
+        loss=f"{np.mean(record['train_loss']):.3f}", acc=f"{np.mean(record['train_accuracy']):.1f}"
+      )
+      last = epoch + 1 == config.train.num_epochs
+      if (epoch + 1) % config.train.checkpoint_every_epochs == 0 or last:
         checkpoints.save(manager, epoch + 1, state)
   finally:
     # Whatever stops training, the checkpoints already started are committed.
     manager.wait_until_finished()
     writer.close()
 
-  probabilities = predict_probabilities(
-    programs, state, store, test_idx, mean, std, eval_batch_size, topology
-  )
-  predictions = probabilities.argmax(-1)  # [members, n_test]
+  eval_batch_size = _eval_batch_size(config, run.topology)
+  probabilities = evaluate(programs, state, store, fold, eval_batch_size, run.topology)
+  predictions = probabilities.argmax(-1)
   n_classes = len(store.class_names)
   counts = [
-    metrics.confusion_counts(store.labels[test_idx], predictions[k], n_classes).tolist()
-    for k in range(n_members)
+    metrics.confusion_counts(store.labels[fold.test_idx], predictions[k], n_classes).tolist()
+    for k in range(len(members))
   ]
-  _save_fold_result(done_path, fold, train_idx, test_idx, counts, is_writer)
+  if run.is_writer:
+    results.save_fold_predictions(
+      run_dir / layout.PREDICTIONS, store, fold.index, fold.test_idx, chunk.start, probabilities
+    )
+  _save_fold_result(done_path, fold, counts, run.is_writer)
   manager.close()
-  for k in range(n_members):
+  for k, member in enumerate(members):
     summary = metrics.summarise(np.array(counts[k]))
     logging.info(
       "Fold %d%s: WA %.2f  UA %.2f  macro-F1 %.2f  (train %d, test %d)",
-      fold,
-      f" member {first_member + k} {members[k]}" if len(members) > 1 or first_member else "",
+      fold.index,
+      f" member {chunk.start + k} {member}" if len(run.members) > 1 else "",
       summary["overall_accuracy"],
       summary["class_accuracy"],
       summary["macro_f1"],
-      len(train_idx),
-      len(test_idx),
+      len(fold.train_idx),
+      len(fold.test_idx),
     )
   return counts
 
 
-def _save_fold_result(path, fold, train_idx, test_idx, counts, is_writer) -> dict:
+def _train_epoch(run: Run, fold: Fold, chunk: range, programs, state, hparams, epoch: int):
+  """One epoch of train steps; (state, the epoch's metrics record). Stops on a NaN loss."""
+  config = run.config
+  epoch_start = time.time()
+  step_metrics = []
+  for batch in input_pipeline.train_batches(
+    run.store,
+    fold.train_idx,
+    config.train.batch_size,
+    fold.mean,
+    fold.std,
+    seed=config.seed,
+    fold=fold.index,
+    epoch=epoch,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
+    state, step_metric = programs.train_step(state, run.topology.global_batch(batch), hparams)
+    step_metrics.append(step_metric)
+  stacked = {
+    name: np.asarray(jnp.stack([m[name] for m in step_metrics])) for name in step_metrics[0]
+  }
+  losses_ = stacked["loss"]  # [steps, members]
+  if not np.all(np.isfinite(losses_)):
+    bad_step, bad_member = np.argwhere(~np.isfinite(losses_))[0]
+    steps_per_epoch = len(step_metrics)
+    raise NonFiniteLossError(
+      f"non-finite training loss ({losses_[bad_step, bad_member]}) in fold {fold.index}, epoch "
+      f"{epoch + 1}, step {epoch * steps_per_epoch + bad_step + 1}, member "
+      f"{run.members[chunk.start + bad_member]}; "
+      f"the last good checkpoint is kept in {run.chunk_dir(fold.index, chunk) / 'checkpoints'}"
+    )
+  record = {
+    "fold": fold.index,
+    "first_member": chunk.start,
+    "epoch": epoch + 1,
+    "step": (epoch + 1) * len(step_metrics),
+    "train_loss": losses_.mean(0).tolist(),
+    "train_accuracy": (100 * stacked["accuracy"].mean(0)).tolist(),
+    "learning_rate": stacked["learning_rate"][-1].tolist(),  # At the epoch's last step.
+    "seconds": time.time() - epoch_start,
+  }
+  return state, record
+
+
+def _save_fold_result(path, fold: Fold, counts, is_writer) -> dict:
   """Writes what a finished fold (or chunk of members) keeps: its size and confusion counts."""
   fold_result = {
-    "fold": fold,
-    "n_train": int(len(train_idx)),
-    "n_test": int(len(test_idx)),
+    "fold": fold.index,
+    "n_train": int(len(fold.train_idx)),
+    "n_test": int(len(fold.test_idx)),
     "confusion_counts": counts,
   }
   if is_writer:
@@ -472,20 +589,23 @@ def _save_fold_result(path, fold, train_idx, test_idx, counts, is_writer) -> dic
   return fold_result
 
 
-def predict_probabilities(
-  programs: Programs, state, store, indices, mean, std, batch_size, topology
+def evaluate(
+  programs: Programs, state, store: FeatureStore, fold: Fold, batch_size: int, topology: Topology
 ) -> np.ndarray:
-  """[members, len(indices), n_classes] probabilities; each example counted exactly once."""
-  # The last batch is padded, so any batch size works once rounded up to the devices.
+  """[members, n_test, n_classes] probabilities; each test example counted exactly once.
+
+  batch_size is rounded up to a multiple of the devices.
+  """
   batch_size = topology.num_devices * math.ceil(batch_size / topology.num_devices)
   outputs = []
-  extra, extra_shape = None, None  # Computed once per batch shape (all equal here).
+  extra, extra_shape = None, None  # Computed once per batch shape.
   for batch, n_real in input_pipeline.eval_batches(
     store,
-    indices,
+    fold.test_idx,
     batch_size,
-    mean,
-    std,
+    fold.mean,
+    fold.std,
+    multiple=topology.num_devices,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   ):
@@ -493,9 +613,32 @@ def predict_probabilities(
     if batch["features"].shape != extra_shape:
       extra, extra_shape = programs.inference_variables(state, batch), batch["features"].shape
     probabilities = programs.eval_step(state, batch, extra)
-    outputs.append(np.asarray(multihost_utils.process_allgather(probabilities, tiled=True)))
-    outputs[-1] = outputs[-1][:, :n_real]
+    gathered = np.asarray(multihost_utils.process_allgather(probabilities, tiled=True))
+    outputs.append(gathered[:, :n_real])
   return np.concatenate(outputs, axis=1)
+
+
+def _eval_batch_size(config, topology: Topology) -> int:
+  """train.eval_batch_size rounded up to a multiple of the devices (batches are padded)."""
+  devices = topology.num_devices
+  return devices * math.ceil(config.train.eval_batch_size / devices)
+
+
+def _log_store(store: FeatureStore) -> None:
+  logging.info(
+    "Feature store %s: %d clips, classes %s", store.path, len(store), store.meta["class_names"]
+  )
+  for skipped in _skipped(store):
+    logging.warning("Skipped %s: %s", skipped["path"], skipped["reason"])
+  if store.meta["n_skipped"]:
+    logging.warning(
+      "%d files skipped; listed in %s", store.meta["n_skipped"], store.path / "skipped.csv"
+    )
+
+
+def _class_counts(store: FeatureStore, indices: np.ndarray) -> dict[str, int]:
+  counts = shares.class_counts(store.labels[indices], len(store.class_names))
+  return dict(zip(store.class_names, counts.tolist(), strict=True))
 
 
 def _count_params(model, store) -> int:
@@ -520,32 +663,37 @@ def _cache_dir(config) -> pathlib.Path:
   )
 
 
-def _comparable(config) -> dict:
-  flat = json.loads(config.to_json_best_effort())
-  for key in _RESULT_NEUTRAL_KEYS:
+def _alpha_json(alpha):
+  return alpha if isinstance(alpha, str) else [float(a) for a in alpha]
+
+
+def _comparable(config_json: dict) -> dict:
+  """The config without its result-neutral keys."""
+  flat = json.loads(json.dumps(config_json))
+  for key in RESULT_NEUTRAL_KEYS:
     group, name = key.split(".")
     flat.get(group, {}).pop(name, None)
   return flat
 
 
 def _check_same_config(config, workdir: pathlib.Path) -> None:
+  """config.json holds the whole config; a rerun must match it up to RESULT_NEUTRAL_KEYS."""
   path = workdir / "config.json"
-  current = _comparable(config)
+  current = json.loads(config.to_json_best_effort())
   if path.exists():
-    previous = json.loads(path.read_text())
-    if previous != current:
+    previous, now = _comparable(json.loads(path.read_text())), _comparable(current)
+    if previous != now:
       changed = sorted(
         f"{group}.{key}"
-        for group in set(previous) | set(current)
-        for key in set(_as_dict(previous.get(group))) | set(_as_dict(current.get(group)))
-        if _as_dict(previous.get(group)).get(key) != _as_dict(current.get(group)).get(key)
+        for group in set(previous) | set(now)
+        for key in set(_as_dict(previous.get(group))) | set(_as_dict(now.get(group)))
+        if _as_dict(previous.get(group)).get(key) != _as_dict(now.get(group)).get(key)
       )
       raise ConfigMismatchError(
         f"workdir {workdir} holds a run with a different config (changed: "
         f"{', '.join(changed) or 'unknown'}); use another --workdir, or --fresh to discard it"
       )
-  else:
-    io_utils.atomic_write_json(path, current)
+  io_utils.atomic_write_json(path, current)
 
 
 def _as_dict(value) -> dict:

@@ -39,6 +39,25 @@ def epoch_permutation(indices: np.ndarray, seed: int, fold: int, epoch: int) -> 
   return np.random.default_rng([seed, fold, epoch]).permutation(indices)
 
 
+def standardise(features, mean, std):
+  """Features [..., n_bins, n_frames] standardised per bin with a training fold's [n_bins]
+  mean and std; numpy or jax arrays (training's batches and predict's windows)."""
+  return (features - mean[..., :, None]) / std[..., :, None]
+
+
+def padded_size(n: int, batch_size: int, multiple: int = 1) -> int:
+  """The batch an evaluation of n (<= batch_size) examples is padded to: the next power of
+  two, at least `multiple` (the devices) and a multiple of it, at most batch_size. Powers
+  of two bound the number of compiled batch shapes."""
+  size = max(1 << max(n - 1, 0).bit_length(), multiple)
+  return min(batch_size, multiple * -(-size // multiple))
+
+
+def pad_rows(rows: np.ndarray, size: int) -> np.ndarray:
+  """rows [n, ...] padded to [size, ...] by repeating the first row (its outputs are dropped)."""
+  return np.concatenate([rows, np.repeat(rows[:1], size - len(rows), axis=0)])
+
+
 def read_batch(
   store, indices: np.ndarray, mean: np.ndarray, std: np.ndarray
 ) -> dict[str, np.ndarray]:
@@ -46,10 +65,8 @@ def read_batch(
   order = np.argsort(indices)  # Sorted reads are sequential on disk.
   rows = np.empty((len(indices),) + store.features.shape[1:], dtype=np.float32)
   rows[order] = store.features[indices[order]]
-  rows -= mean[None, :, None]
-  rows /= std[None, :, None]
   return {
-    "features": rows,
+    "features": standardise(rows, mean, std).astype(np.float32, copy=False),
     "labels": store.labels[indices].astype(np.int32),
     "valid_frames": store.valid_frames[indices].astype(np.int32),
   }
@@ -87,19 +104,20 @@ def eval_batches(
   mean: np.ndarray,
   std: np.ndarray,
   *,
+  multiple: int = 1,
   process_index: int = 0,
   process_count: int = 1,
 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
   """(this process's slice of a global batch, number of real examples in the global batch).
 
-  Every example is evaluated exactly once: the last batch is padded by repeating its first
-  example, and the caller keeps the first `n_real` outputs.
+  Every example is evaluated exactly once: a last, smaller batch is padded (padded_size,
+  pad_rows), and the caller keeps the first `n_real` outputs.
   """
   _check_divides(batch_size, process_count)
-  local = batch_size // process_count
   for start in range(0, len(indices), batch_size):
     batch = indices[start : start + batch_size]
-    padded = np.concatenate([batch, np.full(batch_size - len(batch), batch[0])])
+    padded = pad_rows(batch, padded_size(len(batch), batch_size, max(multiple, process_count)))
+    local = len(padded) // process_count
     mine = padded[process_index * local : (process_index + 1) * local]
     yield read_batch(store, mine, mean, std), len(batch)
 

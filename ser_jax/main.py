@@ -7,12 +7,11 @@ import sys
 
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
 from ser_jax import cli, cpu, experiment
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints and results.")
+_CONFIG = cli.config_flag()
+_WORKDIR = cli.workdir_flag()
 _FRESH = flags.DEFINE_bool("fresh", False, "Discard what the workdir holds and start again.")
 flags.mark_flags_as_required(["config", "workdir"])
 cli.define_distributed_flags()

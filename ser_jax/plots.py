@@ -92,14 +92,22 @@ def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike, membe
     raise ValueError("no metrics records to plot (metrics.jsonl is empty or missing)")
   by_fold: dict[int, dict[int, dict]] = collections.defaultdict(dict)
   for record in records:
+    # A sweep trained in chunks logs each chunk's members; keep the chunk holding `member`.
+    first = record.get("first_member", 0)
+    if not first <= member < first + len(record["train_loss"]):
+      continue
     # A resumed fold may repeat an epoch; the later record is the one that counts.
-    by_fold[record["fold"]][record["epoch"]] = record
+    by_fold[record["fold"]][record["epoch"]] = {
+      key: record[key][member - first] for key in ("train_loss", "train_accuracy")
+    }
+  if not by_fold:
+    raise ValueError(f"no metrics records of sweep member {member}")
   figure = _new_figure(10, 4)
   loss_axes, accuracy_axes = figure.subplots(1, 2)
   for fold in sorted(by_fold):
     epochs = sorted(by_fold[fold])
     for axes, key in ((loss_axes, "train_loss"), (accuracy_axes, "train_accuracy")):
-      values = [by_fold[fold][e][key][member] for e in epochs]
+      values = [by_fold[fold][e][key] for e in epochs]
       axes.plot(epochs, values, marker="o", markersize=3, label=f"fold {fold}")
   loss_axes.set_ylabel("Train loss")
   accuracy_axes.set_ylabel("Train accuracy (%)")
@@ -108,7 +116,7 @@ def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike, membe
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
   accuracy_axes.legend(fontsize=8, ncols=2)
-  n_members = len(records[0]["train_loss"])
+  n_members = max(r.get("first_member", 0) + len(r["train_loss"]) for r in records)
   figure.suptitle(
     "Training per fold" + (f" (sweep member {member} of {n_members})" if n_members > 1 else ""),
     fontsize=10,

@@ -13,7 +13,6 @@ import functools
 import json
 import os
 import pathlib
-import re
 import sys
 from collections.abc import Iterator, Sequence
 
@@ -21,9 +20,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
-from ser_jax import audio, cli, cpu, models
+from ser_jax import audio, checkpoints, cli, cpu, input_pipeline, layout, models, train
 from ser_jax.config import default_config
 from ser_jax.features import FeatureParams, compute_features
 
@@ -35,7 +33,8 @@ class PredictorError(ValueError):
 
 
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The run's config: config.json overlaid onto the defaults (which fill the keys it omits)."""
+  """The run's config: config.json (the whole config) over the defaults, which fill only
+  keys that a run made by an older ser_jax did not have."""
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     raise PredictorError(f"{workdir} holds no config.json; is it a training workdir?")
@@ -54,44 +53,12 @@ def _overlay(config: ml_collections.ConfigDict, values: dict) -> None:
       config[key] = tuple(value) if isinstance(value, list) else value
 
 
-def finished_folds(workdir: str | os.PathLike) -> list[int]:
-  """Folds whose training finished (they wrote result.json), in order."""
-  folds = []
-  for path in pathlib.Path(workdir).glob("fold_*/result.json"):
-    match = re.fullmatch(r"fold_(\d+)", path.parent.name)
-    if match:
-      folds.append(int(match.group(1)))
-  return sorted(folds)
-
-
 def window_starts(n_samples: int, window: int) -> list[int]:
   """Window starts: hop of half a window, the last window aligned to the end of the audio."""
   if n_samples <= window:
     return [0]
   hop = max(window // 2, 1)
   return [*range(0, n_samples - window, hop), n_samples - window]
-
-
-def _member_checkpoints(fold_dir: pathlib.Path, member: int) -> tuple[pathlib.Path, int]:
-  """(checkpoint folder that holds sweep member `member`, the member's index in it).
-
-  A sweep trained in chunks (sweep.members_per_chunk) keeps members a..b of each fold in
-  fold_<k>/members_<a>-<b>/checkpoints; otherwise every member is in fold_<k>/checkpoints.
-  """
-  chunks = []
-  for path in fold_dir.glob("members_*-*"):
-    match = re.fullmatch(r"members_(\d+)-(\d+)", path.name)
-    if match:
-      chunks.append((int(match.group(1)), int(match.group(2)), path / "checkpoints"))
-  if not chunks:
-    return fold_dir / "checkpoints", member
-  for first, last, path in chunks:
-    if first <= member <= last:
-      return path, member - first
-  n_members = max(last for _, last, _ in chunks) + 1
-  raise PredictorError(
-    f"member={member} is out of range; the run has {n_members} member(s), 0..{n_members - 1}"
-  )
 
 
 class Predictor:
@@ -135,7 +102,7 @@ class Predictor:
     if not workdir.is_dir():
       raise PredictorError(f"workdir {workdir} does not exist")
     config = load_run_config(workdir)
-    available = finished_folds(workdir)
+    available = layout.finished_folds(workdir)
     if not available:
       raise PredictorError(f"{workdir} has no finished fold (no fold_<k>/result.json)")
     if fold is not None and fold not in available:
@@ -147,8 +114,17 @@ class Predictor:
     class_names = _class_names(workdir, config)
     fold_variables, means, stds = [], [], []
     for k in folds:
-      checkpoint_dir, index = _member_checkpoints(workdir / f"fold_{k}", member)
-      variables = _restore_variables(checkpoint_dir)
+      checkpoint_dir, index = layout.member_checkpoints(workdir, k, member)
+      saved_members = layout.n_saved_members(workdir, k)
+      if index is None:
+        raise PredictorError(
+          f"member={member} is out of range; the run has {saved_members} member(s), "
+          f"0..{saved_members - 1}"
+        )
+      try:
+        variables = checkpoints.restore_variables(checkpoint_dir)
+      except checkpoints.NoCheckpointError as error:
+        raise PredictorError(str(error)) from error
       n_members, n_outputs = variables["params"]["head"]["bias"].shape
       if not 0 <= index < n_members:
         raise PredictorError(
@@ -181,13 +157,17 @@ class Predictor:
     chunks = []
     for begin in range(0, len(features), self.batch_size):
       chunk = features[begin : begin + self.batch_size]
-      # Padding to a power of two bounds the number of compiled batch shapes.
-      size = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
-      padded = np.zeros((size, *chunk.shape[1:]), np.float32)
-      padded[: len(chunk)] = chunk
+      padded = input_pipeline.pad_rows(
+        chunk, input_pipeline.padded_size(len(chunk), self.batch_size)
+      )
       if padded.shape not in self._extra:
         self._extra[padded.shape] = _fold_inference_variables(
-          self._model, self._backend.inference_variables, self._variables, padded
+          self._model,
+          self._backend.inference_variables,
+          self._variables,
+          self._means,
+          self._stds,
+          padded,
         )
       probabilities = _fold_probabilities(
         self._model, self._variables, self._extra[padded.shape], self._means, self._stds, padded
@@ -231,23 +211,25 @@ class Predictor:
 # The model is static (hashable), so predictors of the same architecture share compilations.
 @functools.partial(jax.jit, static_argnums=0)
 def _fold_probabilities(model, variables, extra, means, stds, features) -> jax.Array:
-  """[folds, batch, classes] probabilities of [batch, n_bins, n_frames] raw features;
-  `extra`: _fold_inference_variables for features of this shape."""
+  """[folds, batch, classes] probabilities of [batch, n_bins, n_frames] raw features, each
+  fold's model on its own standardisation (training's evaluation path, per fold)."""
 
   def one_fold(fold_variables, fold_extra, mean, std):
-    inputs = (features - mean[None, :, None]) / std[None, :, None]
-    logits = model.apply({**fold_variables, **fold_extra}, inputs[..., None], train=False)
-    return jax.nn.softmax(logits, axis=-1)
+    inputs = input_pipeline.standardise(features, mean, std)
+    return train.class_probabilities(model.apply, {**fold_variables, **fold_extra}, inputs)
 
   return jax.vmap(one_fold)(variables, extra, means, stds)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _fold_inference_variables(model, inference_variables, variables, features) -> dict:
+def _fold_inference_variables(model, backend_variables, variables, means, stds, features):
   """Each fold's extra inference variables (the backend's) for features of this shape."""
-  if inference_variables is None:
-    return {}
-  return jax.vmap(lambda v: inference_variables(model.apply, v, features[..., None]))(variables)
+
+  def one_fold(fold_variables, mean, std):
+    inputs = input_pipeline.standardise(features, mean, std)
+    return train.inference_variables(model.apply, fold_variables, inputs, backend_variables)
+
+  return jax.vmap(one_fold)(variables, means, stds)
 
 
 def _class_names(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -261,39 +243,6 @@ def _class_names(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tu
     f"{workdir} has no results.json and its config leaves data.classes empty, so the class "
     "order is unknown; finish the run first"
   )
-
-
-def _restore_variables(directory: pathlib.Path) -> dict:
-  """{'params', 'batch_stats'} of the newest checkpoint, with the leading member axis.
-
-  Restores only these two parts, so the optimiser's structure (and its moments) never matter.
-  """
-  if not directory.is_dir():
-    raise PredictorError(f"no checkpoints in {directory}")
-  manager = ocp.CheckpointManager(
-    directory.absolute(),
-    item_handlers=ocp.PyTreeCheckpointHandler(),
-    options=ocp.CheckpointManagerOptions(create=False),
-  )
-  try:
-    epoch = manager.latest_step()
-    if epoch is None:
-      raise PredictorError(f"no checkpoints in {directory}")
-    saved = manager.item_metadata(epoch).tree
-    abstract = {
-      part: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved[part])
-      for part in ("params", "batch_stats")
-    }
-    return manager.restore(
-      epoch,
-      args=ocp.args.PyTreeRestore(
-        abstract,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-        partial_restore=True,
-      ),
-    )
-  finally:
-    manager.close()
 
 
 def audio_files(paths: Sequence[str]) -> Iterator[str]:

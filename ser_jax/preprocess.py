@@ -6,13 +6,12 @@ import sys
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
 from ser_jax import cli, experiment
 from ser_jax.config import validate_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Unused here; accepted so commands match main's.")
+_CONFIG = cli.config_flag()
+cli.workdir_flag()  # Accepted so that commands match main's; unused here.
 flags.mark_flags_as_required(["config"])
 
 

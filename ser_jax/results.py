@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.metadata
 import io
 import json
 import pathlib
+import platform
 
 import numpy as np
 
@@ -112,7 +115,17 @@ def member_summary(class_names, fold_results, k: int) -> dict:
 
 
 def summarise_run(
-  *, config, class_names, members, fold_results, num_params, feature_store, skipped, wall_seconds
+  *,
+  config,
+  class_names,
+  members,
+  fold_results,
+  num_params,
+  feature_store,
+  skipped,
+  class_counts,
+  provenance,
+  wall_seconds,
 ) -> dict:
   """results.json: the first member's metrics at the top; every member under `sweep`."""
   per_member = [member_summary(class_names, fold_results, k) for k in range(len(members))]
@@ -122,6 +135,8 @@ def summarise_run(
     "num_params": num_params,
     "feature_store": feature_store,
     "skipped_files": skipped,
+    "class_counts": class_counts,
+    "provenance": provenance,
     "config": json.loads(config.to_json_best_effort()),
     "wall_seconds": wall_seconds,
   }
@@ -133,6 +148,77 @@ def summarise_run(
 def _sweep_entry(member: dict, summary: dict) -> dict:
   keys = ("overall_accuracy", "overall_accuracy_std", "class_accuracy", "class_accuracy_std")
   return {**member, **{k: summary[k] for k in keys}}
+
+
+def provenance(backend_provenance: dict) -> dict:
+  """What produced a run: package versions, devices, the CPU, and the backend's account of
+  the lowering it took (ser_jax.cpu.Backend.provenance)."""
+  import jax
+
+  from ser_jax.cpu import selftest
+
+  devices = jax.devices()
+  return {
+    **{name: _version(name) for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")},
+    "ser_jax": _version("ser_jax"),
+    **backend_provenance,
+    "device": devices[0].device_kind,
+    "devices": len(devices),
+    "processes": jax.process_count(),
+    "cpu": selftest.cpu_model(),
+    "platform": platform.platform(),
+  }
+
+
+def _version(package: str) -> str | None:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+PREDICTION_COLUMNS = ("utt_id", "speaker", "fold", "member", "label", "predicted")
+
+
+def save_fold_predictions(path, store, fold: int, test_idx, first_member: int, probabilities):
+  """A fold's predictions.csv: one row per test utterance and member (probabilities
+  [members, n_test, n_classes]), class columns p_<class>."""
+  names = store.class_names
+  rows = []
+  for k, member_probabilities in enumerate(probabilities):
+    for index, p in zip(test_idx, member_probabilities, strict=True):
+      row = store.manifest[index]
+      rows.append(
+        [
+          row["utt_id"],
+          row["speaker"],
+          fold,
+          first_member + k,
+          names[store.labels[index]],
+          names[int(np.argmax(p))],
+          *(f"{float(v):.9g}" for v in p),
+        ]
+      )
+  io_utils.atomic_write_csv(path, prediction_header(names), rows)
+
+
+def prediction_header(class_names) -> list[str]:
+  return [*PREDICTION_COLUMNS, *(f"p_{name}" for name in class_names)]
+
+
+def write_predictions(path, class_names, parts) -> None:
+  """One predictions.csv from the parts (per fold, or per chunk of members), rows ordered by
+  fold, member, then test order."""
+  rows = []
+  for part in parts:
+    with open(part, newline="") as f:
+      reader = csv.reader(f)
+      header = next(reader)
+      if header != prediction_header(class_names):
+        raise ValueError(f"{part}: unexpected columns {header}")
+      rows.extend(reader)
+  rows.sort(key=lambda row: (int(row[2]), int(row[3])))  # Stable: test order kept.
+  io_utils.atomic_write_csv(path, prediction_header(class_names), rows)
 
 
 def final_line(summary: dict) -> str:

@@ -182,15 +182,34 @@ def train_step(
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, extra_variables: dict | None = None) -> jax.Array:
-  """Class probabilities [batch, n_classes] with running BatchNorm statistics.
-
-  extra_variables: variable collections the model's ops read at inference besides params
-  and batch_stats (a backend's, see ser_jax.cpu.Backend.inference_variables).
-  """
-  variables = {"params": state.params, "batch_stats": state.batch_stats, **(extra_variables or {})}
-  logits = state.apply_fn(variables, batch["features"][..., None], train=False)
+def class_probabilities(apply_fn, variables: dict, features: jax.Array) -> jax.Array:
+  """[batch, n_classes] probabilities of standardised features [batch, n_bins, n_frames]
+  in inference mode (running BatchNorm statistics): training's evaluation and predict."""
+  logits = apply_fn(variables, features[..., None], train=False)
   return jax.nn.softmax(logits, axis=-1)
+
+
+def inference_variables(apply_fn, variables: dict, features: jax.Array, backend_variables) -> dict:
+  """What inference reads besides `variables` for features of this shape: the variable
+  collections a backend's ops add (`backend_variables(apply_fn, variables, inputs)`, see
+  ser_jax.cpu.Backend), or none."""
+  if backend_variables is None:
+    return {}
+  return backend_variables(apply_fn, variables, features[..., None])
+
+
+def state_variables(state: TrainState) -> dict:
+  """The variables inference reads from a train state."""
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def eval_step(state: TrainState, batch: Batch, extra_variables: dict | None = None) -> jax.Array:
+  """Class probabilities [batch, n_classes] of a standardised batch.
+
+  extra_variables: `inference_variables` for batches of this shape.
+  """
+  variables = {**state_variables(state), **(extra_variables or {})}
+  return class_probabilities(state.apply_fn, variables, batch["features"])
 
 
 def over_members(step_fn, n_members: int, batch_args: int = 1):

@@ -63,9 +63,8 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
     )
     state, metrics = programs.train_step(state, topology.global_batch(batch), hparams)
     losses.append(np.asarray(metrics["loss"]))
-  probabilities = experiment.predict_probabilities(
-    programs, state, store, indices, mean, std, eval_batch_size, topology
-  )
+  fold = experiment.Fold(0, indices, indices, mean, std)
+  probabilities = experiment.evaluate(programs, state, store, fold, eval_batch_size, topology)
   leaves = {f"param_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
   stats = {f"stat_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.batch_stats))}
   np.savez(

@@ -210,8 +210,11 @@ def test_eval_batches_count_every_index_exactly_once(batch_size, process_count, 
   assert len(batches) == -(-n // batch_size)
   real = []
   for global_batch, n_real in batches:
-    assert len(global_batch) == batch_size  # Always full: padded to a fixed shape.
-    assert 1 <= n_real <= batch_size
+    # Full batches, and a last one padded to a power of two (at most the batch size) that
+    # splits over the processes.
+    assert 1 <= n_real <= len(global_batch) <= batch_size
+    assert len(global_batch) % process_count == 0
+    assert len(global_batch) == batch_size or len(global_batch) < 2 * max(n_real, process_count)
     real.append(global_batch[:n_real])
     # The padding repeats an example of the same batch, so it is a valid input.
     np.testing.assert_array_equal(global_batch[n_real:], global_batch[0])
@@ -226,5 +229,43 @@ def test_eval_local_slices_have_equal_size(process_count):
     for batch, _ in input_pipeline.eval_batches(
       store, np.arange(13), 4, *IDENTITY, process_index=p, process_count=process_count
     ):
-      assert batch["features"].shape == (4 // process_count, N_BINS, N_FRAMES)
-      assert batch["labels"].shape == (4 // process_count,)
+      # 13 = 4 + 4 + 4 + 1: the last batch is padded to the processes' count.
+      local = batch["labels"].shape[0]
+      assert local in (4 // process_count, 1)
+      assert batch["features"].shape == (local, N_BINS, N_FRAMES)
+
+
+@pytest.mark.parametrize(
+  ("n", "batch_size", "multiple", "expected"),
+  [
+    (1, 64, 1, 1),
+    (3, 64, 1, 4),
+    (5, 64, 1, 8),
+    (33, 64, 1, 64),
+    (64, 64, 1, 64),
+    (3, 6, 1, 4),
+    (5, 6, 1, 6),
+    (1, 64, 8, 8),
+    (9, 64, 8, 16),
+    (3, 48, 8, 8),
+    (33, 48, 8, 48),
+  ],
+)
+def test_padded_size_is_the_next_power_of_two_within_the_batch(n, batch_size, multiple, expected):
+  assert input_pipeline.padded_size(n, batch_size, multiple) == expected
+
+
+def test_standardise_is_per_bin_for_numpy_and_jax():
+  import jax.numpy as jnp
+
+  rng = np.random.default_rng(0)
+  features = rng.normal(3.0, 2.0, (5, N_BINS, N_FRAMES)).astype(np.float32)
+  mean, std = features.mean(axis=(0, 2)), features.std(axis=(0, 2))
+  for out in (
+    input_pipeline.standardise(features, mean, std),
+    np.asarray(
+      input_pipeline.standardise(jnp.asarray(features), jnp.asarray(mean), jnp.asarray(std))
+    ),
+  ):
+    np.testing.assert_allclose(out.mean(axis=(0, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(0, 2)), 1.0, rtol=1e-5)

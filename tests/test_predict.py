@@ -12,7 +12,6 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 import soundfile as sf
 
@@ -190,18 +189,10 @@ def test_sweep_member(run, tmp_path) -> None:
   sweep = tmp_path / "sweep"
   shutil.copytree(run, sweep, ignore=shutil.ignore_patterns("checkpoints"))
   for fold in (0, 1):
-    source = ocp.CheckpointManager(
-      run / f"fold_{fold}" / "checkpoints", item_handlers=ocp.PyTreeCheckpointHandler()
-    )
-    epoch = source.latest_step()
-    abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), source.item_metadata(epoch).tree
-    )
-    state = source.restore(  # As numpy arrays, which the shift below can modify.
-      epoch,
-      args=ocp.args.PyTreeRestore(
-        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)
-      ),
+    epoch = checkpoints.checkpoint_manager(run / f"fold_{fold}" / "checkpoints").latest_step()
+    # As numpy arrays, which the shift below can modify.
+    state = jax.tree.map(
+      np.array, checkpoints.restore_variables(run / f"fold_{fold}" / "checkpoints")
     )
     shifted = copy.deepcopy(state)
     shifted["params"]["head"]["bias"][:, 0] += 50.0
