@@ -89,13 +89,14 @@ def default_config() -> ml_collections.ConfigDict:
   config.cv.folds = ()  # Run only these fold indices; empty means all.
 
   config.sweep = ml_collections.ConfigDict()
-  # Non-empty gammas: one model per (gamma, seed, learning rate, alpha), trained in one program;
+  # Non-empty gammas or alphas: one model per (gamma, seed, learning rate, alpha), trained together;
   # empty seeds, learning_rates or alphas mean seed, train.learning_rate, loss.alpha.
   config.sweep.gammas = ()
   config.sweep.seeds = ()
   config.sweep.learning_rates = ()
   config.sweep.alphas = ()  # Entries as loss.alpha: per-class weight tuples, 'inverse_frequency'.
-  config.sweep.members_per_chunk = 0  # Members trained at once; 0 means all. Lower it for memory.
+  # Members trained at once; 0: as many as fit in memory (one at a time on CPUs, see memory.py).
+  config.sweep.members_per_chunk = 0
 
   config.seed = 0
   return config
@@ -157,7 +158,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if isinstance(alpha, str):
       _check_alpha_rule(key, alpha)
     elif isinstance(alpha, tuple | list):
-      _check_weights(key, alpha, n_classes)
+      if alpha:  # () is no class weights.
+        _check_weights(key, alpha, n_classes)
     else:
       raise ConfigError(
         f"{key}={alpha!r} is not allowed; expected a tuple of {n_classes} per-class weights or "

@@ -1,0 +1,254 @@
+"""How many sweep members to train at once: a compiled step's memory against what the run can use.
+
+`sweep.members_per_chunk=0` means "as many as fit": the experiment compiles a step for one
+member, asks XLA how many bytes it needs (`compiled_bytes`), asks the machine how many it
+can spare (`available_bytes`), and `plan_chunks` splits the members into even chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+
+import jax
+
+GiB = 2**30
+
+# Share of the available memory a chunk may take. On a CPU the rest of the process shares
+# the same memory: the feature store's pages, Python and NumPy, the input pipeline's
+# batches and XLA's own arena; and XLA's account of a step leaves out the allocator's
+# overheads. On an accelerator the device memory holds little besides the step.
+CPU_MARGIN = 0.75
+ACCELERATOR_MARGIN = 0.9
+
+# Most members a CPU trains in one vmapped program. A vmapped step runs each member's
+# convolutions as separate calls, so it gains little over one member at a time and costs
+# memory per member. benchmarks/bench_sweep.py (--n_frames 130, batch 32, oneDNN lowering,
+# 2-core AMD EPYC shared with other jobs, load 1-7), vmapped / sequential samples/s, two runs:
+#   width 16, 8 steps: 3 members 0.78x, 1.02x (1.43x, 1.28x earlier at load 1); 6: 1.13x, 0.85x
+#   width 64, 4 steps: 3 members 1.10x, 0.98x; 6 members 0.92x, 0.82x
+# No gain beyond the noise, and a loss at full width; XLA puts a width-64 step at 331 MiB
+# per member. So a CPU trains one member at a time.
+CPU_MEMBERS_PER_CHUNK = 1
+
+# cgroup v1 reports "no limit" as the largest page-aligned 64-bit count.
+_NO_CGROUP_LIMIT = 2**62
+
+
+class MemoryPlanError(ValueError):
+  """Not even one sweep member fits in the memory the run can use."""
+
+
+def compiled_bytes(compiled) -> int:
+  """Bytes a compiled program needs at once: arguments + outputs + temporaries + code.
+
+  Donated arguments that the outputs reuse (`alias_size_in_bytes`) count once. A sharded
+  program's figure is per device; CPU devices share the host, so there it is needed once
+  per local device. Returns 0 when the backend gives no memory analysis; `plan_chunks`
+  then plans without it.
+
+  compiled: a `jax.stages.Compiled`, e.g. `jax.jit(f).lower(*args).compile()`.
+  """
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return 0
+  if isinstance(stats, (list, tuple)):  # One per device on some older jaxlibs.
+    return max((_stats_bytes(s) for s in stats), default=0)
+  return _stats_bytes(stats)
+
+
+def _stats_bytes(stats) -> int:
+  def field(name: str) -> int:
+    return int(getattr(stats, name, 0) or 0)
+
+  total = (
+    field("argument_size_in_bytes")
+    + field("output_size_in_bytes")
+    - field("alias_size_in_bytes")
+    + field("temp_size_in_bytes")
+    + field("generated_code_size_in_bytes")
+  )
+  return max(total, 0)
+
+
+def available_bytes(
+  device=None,
+  meminfo: str | os.PathLike = "/proc/meminfo",
+  cgroup: str | os.PathLike = "/sys/fs/cgroup",
+) -> int:
+  """Bytes the run can still allocate on `device` (default: the least free local device).
+
+  CPU: the host's MemAvailable, bounded by the cgroup's memory limit when one is set.
+  Accelerators: the allocator's `bytes_limit - bytes_in_use`. Returns 0 when an
+  accelerator reports no memory statistics; `plan_chunks` then plans without it.
+  """
+  devices = [device] if device is not None else jax.local_devices()
+  if devices[0].platform == "cpu":
+    return host_available_bytes(meminfo, cgroup)
+  return min(_device_available_bytes(d) for d in devices)
+
+
+def _device_available_bytes(device) -> int:
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if not stats or "bytes_limit" not in stats:
+    return 0
+  return max(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), 0)
+
+
+def host_available_bytes(
+  meminfo: str | os.PathLike = "/proc/meminfo", cgroup: str | os.PathLike = "/sys/fs/cgroup"
+) -> int:
+  """The host memory this process can still use: MemAvailable, within its cgroup's limit."""
+  host = _meminfo_available(pathlib.Path(meminfo))
+  if host is None:
+    host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  limited = _cgroup_available(pathlib.Path(cgroup))
+  return host if limited is None else min(host, limited)
+
+
+def _meminfo_available(path: pathlib.Path) -> int | None:
+  try:
+    lines = path.read_text().splitlines()
+  except OSError:
+    return None
+  for line in lines:
+    if line.startswith("MemAvailable:"):
+      value, *unit = line.split(":", 1)[1].split()
+      return int(value) * (1024 if unit == ["kB"] else 1)
+  return None
+
+
+def _cgroup_available(root: pathlib.Path) -> int | None:
+  """limit - usage of the cgroup v2 (memory.max) or v1 (memory/) controller; None without one.
+
+  Usage leaves out inactive file pages (as `docker stats` and the kubelet do): the kernel
+  reclaims them before it reaches the limit, and the feature store's pages are mostly such.
+  """
+  for limit_file, usage_file, stat_file, inactive_key in (
+    ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+    (
+      "memory/memory.limit_in_bytes",
+      "memory/memory.usage_in_bytes",
+      "memory/memory.stat",
+      "total_inactive_file",
+    ),
+  ):
+    limit = _read_int(root / limit_file)
+    if limit is None:
+      continue
+    if limit >= _NO_CGROUP_LIMIT:
+      return None
+    usage = _read_int(root / usage_file) or 0
+    usage -= min(_stat_value(root / stat_file, inactive_key), usage)
+    return max(limit - usage, 0)
+  return None
+
+
+def _read_int(path: pathlib.Path) -> int | None:
+  """The integer in a cgroup file; 'max' reads as no limit (a huge number); None if absent."""
+  try:
+    text = path.read_text().strip()
+  except OSError:
+    return None
+  if text == "max":
+    return _NO_CGROUP_LIMIT
+  try:
+    return int(text)
+  except ValueError:
+    return None
+
+
+def _stat_value(path: pathlib.Path, key: str) -> int:
+  try:
+    lines = path.read_text().splitlines()
+  except OSError:
+    return 0
+  for line in lines:
+    name, _, value = line.partition(" ")
+    if name == key and value.strip().isdigit():
+      return int(value)
+  return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+  """How a sweep's members split into chunks trained one after another."""
+
+  n_members: int
+  members_per_chunk: int  # The largest chunk; the last may hold fewer.
+  n_chunks: int
+  bytes_per_chunk: int  # XLA's estimate for the largest chunk; 0 when unknown.
+  available: int  # Bytes the run could use when planned; 0 when unknown.
+  limited_by: str  # What set the chunk size: 'members', 'memory' or 'cpu'.
+
+  def describe(self) -> str:
+    """One log line, e.g. '18 members: 6 chunks of 3, about 2.6 GiB per chunk, ...'."""
+    chunks = "1 chunk" if self.n_chunks == 1 else f"{self.n_chunks} chunks"
+    line = f"{self.n_members} members: {chunks} of {self.members_per_chunk}"
+    if self.bytes_per_chunk:
+      line += f", about {_gib(self.bytes_per_chunk)} per chunk"
+    line += f", {_gib(self.available)} available" if self.available else ", memory unknown"
+    reason = {
+      "memory": "as many as fit",
+      "cpu": f"at most {CPU_MEMBERS_PER_CHUNK} at once on a CPU",
+      "members": "all at once",
+    }[self.limited_by]
+    return f"{line} ({reason})"
+
+
+def plan_chunks(
+  n_members: int,
+  bytes_per_member: int,
+  available: int,
+  platform: str,
+  margin: float | None = None,
+) -> ChunkPlan:
+  """Even chunks of as many members as fit in `margin` of `available` bytes.
+
+  bytes_per_member: e.g. `compiled_bytes` of a one-member step; 0 (unknown) or an unknown
+    `available` (0) plans without memory: all members, or the CPU cap.
+  platform: `jax.default_backend()`; on 'cpu' chunks hold at most CPU_MEMBERS_PER_CHUNK.
+  margin: the share of `available` a chunk may take; CPU_MARGIN on a CPU, else
+    ACCELERATOR_MARGIN.
+
+  Raises MemoryPlanError when one member needs more than that share.
+  """
+  if n_members < 1:
+    raise ValueError(f"n_members={n_members}; a sweep needs at least 1 member")
+  on_cpu = platform == "cpu"
+  if margin is None:
+    margin = CPU_MARGIN if on_cpu else ACCELERATOR_MARGIN
+  if not 0 < margin <= 1:
+    raise ValueError(f"margin={margin}; expected a share of memory in (0, 1]")
+  largest, limited_by = n_members, "members"
+  if bytes_per_member > 0 and available > 0:
+    budget = available * margin
+    fit = math.floor(budget / bytes_per_member)
+    if fit < 1:
+      raise MemoryPlanError(
+        f"a sweep member needs about {_gib(bytes_per_member)} but {_gib(budget)} is available "
+        f"({margin:.0%} of {_gib(available)}); lower train.batch_size or features.max_seconds, "
+        "or use model.compute_dtype=bfloat16 on an accelerator"
+      )
+    if fit < largest:
+      largest, limited_by = fit, "memory"
+  if on_cpu and CPU_MEMBERS_PER_CHUNK < largest:
+    largest, limited_by = CPU_MEMBERS_PER_CHUNK, "cpu"
+  # As few chunks as `largest` allows, and as even as they can be: 18 members, at most 17
+  # at once, train as 9 + 9, not 17 + 1.
+  n_chunks = math.ceil(n_members / largest)
+  per_chunk = math.ceil(n_members / n_chunks)
+  return ChunkPlan(
+    n_members=n_members,
+    members_per_chunk=per_chunk,
+    n_chunks=n_chunks,
+    bytes_per_chunk=per_chunk * max(bytes_per_member, 0),
+    available=max(available, 0),
+    limited_by=limited_by,
+  )
+
+
+def _gib(n_bytes: float) -> str:
+  return f"{n_bytes / GiB:.1f} GiB"
