@@ -449,6 +449,18 @@ def compare_runs(
   return result
 
 
+def _parse_alpha(text):
+  """'none' or '' -> (); 'inverse_frequency' as it is; '1,2,1,1' -> weights."""
+  if not isinstance(text, str):
+    return text
+  text = text.strip().strip("()[]")
+  if text in ("", "none"):
+    return ()
+  if text[0].isalpha():
+    return text
+  return tuple(float(part) for part in text.split(",") if part.strip())
+
+
 def _alpha_key(alpha) -> tuple[float, ...] | str | None:
   if alpha is None or len(alpha) == 0:
     return None
@@ -482,9 +494,13 @@ def compare_sweep(
   *,
   n_resamples: int = DEFAULT_RESAMPLES,
   seed: int = 0,
+  reference_alpha=None,
 ) -> dict:
   """Each (gamma, learning rate, alpha) setting against gamma 0, paired per seed and pooled.
 
+  The reference is the gamma-0 member of the same seed, learning rate and alpha; with
+  `reference_alpha` ('none', 'inverse_frequency' or weights) it is the gamma-0 member with
+  that alpha for every other setting (e.g. every setting against weighted cross entropy).
   The units are (seed, utterance) pairs; the bootstrap resamples within each (seed, fold).
   McNemar's test and the permutation test take the pairs as independent, which seeds that
   share test utterances only approximate: read their p-values as a guide.
@@ -499,11 +515,20 @@ def compare_sweep(
       f"results.json has classes {', '.join(summary['class_names'])} but predictions.csv has "
       f"{', '.join(predictions.class_names)}; the run directory is mixed"
     )
+  fixed = None if reference_alpha is None else _alpha_key(_parse_alpha(reference_alpha))
+
+  def reference_key(entry) -> tuple:
+    alpha = _alpha_key(entry.get("alpha")) if reference_alpha is None else fixed
+    return (entry["seed"], float(entry["learning_rate"]), alpha)
+
   references: dict[tuple, int] = {}
   settings: dict[tuple, list[int]] = {}
   for k, entry in enumerate(sweep):
     key = (float(entry["learning_rate"]), _alpha_key(entry.get("alpha")))
-    if float(entry["gamma"]) == 0.0:
+    is_reference = float(entry["gamma"]) == 0.0 and (
+      reference_alpha is None or _alpha_key(entry.get("alpha")) == fixed
+    )
+    if is_reference:
       references.setdefault((entry["seed"], *key), k)
     else:
       settings.setdefault((float(entry["gamma"]), *key), []).append(k)
@@ -518,9 +543,7 @@ def compare_sweep(
     reference_members, parts = [], []
     for pair, k in enumerate(members):
       entry = sweep[k]
-      reference = references.get(
-        (entry["seed"], float(entry["learning_rate"]), _alpha_key(entry.get("alpha")))
-      )
+      reference = references.get(reference_key(entry))
       if reference is None:
         raise CompareError(
           f"sweep member {k} ({describe_setting(_setting(entry))}, seed {entry['seed']}) has no "
@@ -551,7 +574,7 @@ def compare_sweep(
     comparisons.append(
       {
         "setting": _setting(first),
-        "reference": _setting(first, gamma=0.0),
+        "reference": _setting(sweep[reference_members[0]]),
         "seeds": [sweep[k]["seed"] for k in members],
         "members": members,
         "reference_members": reference_members,

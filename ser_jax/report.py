@@ -193,13 +193,16 @@ def two_run_text(result: dict, run_a: str, run_b: str) -> str:
 
 
 def sweep_text(result: dict, run: str) -> str:
+  reference = (
+    "alpha" if result.get("reference_alpha") is None else f"alpha={result['reference_alpha']}"
+  )
   blocks = [
     f"Sweep {run}: each setting (B) against gamma 0 (A) with the same seed, learning rate and "
-    "alpha; differences are B - A\n"
+    f"{reference}; differences are B - A\n"
   ]
   for c in result["comparisons"]:
     blocks.append(
-      f"## {compare.describe_setting(c['setting'])} vs gamma=0 (seeds "
+      f"## {compare.describe_setting(c['setting'])} vs {_reference_label(c)} (seeds "
       f"{', '.join(map(str, c['seeds']))}; members "
       f"{', '.join(map(str, c['members']))} vs {', '.join(map(str, c['reference_members']))})\n"
       f"{c['n_paired_predictions']} paired predictions ({c['n_utterances']} test utterances x "
@@ -217,6 +220,14 @@ def _warn_inconsistent(run: str) -> None:
     print(f"warning: {run}: results.json vs predictions.csv: {problem}", file=sys.stderr)
 
 
+def _reference_label(comparison: dict) -> str:
+  """'gamma=0', or 'gamma=0, alpha=...' where the reference's alpha differs from the setting's."""
+  reference = comparison["reference"]
+  if reference["alpha"] == comparison["setting"]["alpha"]:
+    return "gamma=0"
+  return f"gamma=0, alpha={reference['alpha'] or 'none'}"
+
+
 def compare_main(args) -> int:
   """--compare: one sweep run, or two runs; returns the exit status."""
   try:
@@ -226,8 +237,10 @@ def compare_main(args) -> int:
       _warn_inconsistent(run)
     options = {"n_resamples": args.resamples, "seed": args.seed}
     if len(args.compare) == 1:
-      result = compare.compare_sweep(predictions[0], summaries[0], **options)
-      result = {"run": args.compare[0], **result}
+      result = compare.compare_sweep(
+        predictions[0], summaries[0], reference_alpha=args.reference, **options
+      )
+      result = {"run": args.compare[0], "reference_alpha": args.reference, **result}
       text = sweep_text(result, args.compare[0])
     else:
       member_a, member_b = args.member * 2 if len(args.member) == 1 else args.member
@@ -273,6 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     default=compare.DEFAULT_RESAMPLES,
     help="Bootstrap resamples and permutations for --compare.",
   )
+  parser.add_argument(
+    "--reference",
+    metavar="ALPHA",
+    help="With --compare SWEEP_RUN: compare every setting with the gamma-0 member of this "
+    "alpha ('none', 'inverse_frequency' or weights), not the one of its own alpha.",
+  )
   parser.add_argument("--seed", type=int, default=0, help="Seed of the resampling in --compare.")
   parser.add_argument(
     "--json", action="store_true", help="With --compare: end with the numbers as one JSON line."
@@ -283,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       parser.error("--compare takes its runs itself; drop RUN_DIR and --figures, or --compare")
     if len(args.compare) > 2:
       parser.error(f"--compare takes one sweep run or two runs, got {len(args.compare)}")
+    if args.reference is not None and len(args.compare) != 1:
+      parser.error("--reference goes with --compare SWEEP_RUN")
     if len(args.member) > 2 or (args.member != [0] and len(args.compare) == 1):
       parser.error("--member takes one or two indices, and only with --compare RUN_A RUN_B")
     if args.resamples < 1:

@@ -527,3 +527,22 @@ def test_cli_arguments(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
       main(argv)
   capsys.readouterr()
+
+
+def test_cli_sweep_against_one_reference_alpha(tmp_path, capsys) -> None:
+  """--reference inverse_frequency: every setting, softmax included, against weighted CE."""
+  alphas = ([], "inverse_frequency")
+  run, sweep, labels, predictions = _sweep_run(tmp_path, (0.0, 2.0), alphas=alphas)
+  argv = ["--compare", str(run), "--reference", "inverse_frequency", "--json"]
+  assert main([*argv, "--resamples", "200"]) == 0
+  captured = capsys.readouterr()
+  result = _json_line(captured.out)
+  settings = [(c["setting"]["gamma"], c["setting"]["alpha"]) for c in result["comparisons"]]
+  assert settings == [(0.0, None), (2.0, None), (2.0, "inverse_frequency")]
+  for c, members in zip(result["comparisons"], ([0, 1], [2, 3], [6, 7]), strict=True):
+    assert c["members"] == members
+    assert c["reference_members"] == [4, 5]  # Gamma 0 with inverse-frequency weights.
+    assert c["wa_a"] == pytest.approx(
+      np.mean([compare.overall_accuracy(labels, predictions[r]) for r in (4, 5)])
+    )
+  assert "## gamma=0, lr=0.001, alpha=none vs gamma=0, alpha=inverse_frequency" in captured.out
