@@ -400,9 +400,9 @@ def _plan_chunks(config, model, backend, members, feature_shape, topology):
   per_chunk = config.sweep.members_per_chunk
   if not per_chunk:
     needed = programs_for(1).bytes_per_member(config, 1, feature_shape, eval_batch_size, topology)
-    plan = memory.plan_chunks(
-      n_members, needed, memory.available_bytes(jax.devices()[0]), jax.default_backend()
-    )
+    if jax.default_backend() == "cpu":  # XLA counts per device; a CPU's devices share the host.
+      needed *= len(jax.local_devices())
+    plan = memory.plan_chunks(n_members, needed, memory.available_bytes(), jax.default_backend())
     logging.info("%s", plan.describe())
     per_chunk = plan.members_per_chunk
   chunks = layout.split_members(n_members, per_chunk)

@@ -3,6 +3,7 @@ model.lowering resolves."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import run_module, tiny_args
+from helpers import run_code, run_module, tiny_args
 
 from ser_jax import cpu, models, train
 from ser_jax.cpu import fused, onednn
@@ -179,3 +180,30 @@ def test_explicit_onednn_without_a_compiler_is_one_line(tmp_path):
   assert "error: oneDNN convolutions (model.lowering='onednn'): no C++ compiler" in done.stderr
   assert "no C++ compiler 'no-such-c++'" in done.stderr
   assert "Traceback" not in done.stderr
+
+
+_BESIDE_TORCH = """
+import json, torch
+torch.nn.functional.conv2d(torch.randn(2, 3, 16, 16), torch.randn(8, 3, 3, 3))  # torch's oneDNN
+import jax, jax.numpy as jnp, numpy as np
+from ser_jax.cpu import onednn, selftest
+from ser_jax import models, cpu
+calls = selftest.record_calls(lambda ops: models.ResNet18(num_classes=4, width=8, ops=ops),
+                              [(4, 24, 40, 1), (4, 24, 40, 1)])
+print(json.dumps({"version": onednn.version(), "problems": [p for c in calls if (p := selftest.check_call(c))]}))
+"""
+
+
+@pytest.mark.parametrize("torch_global", [None, "1"], ids=["torch-local", "torch-global"])
+def test_loaded_beside_pytorch_it_runs_its_own_onednn(torch_global):
+  """PyTorch brings another oneDNN (3.12 in torch 2.13) and OpenMP into the process; ser_jax's
+  library still calls the oneDNN it was built against, with the same values, also when
+  torch makes its symbols global. Runs where torch is installed (it is not part of
+  ser_jax's install, nor of CI's)."""
+  pytest.importorskip("torch")
+  if not onednn.available():
+    pytest.skip(f"oneDNN unavailable: {onednn.unavailable_reason()}")
+  done = run_code(_BESIDE_TORCH, env={"TORCH_USE_RTLD_GLOBAL": torch_global})
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert result == {"version": onednn.version(), "problems": []}

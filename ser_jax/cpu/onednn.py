@@ -149,8 +149,9 @@ def build_library(cache_dir: pathlib.Path, cxx: str | None = None) -> pathlib.Pa
   return path
 
 
-# Loaded with its own symbols first (RTLD_DEEPBIND): where another oneDNN is in the
-# process already (PyTorch's), this library still calls the oneDNN it was linked with.
+# Loaded with its own dependencies first (RTLD_DEEPBIND): where another oneDNN is in the
+# process already (PyTorch's, even with TORCH_USE_RTLD_GLOBAL=1), this library still calls
+# the oneDNN it was linked with (tests/test_onednn.py checks it beside torch).
 _DLOPEN_MODE = os.RTLD_LOCAL | getattr(os, "RTLD_DEEPBIND", 0)
 
 
