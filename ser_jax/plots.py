@@ -86,20 +86,28 @@ def plot_confusion(summary: dict, path: str | os.PathLike) -> None:
   _save(figure, path)
 
 
+def learning_curve_points(records: Sequence[dict], member: int = 0) -> dict[int, dict]:
+  """{fold: {epoch: {train_loss, train_accuracy}}} of sweep member `member`.
+
+  A sweep trained in chunks logs each chunk's members with its `first_member`; the record
+  of the chunk holding `member` counts. A resumed fold may repeat an epoch; the later
+  record counts.
+  """
+  by_fold: dict[int, dict[int, dict]] = collections.defaultdict(dict)
+  for record in records:
+    first = record.get("first_member", 0)
+    if first <= member < first + len(record["train_loss"]):
+      by_fold[record["fold"]][record["epoch"]] = {
+        key: record[key][member - first] for key in ("train_loss", "train_accuracy")
+      }
+  return dict(by_fold)
+
+
 def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike, member: int = 0) -> None:
   """Train loss and train accuracy per epoch, one line per fold (of sweep member `member`)."""
   if not records:
     raise ValueError("no metrics records to plot (metrics.jsonl is empty or missing)")
-  by_fold: dict[int, dict[int, dict]] = collections.defaultdict(dict)
-  for record in records:
-    # A sweep trained in chunks logs each chunk's members; keep the chunk holding `member`.
-    first = record.get("first_member", 0)
-    if not first <= member < first + len(record["train_loss"]):
-      continue
-    # A resumed fold may repeat an epoch; the later record is the one that counts.
-    by_fold[record["fold"]][record["epoch"]] = {
-      key: record[key][member - first] for key in ("train_loss", "train_accuracy")
-    }
+  by_fold = learning_curve_points(records, member)
   if not by_fold:
     raise ValueError(f"no metrics records of sweep member {member}")
   figure = _new_figure(10, 4)

@@ -225,3 +225,29 @@ def test_trained_run(tmp_path_factory, capsys) -> None:
   assert row[5:7] == ["2", "demo"]
   for name in ("confusion.png", "learning_curves.png"):
     _check_png(run / name)
+
+
+def test_learning_curves_of_a_chunked_sweep_read_the_chunk_holding_the_member():
+  """Chunks log their own members (first_member); member 3 lives in the chunk from 2."""
+  records = []
+  for first, n in ((0, 2), (2, 2), (4, 1)):
+    for epoch in (1, 2):
+      records.append(
+        {
+          "fold": 0,
+          "first_member": first,
+          "epoch": epoch,
+          "train_loss": [10.0 * (first + k) + epoch for k in range(n)],
+          "train_accuracy": [float(first + k) for k in range(n)],
+        }
+      )
+  records.append({**records[3], "train_loss": [99.0, 98.0]})  # A resumed epoch: later wins.
+  points = plots.learning_curve_points(records, member=3)
+  assert points == {
+    0: {
+      1: {"train_loss": 31.0, "train_accuracy": 3.0},
+      2: {"train_loss": 98.0, "train_accuracy": 3.0},
+    }
+  }
+  assert plots.learning_curve_points(records, member=4)[0][2]["train_loss"] == 42.0
+  assert plots.learning_curve_points(records, member=5) == {}
