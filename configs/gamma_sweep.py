@@ -1,11 +1,12 @@
-"""Focal loss gamma ablation: six gammas x three seeds trained together, one vmapped program.
+"""Focal loss gamma ablation: six gammas x three seeds (18 members) trained together.
 
 python -m ser_jax.main --config=configs/gamma_sweep.py --workdir=runs/gamma_sweep \
   --config.data.root=/path/to/IEMOCAP_full_release
 python -m ser_jax.main --config=configs/gamma_sweep.py:demo --workdir=runs/gamma_sweep_demo
 
 Every member sees the same folds and batches and differs only in its gamma and seed
-(initialisation and augmentation); gamma 0 is the softmax loss.
+(initialisation and augmentation); gamma 0 is the softmax loss. Members train in vmapped
+chunks sized to the machine's memory (sweep.members_per_chunk=0; one at a time on CPUs).
 """
 
 from ser_jax.config import default_config
