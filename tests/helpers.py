@@ -91,3 +91,20 @@ def result_metrics(workdir) -> dict:
     "folds": [(f["fold"], f["confusion_counts"]) for f in summary["folds"]],
     "sweep": summary.get("sweep"),
   }
+
+
+def randomised_batch_norms(variables, key):
+  """Every BatchNorm scale, bias and running statistic random, so that every layer gets a
+  gradient (a block's last scale starts at zero) and every fused term counts."""
+  import jax
+
+  leaves, tree = jax.tree.flatten_with_path(variables)
+  out = []
+  for (path, leaf), k in zip(leaves, jax.random.split(key, len(leaves)), strict=True):
+    name = path[-1].key
+    if name in ("scale", "var"):
+      leaf = jax.random.uniform(k, leaf.shape, minval=0.5, maxval=1.5)
+    elif name in ("bias", "mean"):
+      leaf = 0.2 * jax.random.normal(k, leaf.shape)
+    out.append(leaf)
+  return jax.tree.unflatten(tree, out)

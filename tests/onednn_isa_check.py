@@ -17,6 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import randomised_batch_norms
 
 from ser_jax import cpu, models
 from ser_jax.cpu import selftest
@@ -38,21 +39,6 @@ RELATIVE_TOLERANCE = 1e-2
 def _relative_error(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def _randomised(variables, key):
-  """Every BatchNorm scale, bias and running statistic random, so that every layer gets a
-  gradient (a block's last scale starts at zero) and every fused term counts."""
-  leaves, tree = jax.tree.flatten_with_path(variables)
-  out = []
-  for (path, leaf), k in zip(leaves, jax.random.split(key, len(leaves)), strict=True):
-    name = path[-1].key
-    if name in ("scale", "var"):
-      leaf = jax.random.uniform(k, leaf.shape, minval=0.5, maxval=1.5)
-    elif name in ("bias", "mean"):
-      leaf = 0.2 * jax.random.normal(k, leaf.shape)
-    out.append(leaf)
-  return jax.tree.unflatten(tree, out)
 
 
 def _compare(name: str, got, want, problems: list) -> None:
@@ -77,7 +63,9 @@ def check(shape_name: str) -> list[str]:
   x = jax.random.normal(jax.random.key(1), input_shape)
   labels = jnp.arange(batch) % 4
   reference, onednn = make(cpu.XLA_OPS), make(cpu.ONEDNN_OPS)
-  variables = _randomised(reference.init(jax.random.key(0), x, train=False), jax.random.key(2))
+  variables = randomised_batch_norms(
+    reference.init(jax.random.key(0), x, train=False), jax.random.key(2)
+  )
 
   def loss(model, variables):
     logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])

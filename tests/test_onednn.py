@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import run_code, run_module, tiny_args
+from helpers import randomised_batch_norms, run_code, run_module, tiny_args
 
 from ser_jax import cpu, models, train
 from ser_jax.cpu import fused, onednn
@@ -66,21 +66,6 @@ def test_vmapped_over_member_kernels_equals_each_member():
     np.testing.assert_allclose(dw[m], ref_dw, rtol=1e-4, atol=1e-4)
 
 
-def _randomised(variables, key):
-  """Every BatchNorm scale, bias and running statistic random, so each fused term counts."""
-  leaves, tree = jax.tree.flatten_with_path(variables)
-  keys = jax.random.split(key, len(leaves))
-  out = []
-  for (path, leaf), k in zip(leaves, keys, strict=True):
-    name = path[-1].key
-    if name in ("scale", "var"):
-      leaf = jax.random.uniform(k, leaf.shape, minval=0.5, maxval=1.5)
-    elif name in ("bias", "mean"):
-      leaf = 0.2 * jax.random.normal(k, leaf.shape)
-    out.append(leaf)
-  return jax.tree.unflatten(tree, out)
-
-
 @needs_onednn
 @pytest.mark.parametrize("width", [4, 64])
 def test_fused_inference_equals_the_plain_model(width):
@@ -88,7 +73,9 @@ def test_fused_inference_equals_the_plain_model(width):
   x = jax.random.normal(jax.random.key(1), (2, 40, 64, 1))
   plain = models.ResNet18(num_classes=4, width=width)
   fused_model = models.ResNet18(num_classes=4, width=width, ops=cpu.ONEDNN_OPS)
-  variables = _randomised(plain.init(jax.random.key(0), x, train=False), jax.random.key(2))
+  variables = randomised_batch_norms(
+    plain.init(jax.random.key(0), x, train=False), jax.random.key(2)
+  )
   fused_eval = jax.jit(lambda v: fused_model.apply(v, x, train=False))
   hlo = fused_eval.lower(variables).as_text()
   targets = set(re.findall(r"ser_jax_onednn_\w+", hlo))  # The stem alone is unfused.
@@ -107,7 +94,7 @@ def test_packed_kernels_give_the_same_probabilities():
   model = models.ResNet18(num_classes=4, width=64, ops=cpu.ONEDNN_OPS)
   batch = {"features": jax.random.normal(jax.random.key(1), (3, 40, 72))}
   state = train.create_train_state(model, optax.sgd(0.1), jax.random.key(0), (1, 40, 72, 1))
-  variables = _randomised(
+  variables = randomised_batch_norms(
     {"params": state.params, "batch_stats": state.batch_stats}, jax.random.key(2)
   )
   state = state.replace(**variables)
