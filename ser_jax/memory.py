@@ -186,7 +186,8 @@ class ChunkPlan:
   def describe(self) -> str:
     """One log line, e.g. '18 members: 6 chunks of 3, about 2.6 GiB per chunk, ...'."""
     chunks = "1 chunk" if self.n_chunks == 1 else f"{self.n_chunks} chunks"
-    line = f"{self.n_members} members: {chunks} of {self.members_per_chunk}"
+    members = "1 member" if self.n_members == 1 else f"{self.n_members} members"
+    line = f"{members}: {chunks} of {self.members_per_chunk}"
     if self.bytes_per_chunk:
       line += f", about {_gib(self.bytes_per_chunk)} per chunk"
     line += f", {_gib(self.available)} available" if self.available else ", memory unknown"
@@ -251,4 +252,7 @@ def plan_chunks(
 
 
 def _gib(n_bytes: float) -> str:
+  """'2.6 GiB', or '340 MiB' below a GiB."""
+  if n_bytes < GiB:
+    return f"{n_bytes / 2**20:.0f} MiB"
   return f"{n_bytes / GiB:.1f} GiB"
