@@ -84,3 +84,19 @@ def test_a_failing_self_test_falls_back_with_one_line_or_is_an_error(
     onednn.OneDnnUnavailable, match=reason.replace("(", r"\(").replace(")", r"\)")
   ):
     cpu.select_backend("onednn", make, SHAPES)
+
+
+def test_auto_leaves_onednn_below_avx2_where_xla_is_faster():
+  from helpers import run_code
+
+  code = (
+    "import logging; logging.basicConfig(level=logging.WARNING)\n"
+    "from ser_jax import cpu\n"
+    "print(cpu.select_backend('auto').lowering, cpu.select_backend('onednn').lowering)"
+  )
+  done = run_code(code, env={"ONEDNN_MAX_CPU_ISA": "SSE41"})
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.split() == ["cpu", "onednn"]
+  assert done.stderr.count("below AVX2") == 1
+  done = run_code(code, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+  assert done.stdout.split() == ["onednn", "onednn"]

@@ -98,9 +98,9 @@ def select_backend(
   """The Backend for model.lowering.
 
   'auto' is 'xla' on accelerators, 'cpu' on CPUs with several devices, and 'onednn' on a
-  one-device CPU once the oneDNN library has built and its self-test has passed for the
-  model `make_model(ops)` at `input_shapes` ([train batch shape, eval batch shape]);
-  otherwise 'cpu', with one logged line saying why. 'onednn' raises OneDnnUnavailable
+  one-device CPU where oneDNN runs AVX2 code or better, once the oneDNN library has built
+  and its self-test has passed for the model `make_model(ops)` at `input_shapes` ([train
+  batch shape, eval batch shape]); otherwise 'cpu', with one logged line saying why. 'onednn' raises OneDnnUnavailable
   where 'auto' would log that line.
   """
   if lowering not in ("auto", "onednn"):
@@ -109,7 +109,15 @@ def select_backend(
     return backend("xla")
   if lowering == "auto" and jax.device_count() > 1:
     return backend("cpu")
-  reason = onednn.unavailable_reason() or selftest.failure(make_model, input_shapes)
+  reason = onednn.unavailable_reason()
+  if not reason and lowering == "auto" and not onednn.runs_avx2():
+    # Measured: at SSE4.1 the 'onednn' lowering trains at 0.93x and evaluates at 0.79x of
+    # 'cpu' (benchmarks/NOTES.md, "Instruction sets").
+    logging.warning(
+      "oneDNN convolutions not used: below AVX2 (this CPU, or ONEDNN_MAX_CPU_ISA) XLA's are faster"
+    )
+    return backend("cpu")
+  reason = reason or selftest.failure(make_model, input_shapes)
   if not reason:
     return backend("onednn")
   if lowering == "onednn":

@@ -170,6 +170,7 @@ def _library() -> ctypes.CDLL | str:
   library.SerPackedKernelElements.restype = ctypes.c_int64
   library.SerTrusted.restype = ctypes.c_int
   library.SerOneDnnVersion.restype = ctypes.c_int
+  library.SerAtLeastAvx2.restype = ctypes.c_int
   return library
 
 
@@ -186,6 +187,11 @@ def unavailable_reason() -> str:
 
 def available() -> bool:
   return not _registered()
+
+
+def runs_avx2() -> bool:
+  """Whether oneDNN runs AVX2 code or better on this CPU (after ONEDNN_MAX_CPU_ISA)."""
+  return available() and bool(_library().SerAtLeastAvx2())
 
 
 def library_key() -> str:

@@ -443,3 +443,11 @@ extern "C" int SerOneDnnVersion() {
   const dnnl_version_t* v = dnnl_version();
   return v->major * 10000 + v->minor * 100 + v->patch;
 }
+
+// Whether oneDNN runs AVX2 code or better here (after ONEDNN_MAX_CPU_ISA): 1 or 0. Below it,
+// oneDNN 3.2 has only SSE4.1 kernels, slower than XLA's for ResNet-18 (benchmarks/NOTES.md).
+extern "C" int SerAtLeastAvx2() {
+  const auto isa = static_cast<unsigned>(dnnl_get_effective_cpu_isa());
+  const auto avx2 = static_cast<unsigned>(dnnl_cpu_isa_avx2);
+  return (isa & avx2) == avx2 ? 1 : 0;
+}
