@@ -11,10 +11,13 @@ import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# Subprocesses share compiled programs through JAX's persistent cache: the tiny runs
-# compile the same few programs, and compilation is most of their time.
+# Compilation is most of the tests' time. XLA's backend at -O0 compiles about twice as
+# fast with the same values (tests compare values, not speed); conftest.py sets it for the
+# test process too. Subprocesses also share compiled programs through JAX's persistent cache.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 TEST_ENV = {
   "JAX_PLATFORMS": "cpu",
+  "XLA_FLAGS": TEST_XLA_FLAGS,
   "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "ser_jax_test_xla_cache"),
   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
@@ -41,9 +44,18 @@ def tiny_args(workdir, cache_dir, **overrides) -> list[str]:
   ]
 
 
+def with_test_xla_flags(xla_flags: str) -> str:
+  """xla_flags after TEST_XLA_FLAGS (a later flag wins)."""
+  return f"{TEST_XLA_FLAGS} {xla_flags}".strip()
+
+
 def _environment(env: dict | None) -> dict:
-  """os.environ with TEST_ENV and `env` on top; a None value in `env` removes that variable."""
-  merged = {**os.environ, **TEST_ENV, **(env or {})}
+  """os.environ with TEST_ENV and `env` on top; a None value in `env` removes that variable.
+  XLA_FLAGS in `env` are added to TEST_XLA_FLAGS."""
+  env = dict(env or {})
+  if env.get("XLA_FLAGS") is not None:
+    env["XLA_FLAGS"] = with_test_xla_flags(env["XLA_FLAGS"])
+  merged = {**os.environ, **TEST_ENV, **env}
   return {key: value for key, value in merged.items() if value is not None}
 
 
@@ -69,14 +81,17 @@ def run_python(args: list[str], env: dict | None = None, **kwargs):
   )
 
 
-def start_module(module: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+def start_module(
+  module: str, args: list[str], env: dict | None = None, output: pathlib.Path | None = None
+) -> subprocess.Popen:
+  """Starts `python -m module args`; its stdout and stderr go to pipes, or both to `output`."""
+  streams = (
+    {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    if output is None
+    else {"stdout": open(output, "w"), "stderr": subprocess.STDOUT}  # noqa: SIM115
+  )
   return subprocess.Popen(
-    [sys.executable, "-m", module, *args],
-    cwd=REPO,
-    env=_environment(env),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
+    [sys.executable, "-m", module, *args], cwd=REPO, env=_environment(env), text=True, **streams
   )
 
 

@@ -22,9 +22,6 @@ from ser_jax.predict import Predictor, PredictorError, main, window_starts
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _RUNS: dict[str, pathlib.Path] = {}
 
-# Every test here uses a freshly trained run (about a minute on two CPU cores).
-pytestmark = pytest.mark.slow
-
 
 def tiny_config():
   """The demo config shrunk to seconds: one epoch, two folds, a 4-channel ResNet, 1 s clips."""

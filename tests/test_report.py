@@ -214,7 +214,6 @@ def test_confusion_shape_checked(tmp_path) -> None:
     plots.plot_confusion(summary, tmp_path / "confusion.png")
 
 
-@pytest.mark.slow
 def test_trained_run(tmp_path_factory, capsys) -> None:
   run = trained_run(tmp_path_factory)
   summary = json.loads((run / "results.json").read_text())

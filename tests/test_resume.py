@@ -40,7 +40,7 @@ def reference(tmp_path_factory):
   return cache, result_metrics(workdir)
 
 
-@pytest.mark.parametrize("fold, epoch", [(0, 2), (1, 1)])
+@pytest.mark.parametrize("fold, epoch", [(0, 2), pytest.param(1, 1, marks=pytest.mark.slow)])
 def test_sigkill_during_training_then_rerun_gives_the_same_results(
   tmp_path, reference, fold, epoch
 ):

@@ -10,12 +10,24 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import REPO, TEST_ENV, result_metrics, run_code, run_module, start_module, tiny_args
+from helpers import (
+  REPO,
+  TEST_ENV,
+  result_metrics,
+  run_code,
+  run_module,
+  start_module,
+  tiny_args,
+  with_test_xla_flags,
+)
 
 
 def _run_steps(tmp_path, n_devices: int, batch_size: int, layout: str = "replicated") -> dict:
   out = tmp_path / f"steps_{n_devices}_{batch_size}_{layout}.npz"
-  env = {**TEST_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}"}
+  env = {
+    **TEST_ENV,
+    "XLA_FLAGS": with_test_xla_flags(f"--xla_force_host_platform_device_count={n_devices}"),
+  }
   process = subprocess.run(
     [
       sys.executable,
@@ -65,7 +77,7 @@ def test_vmapped_sweep_on_eight_devices_trains_like_one(tmp_path):
   _assert_same_training(one, many)
 
 
-@pytest.mark.parametrize("n_devices", [1, 3, 8])
+@pytest.mark.parametrize("n_devices", [1, pytest.param(3, marks=pytest.mark.slow), 8])
 def test_evaluation_counts_every_example_once(tmp_path, n_devices):
   result = _run_steps(tmp_path, n_devices, 24)
   # 37 examples with an evaluation batch of 8 (rounded up to 9 on 3 devices): padded, masked.
@@ -130,6 +142,9 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+# Slow, and under a loaded machine's full test run it has twice failed in process 0's first
+# collective (gloo: "GetKeyValue() timed out" after 30 s); alone it passes.
+@pytest.mark.slow
 def test_two_processes_give_the_results_of_one(tmp_path, one_device_run):
   """jax.distributed over localhost with gloo: each process reads its slice of each batch."""
   one, cache = one_device_run
@@ -139,9 +154,15 @@ def test_two_processes_give_the_results_of_one(tmp_path, one_device_run):
     f"--coordinator_address=localhost:{port}",
     "--num_processes=2",
   ]
-  processes = [start_module("ser_jax.main", args + [f"--process_id={i}"]) for i in (0, 1)]
-  outputs = [p.communicate(timeout=600) for p in processes]
-  for process, (_, stderr) in zip(processes, outputs, strict=True):
-    assert process.returncode == 0, stderr
-  assert "process 1 of 2" in outputs[1][1]
+  # Each process logs to a file, so that a failure shows both processes' logs.
+  logs = [tmp_path / f"process_{i}.log" for i in (0, 1)]
+  processes = [
+    start_module("ser_jax.main", args + [f"--process_id={i}"], output=log)
+    for i, log in enumerate(logs)
+  ]
+  for process in processes:
+    process.wait(timeout=600)
+  for process in processes:
+    assert process.returncode == 0, "\n".join(f"{p.name}:\n{p.read_text()[-4000:]}" for p in logs)
+  assert "process 1 of 2" in logs[1].read_text()
   assert result_metrics(tmp_path / "two") == result_metrics(one)

@@ -32,7 +32,7 @@ def test_chunked_sweep_members_equal_separate_runs(tmp_path):
   assert (tmp_path / "sweep" / "fold_0" / "members_0-1" / "checkpoints" / "2").is_dir()
   assert (tmp_path / "sweep" / "fold_0" / "members_2-2" / "checkpoints" / "2").is_dir()
   summary = json.loads((tmp_path / "sweep" / "results.json").read_text())
-  singles = {}  # The separate runs, at once: the sweep has built their feature store.
+  singles = {}  # The separate runs; the sweep has built their feature store.
   for gamma in gammas:
     single = tmp_path / f"gamma_{gamma}"
     args = tiny_args(
@@ -40,6 +40,8 @@ def test_chunked_sweep_members_equal_separate_runs(tmp_path):
     )
     args = [a.replace("configs/demo.py", "configs/gamma_sweep.py:demo") for a in args]
     singles[gamma] = (single, start_module("ser_jax.main", args))
+    if len(singles) == 1:  # The others then load its compiled programs from the cache.
+      singles[gamma][1].wait(timeout=600)
   waveform = np.sin(2 * np.pi * 220.0 * np.arange(16000) / 16000).astype(np.float32)
   for k, (gamma, (single, process)) in enumerate(singles.items()):
     _, stderr = process.communicate(timeout=600)

@@ -1,4 +1,5 @@
-"""XLA:CPU options that ser_jax sets before JAX starts (importing ser_jax applies them).
+"""XLA:CPU options that ser_jax sets before JAX starts (entry points apply them through
+cpu.tune_process()).
 
 jaxlib 0.10's XLA:CPU runs convolutions through YNNPACK by default; XNNPACK's are
 faster for ResNet-18 here (benchmarks/NOTES.md). Only CPU computations are affected.
