@@ -79,6 +79,7 @@ def test_rerun_keeps_finished_folds(finished_run):
   assert result_metrics(workdir) == before
 
 
+@pytest.mark.slow  # Run with -m slow (README: tests).
 def test_compiled_programs_are_kept_under_the_cache_folder(tmp_path):
   # XLA's lowering: the fresh cache folder would otherwise first compile the oneDNN library.
   overrides = {"cv.folds": "(0,)", "train.num_epochs": 1, "model.lowering": "cpu"}

@@ -67,7 +67,7 @@ def test_vmapped_over_member_kernels_equals_each_member():
 
 
 @needs_onednn
-@pytest.mark.parametrize("width", [4, 64])
+@pytest.mark.parametrize("width", [pytest.param(4, marks=pytest.mark.slow), 64])
 def test_fused_inference_equals_the_plain_model(width):
   """Eval: each convolution with its BatchNorm, ReLU and residual sum in one oneDNN call."""
   x = jax.random.normal(jax.random.key(1), (2, 40, 64, 1))

@@ -41,9 +41,9 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
   """Trains the tiny run once per session; test_report reuses it through this function."""
   if "run" not in _RUNS:
     base = tmp_path_factory.mktemp("tiny_run")
-    with pytest.MonkeyPatch.context() as patch:
-      patch.setenv("SER_JAX_CACHE", str(base / "cache"))
-      experiment.train_and_evaluate(tiny_config(), str(base / "run"))
+    config = tiny_config()
+    config.data.cache_dir = str(base / "cache")  # The session's oneDNN library is reused.
+    experiment.train_and_evaluate(config, str(base / "run"))
     _RUNS["run"] = base / "run"
     _RUNS["cache"] = base / "cache"
   return _RUNS["run"]
@@ -146,9 +146,8 @@ def test_ensemble_is_mean_of_folds(run, predictor) -> None:
 def test_reproduces_fold_test_results(run) -> None:
   """Fold 0's model on its test files' first max_seconds (what training saw) gives its counts."""
   config = tiny_config()
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setenv("SER_JAX_CACHE", str(_RUNS["cache"]))
-    store = experiment.prepare_store(config, progress=False)
+  config.data.cache_dir = str(_RUNS["cache"])
+  store = experiment.prepare_store(config, progress=False)
   _, test_idx = make_folds(
     store.labels,
     store.speakers,
