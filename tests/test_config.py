@@ -327,3 +327,26 @@ def test_weights_and_rules_can_be_set_on_the_command_line(override, key, want):
   values(argv)
   assert _get(values.config, key) == want
   validate_config(values.config)
+
+
+@pytest.mark.parametrize(
+  "key, value",
+  [
+    ("model.lowering", "xla"),
+    ("sweep.members_per_chunk", 5),
+    ("data.num_workers", 7),
+    ("train.eval_batch_size", 3),
+  ],
+)
+def test_a_rerun_may_change_result_neutral_keys_only(tmp_path, key, value):
+  from ser_jax import experiment
+
+  experiment._check_same_config(default_config(), tmp_path)
+  neutral = default_config()
+  group, name = key.split(".")
+  neutral[group][name] = value
+  experiment._check_same_config(neutral, tmp_path)  # Accepted.
+  changed = default_config()
+  changed.loss.gamma = 0.5
+  with pytest.raises(experiment.ConfigMismatchError, match=r"\(changed: loss\.gamma\)"):
+    experiment._check_same_config(changed, tmp_path)
