@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from helpers import TEST_XLA_FLAGS
+from helpers import TEST_XLA_FLAGS, with_test_xla_flags
 
 # The malloc settings trade about a third more compile time for faster steps: a loss for
 # tests, which compile many small programs. test_malloc.py checks them in subprocesses.
@@ -22,6 +22,6 @@ if not ("PYTEST_XDIST_WORKER" in os.environ and os.environ.get(_SESSION_FOLDER))
   atexit.register(shutil.rmtree, os.environ[_SESSION_FOLDER], ignore_errors=True)
 # The test process compiles like its subprocesses (helpers.TEST_XLA_FLAGS).
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{TEST_XLA_FLAGS} {os.environ.get('XLA_FLAGS', '')}".strip()
+  os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ["SER_JAX_CACHE"] = os.path.join(os.environ[_SESSION_FOLDER], "cache")
 os.environ["MPLCONFIGDIR"] = os.path.join(os.environ[_SESSION_FOLDER], "matplotlib")

@@ -85,14 +85,15 @@ def start_module(
   module: str, args: list[str], env: dict | None = None, output: pathlib.Path | None = None
 ) -> subprocess.Popen:
   """Starts `python -m module args`; its stdout and stderr go to pipes, or both to `output`."""
-  streams = (
-    {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
-    if output is None
-    else {"stdout": open(output, "w"), "stderr": subprocess.STDOUT}  # noqa: SIM115
-  )
-  return subprocess.Popen(
-    [sys.executable, "-m", module, *args], cwd=REPO, env=_environment(env), text=True, **streams
-  )
+  command, environment = [sys.executable, "-m", module, *args], _environment(env)
+  if output is None:
+    return subprocess.Popen(
+      command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+  with open(output, "w") as log:  # The child keeps its own copy of the file.
+    return subprocess.Popen(
+      command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def result_metrics(workdir) -> dict:
