@@ -162,9 +162,10 @@ def test_identical_predictions() -> None:
   folds = np.repeat([0, 1, 2], 40)
   predictions = _noisy(labels, 0.6, rng)
   result = compare.compare_paired(labels, predictions, predictions, folds, n_resamples=300)
-  assert result["wa_difference"] == result["ua_difference"] == 0
-  assert result["wa_difference_ci95"] == result["ua_difference_ci95"] == [0.0, 0.0]
-  assert result["wa_p_value"] == result["ua_p_value"] == 1.0
+  for name in ("wa", "ua"):
+    assert result[f"{name}_difference"] == pytest.approx(0.0, abs=1e-12)
+    assert result[f"{name}_difference_ci95"] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert result[f"{name}_p_value"] == pytest.approx(1.0)
   assert result["difference"] == "B - A"
 
 
@@ -180,7 +181,8 @@ def test_clear_difference() -> None:
   assert result["wa_p_value"] < 1e-12
   # No permutation reaches the observed UA gap: the smallest p that 1000 of them can give.
   assert result["ua_p_value"] == pytest.approx(2 / 1001)
-  assert result["wa_b"] == result["ua_b"] == 100.0
+  assert result["wa_b"] == pytest.approx(100.0)
+  assert result["ua_b"] == pytest.approx(100.0)
   assert result["only_a_correct"] == 0
 
 
@@ -296,7 +298,7 @@ def test_per_fold() -> None:
   assert rows[0]["wa_a"] == pytest.approx(200 / 3)
   assert rows[0]["wa_difference"] == pytest.approx(100 / 3)
   assert rows[0]["ua_a"] == pytest.approx(75.0)  # (1 + 1/2) / 2
-  assert rows[0]["ua_b"] == 100.0
+  assert rows[0]["ua_b"] == pytest.approx(100.0)
   assert rows[1]["wa_difference"] == pytest.approx(-100 / 3)
   assert rows[1]["ua_difference"] == pytest.approx(-100 / 3)
 
@@ -502,7 +504,7 @@ def test_cli_two_members_of_one_run(tmp_path, capsys) -> None:
   out = capsys.readouterr().out
   result = _json_line(out)
   assert (result["member_a"], result["member_b"]) == (1, 3)
-  assert result["wa_b"] == compare.overall_accuracy(labels, predictions[3])
+  assert result["wa_b"] == pytest.approx(compare.overall_accuracy(labels, predictions[3]))
   assert "Provenance: not recorded in run A and B\n" in out
 
 
