@@ -14,11 +14,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from ser_jax import audio, io_utils, memory
+from ser_jax.cache import default_cache_dir
 from ser_jax.config import ConfigError
-from ser_jax.cpu import onednn
 from ser_jax.data.corpus import CorpusError
 from ser_jax.folds import FoldError
-from ser_jax.store import default_cache_dir
 
 # Errors a user can fix; they get one line, not a traceback.
 USER_ERRORS = (
@@ -28,7 +27,6 @@ USER_ERRORS = (
   audio.AudioError,
   io_utils.LockedError,
   memory.MemoryPlanError,
-  onednn.OneDnnUnavailable,
   FileNotFoundError,
 )
 

@@ -14,6 +14,7 @@ LOSSES = ("focal", "softmax")
 FEATURE_KINDS = ("logmel", "mfcc")
 CV_SCHEMES = ("stratified", "speaker")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ON_DEVICE = ("auto", "always", "never")
 # loss.alpha and sweep.alphas[] may name a rule instead of giving the weights.
 ALPHA_RULES = ("inverse_frequency",)
 
@@ -34,7 +35,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.data.merge_excited = False  # IEMOCAP only: 'exc' counts as happiness.
   config.data.strict = False  # True: a bad audio file is an error, not a logged skip.
   config.data.cache_dir = ""  # Feature stores; empty means $SER_JAX_CACHE or ~/.cache/ser_jax.
-  config.data.num_workers = 0  # Preprocessing processes; 0: one per core, >= 1000 clips each.
+  config.data.num_workers = 0  # Preprocessing processes; 0: one per core, >= 64 clips each.
+  # Features on the accelerator (or host) once per run, batches gathered there, each epoch
+  # one call: 'auto' where they fit (half the memory free) in a one-process run; 'never'
+  # streams batches from the store. The same batches and results either way.
+  config.data.on_device = "auto"
   # Class weights in class order: keep the largest subset with these class shares, what is
   # dropped spread over speakers (data/shares.py); empty: every utterance as read.
   config.data.class_shares = ()
@@ -82,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.time_mask_frames = 20
   config.train.checkpoint_every_epochs = 5
   config.train.eval_batch_size = 64
+  # The same numbers from the same config and seed, run after run: on a GPU, XLA's
+  # deterministic ops (slower; README, "Reproducibility"). CPUs and TPUs are so already.
+  config.train.deterministic = True
 
   config.cv = ml_collections.ConfigDict()
   config.cv.scheme = "stratified"
@@ -129,6 +137,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.data.class_shares:
     _check_weights("data.class_shares", config.data.class_shares, n_classes)
   at_least("data.class_shares_seed", config.data.class_shares_seed, 0)
+  allowed("data.on_device", config.data.on_device, ON_DEVICE)
   allowed("features.kind", config.features.kind, FEATURE_KINDS)
   at_least("features.sample_rate", config.features.sample_rate, 1000)
   at_least("features.max_seconds", config.features.max_seconds, 0, strict=True)

@@ -35,18 +35,20 @@ from ser_jax import (
   train,
 )
 from ser_jax.audio import AudioError
+from ser_jax.cache import default_cache_dir
 from ser_jax.config import ConfigError, validate_config
 from ser_jax.data import corpora, demo, shares
 from ser_jax.features import FeatureParams
 from ser_jax.folds import FoldError, make_folds
 from ser_jax.sharding import Topology
-from ser_jax.store import FeatureStore, build_store, default_cache_dir, open_store
+from ser_jax.store import FeatureStore, build_store, open_store
 
 # Keys that change how a run computes or where it keeps things, but not its results; a
 # rerun may change them without a fresh start.
 RESULT_NEUTRAL_KEYS = (
   "data.num_workers",
   "data.cache_dir",
+  "data.on_device",
   "cv.folds",
   "train.eval_batch_size",
   "model.lowering",
@@ -207,6 +209,9 @@ class Run:
   chunks: tuple[range, ...]  # Members trained together, in order.
   programs: dict  # Chunk size -> Programs.
   topology: Topology
+  # The store's rows on the device (input_pipeline.load_rows), or None: batches stream.
+  device_rows: dict | None
+  max_steps: int  # Train steps in an epoch of the largest fold.
   log: results.MetricsLog
   is_writer: bool
 
@@ -233,7 +238,11 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   )
   logging.info("Lowering: %s", backend.lowering)
   model = make_model(backend.ops)
-  chunks, programs = _plan_chunks(config, model, backend, members, feature_shape, topology)
+  device_rows = _device_rows(config, store, topology)
+  max_steps = max(len(train_idx) // config.train.batch_size for train_idx, _ in folds)
+  chunks, programs = _plan_chunks(
+    config, model, backend, members, store, topology, device_rows, max_steps
+  )
   run = Run(
     config=config,
     workdir=workdir,
@@ -242,6 +251,8 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
     chunks=tuple(chunks),
     programs=programs,
     topology=topology,
+    device_rows=device_rows,
+    max_steps=max_steps,
     log=results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer),
     is_writer=is_writer,
   )
@@ -258,7 +269,14 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
       "corpus": _class_counts(store, np.arange(len(store))),
       "used": _class_counts(store, kept),
     },
-    provenance=results.provenance(backend.provenance()),
+    provenance=results.provenance(
+      {
+        **backend.provenance(),
+        "deterministic": bool(config.train.deterministic),
+        "xla_options": deterministic_options(config),
+        "features_on_device": device_rows is not None,
+      }
+    ),
     wall_seconds=time.time() - start_time,
   )
   if is_writer:
@@ -295,15 +313,29 @@ def run_fold(run: Run, index: int, train_idx: np.ndarray, test_idx: np.ndarray) 
   return _save_fold_result(done_path, fold, counts, run.is_writer)
 
 
+def deterministic_options(config) -> dict:
+  """XLA options that make the run's programs give the same numbers every time: on a GPU,
+  deterministic reductions and scatters (train.deterministic); CPUs and TPUs need none."""
+  if config.train.deterministic and jax.default_backend() == "gpu":
+    return {"xla_gpu_deterministic_ops": True}
+  return {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Programs:
   """The jitted functions of a run, built once so that every fold reuses their compilation."""
 
   init: Callable  # [members] uint32 seeds, fold -> stacked TrainState
   train_step: Callable  # (stacked state, batch, stacked hparams) -> (state, metrics)
-  eval_step: Callable  # (stacked state, batch, extra variables) -> [members, batch, n_classes]
-  # (stacked state, batch) -> the backend's extra inference variables for batches of its shape
-  inference_variables: Callable
+  # (stacked state, device rows, [max_steps, batch] indices, n_steps, mean, std, stacked
+  # hparams) -> (state, metrics [max_steps, members]): an epoch in one call.
+  train_epoch: Callable
+  # (stacked state, batch, extra variables) -> [members, batch, n_classes]
+  eval_step: Callable
+  # (stacked state, batch) -> the backend's extra inference variables for batches of its
+  # shape; None where the backend adds none.
+  inference_variables: Callable | None
+  state_sharding: object  # Pytree of the stacked state's shardings.
 
   @classmethod
   def create(
@@ -317,6 +349,7 @@ class Programs:
   ) -> Programs:
     tx = train.make_optimizer(config.train.weight_decay)
     input_shape = (1, *feature_shape, 1)
+    jit = functools.partial(jax.jit, compiler_options=deterministic_options(config) or None)
 
     def init(seeds, fold):
       keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), fold))(seeds)
@@ -329,100 +362,170 @@ class Programs:
     else:
       state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
 
-    def inference_variables(state, batch):
-      return train.inference_variables(
-        state.apply_fn,
-        train.state_variables(state),
-        batch["features"],
-        backend.inference_variables,
-      )
-
-    step = functools.partial(
-      train.train_step,
-      augmentation=train.Augmentation.from_config(config.train),
-      gradients_hook=backend.gradients_hook,
-    )
-    return cls(
-      init=jax.jit(init, out_shardings=state_sharding),
-      train_step=jax.jit(
-        train.over_members(step, n_members), donate_argnums=(0,) if backend.donate_state else ()
+    step = train.over_members(
+      functools.partial(
+        train.train_step,
+        augmentation=train.Augmentation.from_config(config.train),
+        gradients_hook=backend.gradients_hook,
       ),
-      eval_step=jax.jit(train.over_members(train.eval_step, n_members)),
-      inference_variables=jax.jit(train.over_members(inference_variables, n_members)),
+      n_members,
     )
 
-  def bytes_per_member(
-    self, config, n_members: int, feature_shape, eval_batch_size: int, topology: Topology
-  ) -> int:
-    """XLA's peak memory of the train and eval programs (the larger), per member."""
-    state = jax.eval_shape(self.init, jnp.zeros((n_members,), jnp.uint32), 0)
-    state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=topology.replicated), state
+    def train_epoch(state, rows, order, n_steps, mean, std, hparams):
+      def batch_at(i):
+        batch = input_pipeline.device_batch(rows, order[i], mean, std)
+        return jax.lax.with_sharding_constraint(batch, topology.batch)
+
+      return train.epoch_loop(step, state, hparams, batch_at, n_steps, order.shape[0])
+
+    inference_variables = None
+    if backend.inference_variables is not None:
+
+      def extra_variables(state, batch):
+        return train.inference_variables(
+          state.apply_fn,
+          train.state_variables(state),
+          batch["features"],
+          backend.inference_variables,
+        )
+
+      inference_variables = jit(train.over_members(extra_variables, n_members))
+
+    donate = (0,) if backend.donate_state else ()
+    return cls(
+      init=jit(init, out_shardings=state_sharding),
+      train_step=jit(step, donate_argnums=donate),
+      train_epoch=jit(train_epoch, donate_argnums=donate),
+      eval_step=jit(train.over_members(train.eval_step, n_members)),
+      inference_variables=inference_variables,
+      state_sharding=state_sharding,
     )
 
-    def batch(size: int) -> dict:
-      shapes = {"features": ((size, *feature_shape), jnp.float32), "labels": ((size,), jnp.int32)}
-      shapes["valid_frames"] = ((size,), jnp.int32)
-      return {
-        name: jax.ShapeDtypeStruct(shape, dtype, sharding=topology.batch)
-        for name, (shape, dtype) in shapes.items()
-      }
+  def compile_training(self, config, n_members, store, topology, device_rows, max_steps):
+    """The run's train program for `n_members`, compiled: the epoch on the device where
+    `device_rows` are there, else the step on streamed batches."""
 
+    seeds = jnp.zeros((n_members,), jnp.uint32)
+    state = _shaped(jax.eval_shape(self.init, seeds, 0), self.state_sharding)
     hparams = jax.eval_shape(
-      lambda: stacked_hparams(config, [Member(0.0, 0, 1.0)] * n_members, None, 0, 1)
+      lambda: stacked_hparams(
+        config, [Member(0.0, 0, 1.0)] * n_members, None, 0, 1, store.class_names
+      )
     )
-    hparams = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=topology.replicated), hparams
+    hparams = _shaped(hparams, topology.replicated)
+    batch_size, n_bins = config.train.batch_size, store.features.shape[1]
+    if device_rows is None:
+      stats = np.zeros(n_bins, np.float32)
+      batch = input_pipeline.read_batch(store, np.zeros(batch_size, int), stats, stats + 1)
+      return self.train_step.lower(state, _shaped(batch, topology.batch), hparams).compile()
+    order, n_steps, mean, std = _shaped(
+      (
+        np.zeros((max_steps, batch_size), np.int32),
+        np.int32(0),
+        np.zeros(n_bins, np.float32),
+        np.zeros(n_bins, np.float32),
+      ),
+      topology.replicated,
     )
-    train_bytes = memory.compiled_bytes(
-      self.train_step.lower(state, batch(config.train.batch_size), hparams).compile()
-    )
-    eval_batch = batch(eval_batch_size)
-    extra = jax.eval_shape(self.inference_variables, state, eval_batch)
-    extra = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=topology.replicated), extra
-    )
-    eval_bytes = memory.compiled_bytes(self.eval_step.lower(state, eval_batch, extra).compile())
-    return math.ceil(max(train_bytes, eval_bytes) / n_members)
+    return self.train_epoch.lower(state, device_rows, order, n_steps, mean, std, hparams).compile()
 
 
-def _plan_chunks(config, model, backend, members, feature_shape, topology):
-  """The member chunks and their Programs: sweep.members_per_chunk, or (0) as many as fit."""
+def _shaped(tree, sharding):
+  """ShapeDtypeStructs of `tree`'s arrays laid out by `sharding` (one, or a matching tree)."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, sharding
+  )
+
+
+def _device_rows(config, store: FeatureStore, topology: Topology) -> dict | None:
+  """The store's rows put on every device once (data.on_device), or None to stream them."""
+  setting = config.data.on_device
+  n_bytes = int(np.prod(store.features.shape)) * 4
+  if setting == "never":
+    return None
+  if jax.process_count() > 1:  # Each process reads its share of every batch from disk.
+    if setting == "always":
+      logging.warning("data.on_device='always' ignored: batches stream in multi-process runs")
+    return None
+  available = memory.available_bytes()
+  budget = DEVICE_ROWS_SHARE * available if available else DEVICE_ROWS_UNKNOWN_BUDGET
+  if setting == "auto" and n_bytes > budget:
+    logging.info(
+      "Features stream from the store: %s exceed the device budget of %s",
+      memory.describe_bytes(n_bytes),
+      memory.describe_bytes(budget),
+    )
+    return None
+  logging.info("Features on the device: %s", memory.describe_bytes(n_bytes))
+  return jax.device_put(input_pipeline.load_rows(store), topology.replicated)
+
+
+def _plan_chunks(config, model, backend, members, store, topology, device_rows, max_steps):
+  """The member chunks and their Programs: sweep.members_per_chunk or, with 0, as many as
+  fit, read from the compiled train program the run then calls (no compile is wasted
+  unless the largest chunk does not fit)."""
   n_members = len(members)
-  eval_batch_size = _eval_batch_size(config, topology)
+  feature_shape = store.features.shape[1:]
   programs = {}
+  shared_bytes = 0 if device_rows is None else sum(x.nbytes for x in jax.tree.leaves(device_rows))
 
   def programs_for(size: int) -> Programs:
     if size not in programs:
-      programs[size] = Programs.create(config, model, backend, size, feature_shape, topology)
+      made = Programs.create(config, model, backend, size, feature_shape, topology)
+      compiled = made.compile_training(config, size, store, topology, device_rows, max_steps)
+      programs[size] = dataclasses.replace(made, **{_TRAIN_FIELD[device_rows is None]: compiled})
     return programs[size]
 
   per_chunk = config.sweep.members_per_chunk
   if not per_chunk:
-    needed = programs_for(1).bytes_per_member(config, 1, feature_shape, eval_batch_size, topology)
-    if jax.default_backend() == "cpu":  # XLA counts per device; a CPU's devices share the host.
-      needed *= len(jax.local_devices())
-    plan = memory.plan_chunks(n_members, needed, memory.available_bytes(), jax.default_backend())
+    per_chunk = min(n_members, backend.max_members_per_chunk or n_members)
+    while True:
+      compiled = getattr(programs_for(per_chunk), _TRAIN_FIELD[device_rows is None])
+      needed = memory.compiled_bytes(compiled) - shared_bytes
+      if jax.default_backend() == "cpu":  # XLA counts per device; a CPU's devices share the host.
+        needed *= len(jax.local_devices())
+      plan = memory.plan_chunks(
+        n_members,
+        math.ceil(needed / per_chunk),
+        max(memory.available_bytes() - shared_bytes, 0),
+        jax.default_backend(),
+        max_members_per_chunk=backend.max_members_per_chunk,
+      )
+      if plan.members_per_chunk >= per_chunk:
+        break
+      per_chunk = plan.members_per_chunk  # The larger program did not fit.
     logging.info("%s", plan.describe())
-    per_chunk = plan.members_per_chunk
   chunks = layout.split_members(n_members, per_chunk)
   for chunk in chunks:
     programs_for(len(chunk))
   return chunks, programs
 
 
-def stacked_hparams(config, members, fold_labels, fold: int, steps_per_epoch: int):
+# Which Programs field holds the compiled train program: streamed or on the device.
+_TRAIN_FIELD = {True: "train_step", False: "train_epoch"}
+# Share of the memory the run can use that the features may take on the device; with no
+# figure for it, features up to this many bytes go there.
+DEVICE_ROWS_SHARE = 0.5
+DEVICE_ROWS_UNKNOWN_BUDGET = 2 * memory.GiB
+
+
+def stacked_hparams(
+  config, members, fold_labels, fold: int, steps_per_epoch: int, class_names: tuple[str, ...]
+):
   """Each member's hyperparameters as arrays with a leading member axis.
 
   fold_labels: the training fold's labels, for 'inverse_frequency' class weights (None
   when only shapes are wanted).
+  class_names: the store's classes (data.classes, or the reader's when that is empty).
   """
-  n_classes = len(config.data.classes) or int(np.max(fold_labels)) + 1
+  n_classes = len(class_names)
   per_member = [
     train.make_hparams(
       gamma=m.gamma,
       learning_rate=m.learning_rate,
-      alpha=class_weights(m.alpha, fold_labels, n_classes, tuple(config.data.classes)),
+      alpha=class_weights(m.alpha, fold_labels, n_classes, class_names),
       label_smoothing=config.train.label_smoothing,
       rng_seed=m.seed * 1000 + fold,
       warmup_steps=steps_per_epoch * config.train.warmup_epochs,
@@ -460,7 +563,14 @@ def train_chunk(run: Run, fold: Fold, chunk: range) -> list:
     )
   state = programs.init(jnp.array([m.seed for m in members], jnp.uint32), fold.index)
   hparams = jax.device_put(
-    stacked_hparams(config, members, store.labels[fold.train_idx], fold.index, steps_per_epoch),
+    stacked_hparams(
+      config,
+      members,
+      store.labels[fold.train_idx],
+      fold.index,
+      steps_per_epoch,
+      store.class_names,
+    ),
     run.topology.replicated,
   )
   manager = checkpoints.checkpoint_manager(run_dir / "checkpoints")
@@ -533,10 +643,56 @@ def train_chunk(run: Run, fold: Fold, chunk: range) -> list:
 
 def _train_epoch(run: Run, fold: Fold, chunk: range, programs, state, hparams, epoch: int):
   """One epoch of train steps; (state, the epoch's metrics record). Stops on a NaN loss."""
-  config = run.config
   epoch_start = time.time()
-  step_metrics = []
-  for batch in input_pipeline.train_batches(
+  if run.device_rows is not None:
+    state, metrics, n_steps = _epoch_on_device(run, fold, programs, state, hparams, epoch)
+  else:
+    state, metrics, n_steps = _epoch_streamed(run, fold, programs, state, hparams, epoch)
+  losses_ = metrics["loss"]  # [steps, members]
+  if not np.all(np.isfinite(losses_)):
+    bad_step, bad_member = np.argwhere(~np.isfinite(losses_))[0]
+    raise NonFiniteLossError(
+      f"non-finite training loss ({losses_[bad_step, bad_member]}) in fold {fold.index}, epoch "
+      f"{epoch + 1}, step {epoch * n_steps + bad_step + 1}, member "
+      f"{run.members[chunk.start + bad_member]}; "
+      f"the last good checkpoint is kept in {run.chunk_dir(fold.index, chunk) / 'checkpoints'}"
+    )
+  record = {
+    "fold": fold.index,
+    "first_member": chunk.start,
+    "epoch": epoch + 1,
+    "step": (epoch + 1) * n_steps,
+    "train_loss": losses_.mean(0).tolist(),
+    "train_accuracy": (100 * metrics["accuracy"].mean(0)).tolist(),
+    "learning_rate": metrics["learning_rate"][-1].tolist(),  # At the epoch's last step.
+    "seconds": time.time() - epoch_start,
+  }
+  return state, record
+
+
+def _epoch_on_device(run: Run, fold: Fold, programs, state, hparams, epoch: int):
+  """The epoch as one call on the device's rows; (state, metrics [steps, members], steps)."""
+  config = run.config
+  order = input_pipeline.batch_indices(
+    fold.train_idx, config.train.batch_size, seed=config.seed, fold=fold.index, epoch=epoch
+  )
+  n_steps = len(order)
+  padded = np.zeros((run.max_steps, config.train.batch_size), np.int32)
+  padded[:n_steps] = order
+  replicated = run.topology.replicated
+  state, metrics = programs.train_epoch(
+    state,
+    run.device_rows,
+    *jax.device_put((padded, np.int32(n_steps), fold.mean, fold.std), replicated),
+    hparams,
+  )
+  return state, {name: np.asarray(m)[:n_steps] for name, m in metrics.items()}, n_steps
+
+
+def _epoch_streamed(run: Run, fold: Fold, programs, state, hparams, epoch: int):
+  """The epoch's batches read from the store, each while the step before runs."""
+  config = run.config
+  batches = input_pipeline.train_batches(
     run.store,
     fold.train_idx,
     config.train.batch_size,
@@ -547,33 +703,15 @@ def _train_epoch(run: Run, fold: Fold, chunk: range, programs, state, hparams, e
     epoch=epoch,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
-  ):
-    state, step_metric = programs.train_step(state, run.topology.global_batch(batch), hparams)
+  )
+  step_metrics = []
+  for batch in input_pipeline.prefetch(map(run.topology.global_batch, batches)):
+    state, step_metric = programs.train_step(state, batch, hparams)
     step_metrics.append(step_metric)
-  stacked = {
+  metrics = {
     name: np.asarray(jnp.stack([m[name] for m in step_metrics])) for name in step_metrics[0]
   }
-  losses_ = stacked["loss"]  # [steps, members]
-  if not np.all(np.isfinite(losses_)):
-    bad_step, bad_member = np.argwhere(~np.isfinite(losses_))[0]
-    steps_per_epoch = len(step_metrics)
-    raise NonFiniteLossError(
-      f"non-finite training loss ({losses_[bad_step, bad_member]}) in fold {fold.index}, epoch "
-      f"{epoch + 1}, step {epoch * steps_per_epoch + bad_step + 1}, member "
-      f"{run.members[chunk.start + bad_member]}; "
-      f"the last good checkpoint is kept in {run.chunk_dir(fold.index, chunk) / 'checkpoints'}"
-    )
-  record = {
-    "fold": fold.index,
-    "first_member": chunk.start,
-    "epoch": epoch + 1,
-    "step": (epoch + 1) * len(step_metrics),
-    "train_loss": losses_.mean(0).tolist(),
-    "train_accuracy": (100 * stacked["accuracy"].mean(0)).tolist(),
-    "learning_rate": stacked["learning_rate"][-1].tolist(),  # At the epoch's last step.
-    "seconds": time.time() - epoch_start,
-  }
-  return state, record
+  return state, metrics, len(step_metrics)
 
 
 def _save_fold_result(path, fold: Fold, counts, is_writer) -> dict:
@@ -610,7 +748,7 @@ def evaluate(
     process_count=jax.process_count(),
   ):
     batch = topology.global_batch(batch)
-    if batch["features"].shape != extra_shape:
+    if programs.inference_variables and batch["features"].shape != extra_shape:
       extra, extra_shape = programs.inference_variables(state, batch), batch["features"].shape
     probabilities = programs.eval_step(state, batch, extra)
     gathered = np.asarray(multihost_utils.process_allgather(probabilities, tiled=True))

@@ -1,10 +1,16 @@
-"""Batches from the memory-mapped store, read by index; nothing is copied into RAM whole."""
+"""Batches by index: read from the store on disk (streaming), or gathered on the device
+from the run's features put there once (`load_rows`, `device_batch`)."""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 from collections.abc import Iterator
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 _STATS_CHUNK = 256
 
@@ -41,8 +47,12 @@ def epoch_permutation(indices: np.ndarray, seed: int, fold: int, epoch: int) -> 
 
 def standardise(features, mean, std):
   """Features [..., n_bins, n_frames] standardised per bin with a training fold's [n_bins]
-  mean and std; numpy or jax arrays (training's batches and predict's windows)."""
-  return (features - mean[..., :, None]) / std[..., :, None]
+  mean and std; numpy or jax arrays (training's batches and predict's windows).
+
+  Multiplies by 1 / std: XLA turns a division by a broadcast into that, so numpy and the
+  device give the same bits.
+  """
+  return (features - mean[..., :, None]) * (1 / std)[..., :, None]
 
 
 def padded_size(n: int, batch_size: int, multiple: int = 1) -> int:
@@ -72,6 +82,45 @@ def read_batch(
   }
 
 
+def batch_indices(indices: np.ndarray, batch_size: int, *, seed: int, fold: int, epoch: int):
+  """[steps, batch_size] store indices of an epoch's global batches, in training order; the
+  last partial batch is dropped."""
+  permutation = epoch_permutation(indices, seed, fold, epoch)
+  steps = len(permutation) // batch_size
+  return permutation[: steps * batch_size].reshape(steps, batch_size)
+
+
+def load_rows(store) -> dict[str, np.ndarray]:
+  """The whole store in memory, for the device: features [N, n_bins, n_frames] float32,
+  labels and valid_frames [N] int32."""
+  return {
+    "features": np.asarray(store.features[:], np.float32),
+    "labels": store.labels.astype(np.int32),
+    "valid_frames": store.valid_frames.astype(np.int32),
+  }
+
+
+def device_batch(rows: dict, indices, mean, std) -> dict:
+  """The standardised batch of `indices` gathered from `rows` (`load_rows`, as device
+  arrays); traced inside the device's epoch loop. The same values as `read_batch`."""
+  return {
+    "features": standardise(rows["features"][indices], mean, std),
+    "labels": rows["labels"][indices],
+    "valid_frames": rows["valid_frames"][indices],
+  }
+
+
+def prefetch(items: Iterator[T], size: int = 2) -> Iterator[T]:
+  """`items` in order, with up to `size` of them prepared ahead in a thread, so that
+  reading the next batch overlaps the step that runs on the current one."""
+  sentinel = object()
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    ahead = collections.deque(pool.submit(next, items, sentinel) for _ in range(size))
+    while (item := ahead.popleft().result()) is not sentinel:
+      ahead.append(pool.submit(next, items, sentinel))
+      yield item
+
+
 def train_batches(
   store,
   indices: np.ndarray,
@@ -90,10 +139,8 @@ def train_batches(
   Every process computes the same global permutation and reads only its contiguous slice.
   """
   _check_divides(batch_size, process_count)
-  permutation = epoch_permutation(indices, seed, fold, epoch)
   local = batch_size // process_count
-  for start in range(0, len(permutation) - batch_size + 1, batch_size):
-    batch = permutation[start : start + batch_size]
+  for batch in batch_indices(indices, batch_size, seed=seed, fold=fold, epoch=epoch):
     yield read_batch(store, batch[process_index * local : (process_index + 1) * local], mean, std)
 
 

@@ -23,15 +23,6 @@ GiB = 2**30
 CPU_MARGIN = 0.75
 ACCELERATOR_MARGIN = 0.9
 
-# Most members a CPU trains in one vmapped program. A vmapped step runs each member's
-# convolutions as separate calls, so it gains little over one member at a time and costs
-# memory per member. benchmarks/bench_sweep.py (--n_frames 130, batch 32, oneDNN lowering,
-# 2-core AMD EPYC shared with other jobs, load 1-7), vmapped / sequential samples/s, two runs:
-#   width 16, 8 steps: 3 members 0.78x, 1.02x (1.43x, 1.28x earlier at load 1); 6: 1.13x, 0.85x
-#   width 64, 4 steps: 3 members 1.10x, 0.98x; 6 members 0.92x, 0.82x
-# No gain beyond the noise, and a loss at full width; XLA puts a width-64 step at 331 MiB
-# per member. So a CPU trains one member at a time.
-CPU_MEMBERS_PER_CHUNK = 1
 
 # cgroup v1 reports "no limit" as the largest page-aligned 64-bit count.
 _NO_CGROUP_LIMIT = 2**62
@@ -181,7 +172,7 @@ class ChunkPlan:
   n_chunks: int
   bytes_per_chunk: int  # XLA's estimate for the largest chunk; 0 when unknown.
   available: int  # Bytes the run could use when planned; 0 when unknown.
-  limited_by: str  # What set the chunk size: 'members', 'memory' or 'cpu'.
+  limited_by: str  # What set the chunk size: 'members', 'memory' or 'backend'.
 
   def describe(self) -> str:
     """One log line, e.g. '18 members: 6 chunks of 3, about 2.6 GiB per chunk, ...'."""
@@ -189,11 +180,13 @@ class ChunkPlan:
     members = "1 member" if self.n_members == 1 else f"{self.n_members} members"
     line = f"{members}: {chunks} of {self.members_per_chunk}"
     if self.bytes_per_chunk:
-      line += f", about {_gib(self.bytes_per_chunk)} per chunk"
-    line += f", {_gib(self.available)} available" if self.available else ", memory unknown"
+      line += f", about {describe_bytes(self.bytes_per_chunk)} per chunk"
+    line += (
+      f", {describe_bytes(self.available)} available" if self.available else ", memory unknown"
+    )
     reason = {
       "memory": "as many as fit",
-      "cpu": f"at most {CPU_MEMBERS_PER_CHUNK} at once on a CPU",
+      "backend": f"at most {self.members_per_chunk} at once on this backend",
       "members": "all at once",
     }[self.limited_by]
     return f"{line} ({reason})"
@@ -205,14 +198,16 @@ def plan_chunks(
   available: int,
   platform: str,
   margin: float | None = None,
+  max_members_per_chunk: int = 0,
 ) -> ChunkPlan:
   """Even chunks of as many members as fit in `margin` of `available` bytes.
 
   bytes_per_member: e.g. `compiled_bytes` of a one-member step; 0 (unknown) or an unknown
     `available` (0) plans without memory: all members, or the CPU cap.
-  platform: `jax.default_backend()`; on 'cpu' chunks hold at most CPU_MEMBERS_PER_CHUNK.
+  platform: `jax.default_backend()`, for the default margin.
   margin: the share of `available` a chunk may take; CPU_MARGIN on a CPU, else
     ACCELERATOR_MARGIN.
+  max_members_per_chunk: the backend's cap (ser_jax.cpu.Backend); 0: none.
 
   Raises MemoryPlanError when one member needs more than that share.
   """
@@ -229,14 +224,14 @@ def plan_chunks(
     fit = math.floor(budget / bytes_per_member)
     if fit < 1:
       raise MemoryPlanError(
-        f"a sweep member needs about {_gib(bytes_per_member)} but {_gib(budget)} is available "
-        f"({margin:.0%} of {_gib(available)}); lower train.batch_size or features.max_seconds, "
+        f"a sweep member needs about {describe_bytes(bytes_per_member)} but {describe_bytes(budget)} is available "
+        f"({margin:.0%} of {describe_bytes(available)}); lower train.batch_size or features.max_seconds, "
         "or use model.compute_dtype=bfloat16 on an accelerator"
       )
     if fit < largest:
       largest, limited_by = fit, "memory"
-  if on_cpu and CPU_MEMBERS_PER_CHUNK < largest:
-    largest, limited_by = CPU_MEMBERS_PER_CHUNK, "cpu"
+  if 0 < max_members_per_chunk < largest:
+    largest, limited_by = max_members_per_chunk, "backend"
   # As few chunks as `largest` allows, and as even as they can be: 18 members, at most 17
   # at once, train as 9 + 9, not 17 + 1.
   n_chunks = math.ceil(n_members / largest)
@@ -251,7 +246,7 @@ def plan_chunks(
   )
 
 
-def _gib(n_bytes: float) -> str:
+def describe_bytes(n_bytes: float) -> str:
   """'2.6 GiB', or '340 MiB' below a GiB."""
   if n_bytes < GiB:
     return f"{n_bytes / 2**20:.0f} MiB"

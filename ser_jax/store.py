@@ -42,7 +42,7 @@ from ser_jax.features import FeatureParams, compute_features
 STORE_FORMAT = 1
 PENDING, SKIPPED = -1, -2  # Values of the progress array; >= 0 is the clip's sample count.
 _CHUNK = 8
-_CLIPS_PER_WORKER = 1000
+_CLIPS_PER_WORKER = 64
 
 
 class DiskRows:
@@ -140,10 +140,6 @@ class FeatureStore:
 
   def __len__(self) -> int:
     return len(self.labels)
-
-
-def default_cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("SER_JAX_CACHE", "~/.cache/ser_jax")).expanduser()
 
 
 def store_key(corpus: Corpus, params: FeatureParams) -> str:

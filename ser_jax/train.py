@@ -182,6 +182,23 @@ def train_step(
   return new_state, metrics
 
 
+def epoch_loop(step_fn, state, hparams, batch_at: Callable, n_steps, max_steps: int):
+  """`n_steps` steps of `step_fn(state, batch_at(i), hparams)` in one loop on the device.
+
+  n_steps may be a traced scalar (<= max_steps): folds of different sizes share one program.
+  Returns (state, metrics), each metric [max_steps, ...] with rows from n_steps on zero.
+  """
+  _, metric_shapes = jax.eval_shape(step_fn, state, batch_at(0), hparams)
+  buffers = jax.tree.map(lambda s: jnp.zeros((max_steps, *s.shape), s.dtype), metric_shapes)
+
+  def body(i, carry):
+    state, buffers = carry
+    state, metrics = step_fn(state, batch_at(i), hparams)
+    return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
+
+  return jax.lax.fori_loop(0, n_steps, body, (state, buffers))
+
+
 def class_probabilities(apply_fn, variables: dict, features: jax.Array) -> jax.Array:
   """[batch, n_classes] probabilities of standardised features [batch, n_bins, n_frames]
   in inference mode (running BatchNorm statistics): training's evaluation and predict."""

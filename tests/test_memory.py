@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ser_jax import memory
+from ser_jax import cpu, memory
 from ser_jax.memory import ChunkPlan, GiB, MemoryPlanError, plan_chunks
 
 MEMINFO = """\
@@ -187,15 +187,20 @@ def test_the_default_margins():
   )
 
 
-def test_a_cpu_trains_at_most_cpu_members_per_chunk(monkeypatch):
-  plan = plan_chunks(18, GiB, 1000 * GiB, "cpu")
-  assert plan.members_per_chunk == memory.CPU_MEMBERS_PER_CHUNK
-  monkeypatch.setattr(memory, "CPU_MEMBERS_PER_CHUNK", 4)
-  plan = plan_chunks(18, GiB, 1000 * GiB, "cpu")
-  assert (plan.members_per_chunk, plan.n_chunks, plan.limited_by) == (4, 5, "cpu")
-  # Memory can still hold a CPU below its cap: 0.75 * 4 GiB holds 3 members of 1 GiB.
-  plan = plan_chunks(18, GiB, 4 * GiB, "cpu")
+def test_a_backend_cap_bounds_the_chunks_and_memory_can_bound_them_further():
+  plan = plan_chunks(18, GiB, 1000 * GiB, "cpu", max_members_per_chunk=1)
+  assert (plan.members_per_chunk, plan.n_chunks, plan.limited_by) == (1, 18, "backend")
+  plan = plan_chunks(18, GiB, 1000 * GiB, "cpu", max_members_per_chunk=4)
+  assert (plan.members_per_chunk, plan.n_chunks, plan.limited_by) == (4, 5, "backend")
+  assert plan.describe().endswith("(at most 4 at once on this backend)")
+  # Memory can still hold a backend below its cap: 0.75 * 4 GiB holds 3 members of 1 GiB.
+  plan = plan_chunks(18, GiB, 4 * GiB, "cpu", max_members_per_chunk=4)
   assert (plan.members_per_chunk, plan.n_chunks, plan.limited_by) == (3, 6, "memory")
+
+
+def test_the_cpu_backends_train_one_member_at_a_time():
+  for lowering in ("xla", "cpu", "onednn"):
+    assert cpu.backend(lowering).max_members_per_chunk == cpu.CPU_MEMBERS_PER_CHUNK == 1
 
 
 def test_one_member_too_large_is_a_one_line_error_with_the_way_out():
@@ -210,12 +215,12 @@ def test_one_member_too_large_is_a_one_line_error_with_the_way_out():
   assert isinstance(error.value, ValueError)
 
 
-def test_unknown_memory_trains_all_members_or_the_cpu_cap():
+def test_unknown_memory_trains_all_members_or_the_backend_cap():
   assert plan_chunks(18, 0, 10 * GiB, "gpu").members_per_chunk == 18
   assert plan_chunks(18, GiB, 0, "gpu").members_per_chunk == 18
-  cpu = plan_chunks(18, 0, 0, "cpu")
-  assert cpu.members_per_chunk == min(18, memory.CPU_MEMBERS_PER_CHUNK)
-  assert "memory unknown" in cpu.describe()
+  capped = plan_chunks(18, 0, 0, "cpu", max_members_per_chunk=2)
+  assert capped.members_per_chunk == 2
+  assert "memory unknown" in capped.describe()
 
 
 def test_describe_is_one_line_with_the_chunks_and_the_memory():

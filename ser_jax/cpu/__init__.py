@@ -16,7 +16,10 @@ Lowerings, all computing the same values:
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -25,6 +28,16 @@ from ser_jax import models
 from ser_jax.cpu import fused, kernels, malloc, norm, onednn, selftest, xla_flags
 
 LOWERINGS = ("auto", "xla", "cpu", "onednn")
+
+# Most sweep members a CPU trains in one vmapped program. A vmapped step runs each member's
+# convolutions as separate calls, so it gains little over one member at a time and costs
+# memory per member. benchmarks/bench_sweep.py (--n_frames 130, batch 32, oneDNN lowering,
+# 2-core AMD EPYC shared with other jobs, load 1-7), vmapped / sequential samples/s, two runs:
+#   width 16, 8 steps: 3 members 0.78x, 1.02x (1.43x, 1.28x earlier at load 1); 6: 1.13x, 0.85x
+#   width 64, 4 steps: 3 members 1.10x, 0.98x; 6 members 0.92x, 0.82x
+# No gain beyond the noise, and a loss at full width; XLA puts a width-64 step at 331 MiB
+# per member. So a CPU trains one member at a time.
+CPU_MEMBERS_PER_CHUNK = 1
 
 XLA_OPS = models.XLA_OPS
 CPU_OPS = models.Ops(kernels.conv_general_dilated, norm.BatchNorm, kernels.max_pool)
@@ -46,13 +59,17 @@ class Backend:
   inference_variables: Callable | None = None
   # Whether the train step donates its state (XLA:CPU copies donated buffers instead).
   donate_state: bool = True
+  # Most sweep members trained in one program; 0: as many as fit in memory.
+  max_members_per_chunk: int = 0
 
   def provenance(self) -> dict:
     """What results files record about the computation."""
+    on_cpu = jax.default_backend() == "cpu"
     return {
       "backend": jax.default_backend(),
       "lowering": self.lowering,
       "onednn": onednn.version() if self.lowering == "onednn" else None,
+      "cpu": selftest.cpu_model() if on_cpu else None,
     }
 
 
@@ -76,9 +93,11 @@ def _update_after_gradients(grads):
 def backend(lowering: str) -> Backend:
   """The Backend of a lowering other than 'auto', without any check."""
   if lowering == "xla":
-    return Backend("xla", XLA_OPS, donate_state=jax.default_backend() != "cpu")
+    if jax.default_backend() != "cpu":
+      return Backend("xla", XLA_OPS)
+    return Backend("xla", XLA_OPS, donate_state=False, max_members_per_chunk=CPU_MEMBERS_PER_CHUNK)
   if lowering == "cpu":
-    return Backend("cpu", CPU_OPS, donate_state=False)
+    return Backend("cpu", CPU_OPS, donate_state=False, max_members_per_chunk=CPU_MEMBERS_PER_CHUNK)
   if lowering == "onednn":
     return Backend(
       "onednn",
@@ -86,6 +105,7 @@ def backend(lowering: str) -> Backend:
       gradients_hook=_update_after_gradients,
       inference_variables=fused.packed_kernels,
       donate_state=False,
+      max_members_per_chunk=CPU_MEMBERS_PER_CHUNK,
     )
   raise ValueError(f"unknown lowering {lowering!r}; expected one of: {', '.join(LOWERINGS)}")
 
@@ -126,8 +146,26 @@ def select_backend(
   return backend("cpu")
 
 
-def tune_process() -> None:
+def tune_process() -> bool:
   """Process-wide settings for CPU speed, for entry points to call before JAX starts:
-  XLA:CPU flags (xla_flags.py) and glibc malloc (malloc.py). Each has its opt-out."""
+  XLA:CPU flags (xla_flags.py) and glibc malloc (malloc.py), each with its opt-out.
+
+  Applied only where JAX will compute on the CPU (`expects_cpu`): the malloc settings slow
+  compilation, which an accelerator run pays for nothing. Returns whether they were applied.
+  """
+  if not expects_cpu():
+    return False
   xla_flags.apply()
   malloc.apply()
+  return True
+
+
+def expects_cpu(environ=os.environ) -> bool:
+  """Whether JAX's default backend will be the CPU, told without starting JAX: JAX_PLATFORMS
+  names it first, or no accelerator plugin (CUDA, ROCm, TPU) is installed."""
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return False
+  return all(importlib.util.find_spec(name) is None for name in ("jax_plugins", "libtpu"))

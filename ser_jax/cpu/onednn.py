@@ -32,8 +32,9 @@ import numpy as np
 from jax import lax
 
 from ser_jax import io_utils
+from ser_jax.cache import default_cache_dir
+from ser_jax.config import ConfigError
 from ser_jax.cpu import kernels
-from ser_jax.store import default_cache_dir
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "onednn_conv.cc"
 _SYMBOLS = {
@@ -53,8 +54,8 @@ _WHEELS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
 ROOT_ENV = "SER_JAX_ONEDNN_ROOT"  # A prefix with include/oneapi/dnnl and lib/libdnnl.so.
 
 
-class OneDnnUnavailable(RuntimeError):
-  """The oneDNN convolution library cannot be built or loaded here."""
+class OneDnnUnavailable(ConfigError):
+  """model.lowering='onednn', but the oneDNN convolution library cannot be built or loaded here."""
 
 
 def onednn_prefixes() -> tuple[pathlib.Path, pathlib.Path]:

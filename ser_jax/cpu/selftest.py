@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ser_jax import io_utils
+from ser_jax.cache import default_cache_dir
 from ser_jax.cpu import onednn
-from ser_jax.store import default_cache_dir
 
 TIMEOUT_SECONDS = 300
 # float32 sums in another order: errors are a few ulps of the output's scale; the bugs this
