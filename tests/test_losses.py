@@ -90,14 +90,31 @@ def test_gamma_zero_equals_optax_softmax_cross_entropy():
   np.testing.assert_allclose(FOCAL(logits, labels, 0.0), want, rtol=1e-6, atol=1e-6)
 
 
-def test_softmax_loss_is_focal_loss_with_gamma_zero():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "alpha"])
+def test_softmax_loss_equals_optax_cross_entropy(weighted, smoothing):
+  """alpha_y * optax's cross entropy on the (smoothed) one-hot targets."""
   logits, labels = _batch(seed=4)
-  alpha = jnp.array([1.0, 2.0, 3.0, 4.0])
-  np.testing.assert_array_equal(softmax_loss(logits, labels), focal_loss(logits, labels, 0.0))
-  np.testing.assert_array_equal(
-    softmax_loss(logits, labels, alpha=alpha, label_smoothing=0.1),
-    focal_loss(logits, labels, 0.0, alpha=alpha, label_smoothing=0.1),
-  )
+  alpha = np.array([0.5, 1.0, 2.0, 4.0], np.float32) if weighted else None
+  if smoothing:
+    targets = np.eye(N_CLASSES)[labels] * (1 - smoothing) + smoothing / N_CLASSES
+    want = optax.softmax_cross_entropy(logits, targets)
+  else:
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  if weighted:
+    want = want * alpha[labels]
+  got = jax.jit(softmax_loss)(logits, labels, alpha, smoothing)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 0.9, 1.0, 2.0, 5.0])
+def test_focal_loss_with_alpha_and_label_smoothing_equals_closed_form(gamma):
+  """-alpha_y (1 - p_y)^gamma sum_k target_k log p_k in float64, gamma < 1 included."""
+  logits, labels = _batch(seed=12, scale=2.0)
+  alpha = np.array([0.25, 1.0, 2.0, 0.5], np.float32)
+  got = np.asarray(FOCAL(logits, labels, gamma, alpha=alpha, label_smoothing=0.2))
+  want = _reference(logits, labels, gamma, alpha, label_smoothing=0.2)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("smoothing", [0.05, 0.1, 0.3])
@@ -206,7 +223,7 @@ def test_inverse_frequency_alpha_has_mean_one_and_equal_class_totals():
 
 
 def test_inverse_frequency_alpha_of_a_balanced_fold_is_one():
-  np.testing.assert_array_equal(inverse_frequency_alpha(np.arange(40) % N_CLASSES, N_CLASSES), 1)
+  np.testing.assert_allclose(inverse_frequency_alpha(np.arange(40) % N_CLASSES, N_CLASSES), 1.0)
 
 
 def test_inverse_frequency_alpha_without_a_class_is_an_error_naming_it():
