@@ -151,11 +151,9 @@ def _sweep_entry(member: dict, summary: dict) -> dict:
 
 
 def provenance(backend_provenance: dict) -> dict:
-  """What produced a run: package versions, devices, the CPU, and the backend's account of
-  the lowering it took (ser_jax.cpu.Backend.provenance)."""
+  """What produced a run: package versions, devices, and the backend's account of how it
+  computed (ser_jax.cpu.Backend.provenance: the lowering, the CPU, ...)."""
   import jax
-
-  from ser_jax.cpu import selftest
 
   devices = jax.devices()
   return {
@@ -165,7 +163,6 @@ def provenance(backend_provenance: dict) -> dict:
     "device": devices[0].device_kind,
     "devices": len(devices),
     "processes": jax.process_count(),
-    "cpu": selftest.cpu_model(),
     "platform": platform.platform(),
   }
 
