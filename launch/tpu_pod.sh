@@ -7,11 +7,11 @@
 #
 # It runs, on all workers at once:
 #   gcloud compute tpus tpu-vm ssh TPU_NAME --zone=ZONE --worker=all --command="
-#     cd ~/ser_jax && SER_JAX_XLA_CPU_TUNING=0 python -m ser_jax.main --config=CONFIG \
-#       --workdir=WORKDIR --distributed \
-#       --config.model.compute_dtype=bfloat16 [overrides]"
+#     cd ~/ser_jax && python -m ser_jax.main --config=CONFIG --workdir=WORKDIR \
+#       --distributed [overrides]"
+# The configs' float32 is kept; add --config.model.compute_dtype=bfloat16 to try bfloat16.
 # Preparation, once: clone the repository to ~/ser_jax on every worker and
-# `pip install -e . 'jax[tpu]'` there (the same --worker=all ssh); put the corpus and the
+# `pip install -e '.[tpu]'` there (the same --worker=all ssh); put the corpus and the
 # workdir on storage every worker sees (a shared disk or a mounted bucket).
 # The global batch must be a multiple of the number of TPU chips.
 set -euo pipefail
@@ -20,7 +20,6 @@ if [ $# -lt 4 ]; then
   exit 2
 fi
 tpu=$1; zone=$2; config=$3; workdir=$4; shift 4
-# SER_JAX_XLA_CPU_TUNING=0: ser_jax's XLA:CPU flags do nothing for TPU training.
-remote="cd ~/ser_jax && SER_JAX_XLA_CPU_TUNING=0 python -m ser_jax.main --config=$config --workdir=$workdir --distributed --config.model.compute_dtype=bfloat16 $*"
+remote="cd ~/ser_jax && python -m ser_jax.main --config=$config --workdir=$workdir --distributed $*"
 echo "+ gcloud compute tpus tpu-vm ssh $tpu --zone=$zone --worker=all --command=\"$remote\""
 gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" --worker=all --command="$remote"
