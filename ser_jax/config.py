@@ -44,6 +44,11 @@ def default_config() -> ml_collections.ConfigDict:
   # dropped spread over speakers (data/shares.py); empty: every utterance as read.
   config.data.class_shares = ()
   config.data.class_shares_seed = 0  # Draws what class_shares drops; apart from `seed`.
+  # Across corpora: one fold (0) trained on every kept utterance of data.corpus and tested on
+  # every utterance of this corpus with data.classes (which must then name the classes both
+  # have); empty: cross-validation within data.corpus.
+  config.data.test_corpus = ""
+  config.data.test_root = ""  # The test corpus's folder (for csv: the manifest).
 
   config.features = ml_collections.ConfigDict()
   config.features.kind = "mfcc"
@@ -131,6 +136,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"data.root is empty; set --config.data.root=/path/to/{config.data.corpus} "
       "(only the 'demo' corpus is built in)"
     )
+  if config.data.test_corpus:
+    allowed("data.test_corpus", config.data.test_corpus, sorted(corpora.CORPORA))
+    if config.data.test_corpus != "demo" and not config.data.test_root:
+      raise ConfigError(
+        f"data.test_root is empty; set --config.data.test_root=/path/to/{config.data.test_corpus}"
+      )
+    if not config.data.classes:
+      raise ConfigError(
+        "data.test_corpus needs data.classes: the classes both corpora have, in label order"
+      )
+    if tuple(config.cv.folds) not in ((), (0,)):
+      raise ConfigError(
+        f"cv.folds={tuple(config.cv.folds)!r}; a run with data.test_corpus has one fold, 0"
+      )
   if len(set(config.data.classes)) != len(config.data.classes):
     raise ConfigError(f"data.classes={tuple(config.data.classes)!r} has repeated class names")
   n_classes = len(config.data.classes)

@@ -110,7 +110,7 @@ def load_corpus(config: ml_collections.ConfigDict):
 
 def check_fold_sizes(corpus, config: ml_collections.ConfigDict) -> None:
   """Fails before feature extraction when a class is too small for stratified folds."""
-  if config.cv.scheme != "stratified":
+  if config.cv.scheme != "stratified" or config.data.test_corpus:
     return
   for name, count in corpus.class_counts().items():
     if count < config.cv.n_folds:
@@ -171,6 +171,13 @@ def cross_validation_folds(config, store: FeatureStore, kept: np.ndarray):
   return [(kept[train_idx], kept[test_idx]) for train_idx, test_idx in folds]
 
 
+def prepare_test_store(config: ml_collections.ConfigDict) -> FeatureStore:
+  """The store of data.test_corpus, with the run's classes and features."""
+  test_config = config.copy_and_resolve_references()
+  test_config.data.corpus, test_config.data.root = config.data.test_corpus, config.data.test_root
+  return prepare_store(test_config)
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False
 ) -> dict:
@@ -205,6 +212,8 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
   store: FeatureStore
+  # The store that the folds' test indices refer to: data.test_corpus's, or `store`.
+  test_store: FeatureStore
   members: tuple[Member, ...]
   chunks: tuple[range, ...]  # Members trained together, in order.
   programs: dict  # Chunk size -> Programs.
@@ -226,7 +235,13 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   store = prepare_store(config)
   _log_store(store)
   kept = utterances(config, store)
-  folds = cross_validation_folds(config, store, kept)
+  if config.data.test_corpus:  # One fold: every kept utterance against the whole test corpus.
+    test_store = prepare_test_store(config)
+    _log_store(test_store)
+    folds = [(kept, np.arange(len(test_store)))]
+  else:
+    test_store = store
+    folds = cross_validation_folds(config, store, kept)
   members = tuple(members_of(config))
   feature_shape = store.features.shape[1:]
   eval_batch_size = _eval_batch_size(config, topology)
@@ -247,6 +262,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
     config=config,
     workdir=workdir,
     store=store,
+    test_store=test_store,
     members=members,
     chunks=tuple(chunks),
     programs=programs,
@@ -268,6 +284,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
     class_counts={
       "corpus": _class_counts(store, np.arange(len(store))),
       "used": _class_counts(store, kept),
+      **({"test": _class_counts(test_store, folds[0][1])} if config.data.test_corpus else {}),
     },
     provenance=results.provenance(
       {
@@ -613,16 +630,22 @@ def train_chunk(run: Run, fold: Fold, chunk: range) -> list:
     writer.close()
 
   eval_batch_size = _eval_batch_size(config, run.topology)
-  probabilities = evaluate(programs, state, store, fold, eval_batch_size, run.topology)
+  test_store = run.test_store
+  probabilities = evaluate(programs, state, test_store, fold, eval_batch_size, run.topology)
   predictions = probabilities.argmax(-1)
   n_classes = len(store.class_names)
   counts = [
-    metrics.confusion_counts(store.labels[fold.test_idx], predictions[k], n_classes).tolist()
+    metrics.confusion_counts(test_store.labels[fold.test_idx], predictions[k], n_classes).tolist()
     for k in range(len(members))
   ]
   if run.is_writer:
     results.save_fold_predictions(
-      run_dir / layout.PREDICTIONS, store, fold.index, fold.test_idx, chunk.start, probabilities
+      run_dir / layout.PREDICTIONS,
+      test_store,
+      fold.index,
+      fold.test_idx,
+      chunk.start,
+      probabilities,
     )
   _save_fold_result(done_path, fold, counts, run.is_writer)
   manager.close()
