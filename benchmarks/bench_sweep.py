@@ -25,7 +25,8 @@ from ser_jax.sharding import Topology
 
 def _time_steps(programs, members, config, batches, repeats: int) -> float:
   state = programs.init(np.array([m.seed for m in members], np.uint32), 0)
-  hparams = experiment.stacked_hparams(config, members, 4, fold=0, steps_per_epoch=len(batches))
+  classes = tuple(config.data.classes)
+  hparams = experiment.stacked_hparams(config, members, None, 0, len(batches), classes)
   state, metrics = programs.train_step(state, batches[0], hparams)  # Compiles.
   jax.block_until_ready(metrics)
   timings = []
@@ -92,7 +93,7 @@ def main() -> None:
 def _step_memory_mib(programs, members, config, batch) -> float:
   """XLA's own account of a compiled train step's memory: arguments + outputs + temporaries."""
   state = jax.eval_shape(programs.init, np.array([m.seed for m in members], np.uint32), 0)
-  hparams = experiment.stacked_hparams(config, members, 4, fold=0, steps_per_epoch=1)
+  hparams = experiment.stacked_hparams(config, members, None, 0, 1, tuple(config.data.classes))
   memory = programs.train_step.lower(state, batch, hparams).compile().memory_analysis()
   used = (
     memory.argument_size_in_bytes

@@ -7,19 +7,24 @@ Scripts that time JAX call `ser_jax.cpu.tune_process()` before JAX starts (as
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import functools
 import importlib.metadata
+import importlib.util
 import multiprocessing
 import os
 import platform
 import resource
+import signal
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +49,77 @@ def make_config(kind: str = "mfcc", batch: int = 32, dtype: str = "float32", wid
   config.model.compute_dtype = dtype
   config.model.width = width
   return config
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+  """A config file as `--config=` reads it ('path' or 'path:arg'), with `key=value`
+  overrides as `--config.key=value` applies them (values read as Python literals, else
+  as strings; an int given for a float key becomes a float)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg else module.get_config()
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r} is not key=value (e.g. train.num_epochs=2)")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part] if part in node else None
+      if node is None:
+        break
+    if node is None or leaf not in node:
+      raise ValueError(f"unknown config key {key!r} in override {item!r}")
+    if isinstance(node[leaf], float) and isinstance(value, int):
+      value = float(value)
+    node[leaf] = value
+  return config
+
+
+def steady_samples_per_second(records: list[dict], batch_size: int) -> float:
+  """Training samples/s over every fold's epochs but its first (compilation, warm-up):
+  metrics.jsonl records of ser_jax and of torch_protocol.py alike."""
+  steady = [r for r in records if r["epoch"] > 1]
+  seconds = sum(r["seconds"] for r in steady)
+  samples = sum(r["step"] // r["epoch"] * batch_size for r in steady)
+  return samples / seconds if seconds else float("nan")
+
+
+def run_process(command: list[str], log_path, env=None, timeout: float | None = None, cwd=None):
+  """Runs `command` with its output appended to log_path; 'ok', 'exit N' or 'timed out
+  after S s'. The process starts a session of its own, so that a timeout, or this process
+  ending on SIGTERM (see end_on_sigterm), ends it with every process it started."""
+  with open(log_path, "a") as log:
+    process = subprocess.Popen(
+      command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+      code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      code = None
+    finally:
+      if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(process.pid, signal.SIGTERM)  # Lets a benchmark end its own runs.
+        try:
+          process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+          os.killpg(process.pid, signal.SIGKILL)
+          process.wait()
+  return (
+    f"timed out after {timeout:.0f} s" if code is None else "ok" if code == 0 else f"exit {code}"
+  )
+
+
+def end_on_sigterm() -> None:
+  """SIGTERM raises SystemExit, so that run_process's cleanup ends this process's runs."""
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def lowerings(text: str) -> list[str]:
@@ -103,7 +179,8 @@ def build_steps(
   steps_per_epoch = n_train // config.train.batch_size
   state = programs.init(jnp.array([config.seed], jnp.uint32), fold)
   members = experiment.members_of(config)
-  hparams = experiment.stacked_hparams(config, members, N_CLASSES, fold, steps_per_epoch)
+  classes = tuple(config.data.classes)
+  hparams = experiment.stacked_hparams(config, members, None, fold, steps_per_epoch, classes)
   return Steps(
     state=state,
     hparams=jax.device_put(hparams, topology.replicated),
@@ -134,7 +211,8 @@ class JaxRunner:
     # The backend's inference variables (oneDNN: kernels laid out for the primitives) made
     # once, as each evaluation of a fold does (experiment.predict_probabilities). Made from
     # the initial state and kept: the eval steps are timed, their values unused.
-    self.extra = steps.inference_variables(steps.state, self.eval_batch())
+    make_extra = steps.inference_variables  # None where the backend adds no variables.
+    self.extra = make_extra(steps.state, self.eval_batch()) if make_extra else None
 
   def eval_batch(self):
     return self.steps.topology.global_batch(self.eval_batch_np)

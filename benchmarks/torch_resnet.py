@@ -69,26 +69,49 @@ def focal_loss(logits, labels, gamma: float, alpha=None, label_smoothing: float 
   return loss
 
 
-def augment(x, valid, freq_masks=2, freq_bins=4, time_masks=2, time_frames=20):
-  """ser_jax.train.augment: circular shift within the valid frames, then masks."""
+def augment(
+  x, valid, freq_masks=2, freq_bins=4, time_masks=2, time_frames=20, time_shift: bool = True
+):
+  """ser_jax.train.augment on x's device: circular shift within the valid frames, then masks.
+
+  x: [batch, n_bins, n_frames] standardised features; valid: [batch] valid frames.
+  """
   batch, n_bins, n_frames = x.shape
-  frames = torch.arange(n_frames)
-  offsets = torch.randint(0, n_frames, (batch,)) % valid.clamp(min=1)
-  inside = frames[None, :] < valid[:, None]
-  source = torch.where(inside, (frames[None, :] + offsets[:, None]) % valid[:, None], frames)
-  x = torch.gather(x, 2, source[:, None, :].expand(batch, n_bins, n_frames))
+  device = x.device
+  valid = valid.to(device)
+  if time_shift:
+    frames = torch.arange(n_frames, device=device)
+    offsets = torch.randint(0, n_frames, (batch,), device=device) % valid.clamp(min=1)
+    inside = frames[None, :] < valid[:, None]
+    shifted = (frames[None, :] + offsets[:, None]) % valid.clamp(min=1)[:, None]
+    source = torch.where(inside, shifted, frames)
+    x = torch.gather(x, 2, source[:, None, :].expand(batch, n_bins, n_frames))
 
   def masks(count, width, size):
-    widths = torch.randint(0, width + 1, (batch, count))
-    starts = torch.randint(0, size, (batch, count))
-    pos = torch.arange(size)[None, None, :]
+    widths = torch.randint(0, width + 1, (batch, count), device=device)
+    starts = torch.randint(0, size, (batch, count), device=device)
+    pos = torch.arange(size, device=device)[None, None, :]
     return ((pos >= starts[..., None]) & (pos < (starts + widths)[..., None])).any(1)
 
-  drop = (
-    masks(freq_masks, freq_bins, n_bins)[:, :, None]
-    | masks(time_masks, time_frames, n_frames)[:, None, :]
-  )
+  drop = torch.zeros((batch, n_bins, n_frames), dtype=torch.bool, device=device)
+  if freq_masks:
+    drop |= masks(freq_masks, freq_bins, n_bins)[:, :, None]
+  if time_masks:
+    drop |= masks(time_masks, time_frames, n_frames)[:, None, :]
   return x.masked_fill(drop, 0.0)
+
+
+def init_like_flax(model: nn.Module) -> nn.Module:
+  """Flax's initialisers in place of PyTorch's: kernels lecun-normal (truncated at two
+  standard deviations, variance 1 / fan-in), the head's bias zero; BatchNorm as built."""
+  for module in model.modules():
+    if isinstance(module, nn.Conv2d | nn.Linear):
+      fan_in = module.weight[0].numel()
+      std = (1.0 / fan_in) ** 0.5 / 0.87962566103423978  # Flax's truncation correction.
+      nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+      if module.bias is not None:
+        nn.init.zeros_(module.bias)
+  return model
 
 
 class TorchTrainer:
