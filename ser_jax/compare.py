@@ -85,7 +85,7 @@ def ua_permutation_p_value(
   # Swapping an utterance that both got right (or both wrong) changes nothing, so only the
   # discordant ones are permuted: the same null distribution, at a fraction of the cost.
   discordant = hits_a != hits_b
-  if not discordant.any():
+  if discordant.sum() < 2:  # None, or one: its two permutations give -d and +d, so p = 1.
     return 1.0
   weights = _class_weights(labels)[discordant]
 
@@ -655,3 +655,22 @@ def json_ready(value):
   if isinstance(value, np.generic):
     return value.item()
   return value
+
+
+def bootstrap_standard_errors(
+  paired: Paired, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
+) -> dict[str, float]:
+  """Standard errors of the WA and UA differences B - A: the sd of the bootstrap draws that
+  `compare_paired` (same n_resamples and seed) takes its intervals from."""
+  wa, ua = bootstrap_differences(
+    paired.label,
+    paired.predicted_a,
+    paired.predicted_b,
+    paired.fold,
+    n_resamples=n_resamples,
+    seed=seed,
+  )
+  return {
+    "wa_standard_error": float(np.std(wa, ddof=1)),
+    "ua_standard_error": float(np.std(ua, ddof=1)),
+  }

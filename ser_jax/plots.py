@@ -206,3 +206,69 @@ def write_figures(
     written.append(workdir / "sweep.png")
     plot_sweep(summary, written[-1])
   return written
+
+
+def plot_forest(panels: Sequence[dict], path: str | os.PathLike, xlabel: str) -> None:
+  """A forest plot per panel: one row per corpus and a pooled row, difference and interval.
+
+  panels: [{"title": str, "rows": [{"label", "estimate", "low", "high", "pooled": bool}]}];
+  pooled rows are drawn as diamonds below a rule; zero is marked.
+  """
+  if not panels:
+    raise ValueError("no panels to plot")
+  n_rows = max(len(panel["rows"]) for panel in panels)
+  figure = _new_figure(4.2 * len(panels) + 1.0, 1.2 + 0.45 * n_rows)
+  for axes, panel in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels, strict=True):
+    rows = panel["rows"]
+    positions = np.arange(len(rows))[::-1]
+    for y, row in zip(positions, rows, strict=True):
+      low, high = row["low"], row["high"]
+      if row.get("pooled"):
+        axes.fill(
+          [low, row["estimate"], high, row["estimate"]],
+          [y, y + 0.25, y, y - 0.25],
+          color="tab:red",
+        )
+      else:
+        axes.plot([low, high], [y, y], color="black", linewidth=1.2)
+        axes.plot(row["estimate"], y, "s", color="black", markersize=5)
+    if any(row.get("pooled") for row in rows):
+      first_pooled = next(k for k, row in enumerate(rows) if row.get("pooled"))
+      axes.axhline(positions[first_pooled] + 0.5, color="grey", linewidth=0.6)
+    axes.axvline(0.0, color="grey", linestyle="--", linewidth=1)
+    axes.set_yticks(positions, [row["label"] for row in rows])
+    axes.set_ylim(-0.7, len(rows) - 0.3)
+    axes.set_xlabel(xlabel)
+    axes.set_title(panel["title"], fontsize=10)
+    axes.grid(axis="x", alpha=0.3)
+  _save(figure, path)
+
+
+def plot_cross_corpus(matrices: Sequence[dict], path: str | os.PathLike) -> None:
+  """One heat map per setting of UA (%) by training corpus (rows) and test corpus (columns).
+
+  matrices: [{"title": str, "corpora": [names], "ua": [[float or None]]}]; None cells (failed
+  runs) are left blank.
+  """
+  if not matrices:
+    raise ValueError("no matrices to plot")
+  n = max(len(m["corpora"]) for m in matrices)
+  size = 1.5 + 0.9 * n
+  figure = _new_figure(size * len(matrices) + 1.2, size)
+  panels = np.atleast_1d(figure.subplots(1, len(matrices)))
+  image = None
+  for axes, matrix in zip(panels, matrices, strict=True):
+    names = matrix["corpora"]
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix["ua"]], float)
+    image = axes.imshow(values, cmap="viridis", vmin=0.0, vmax=100.0)
+    for (row, col), value in np.ndenumerate(values):
+      if np.isfinite(value):
+        colour = "black" if value > 60 else "white"
+        axes.text(col, row, f"{value:.1f}", ha="center", va="center", color=colour, fontsize=9)
+    axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axes.set_yticks(range(len(names)), names)
+    axes.set_xlabel("Tested on")
+    axes.set_ylabel("Trained on")
+    axes.set_title(matrix["title"], fontsize=10)
+  figure.colorbar(image, ax=list(panels), label="UA (%); diagonal: within-corpus CV")
+  _save(figure, path)
