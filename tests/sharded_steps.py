@@ -51,7 +51,7 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
   state = programs.init(np.zeros(len(members), np.uint32), 0)
   if layout == "fsdp":  # Large enough leaves are split over the data axis.
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
-  hparams = experiment.stacked_hparams(config, members, 4, fold=0, steps_per_epoch=n_steps)
+  hparams = experiment.stacked_hparams(config, members, None, 0, n_steps, tuple("abcd"))
   hparams = jax.device_put(hparams, topology.replicated)
   mean = np.zeros(store.features.shape[1], np.float32)
   std = np.ones_like(mean)
