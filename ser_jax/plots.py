@@ -211,8 +211,8 @@ def write_figures(
 def plot_forest(panels: Sequence[dict], path: str | os.PathLike, xlabel: str) -> None:
   """A forest plot per panel: one row per corpus and a pooled row, difference and interval.
 
-  panels: [{"title": str, "rows": [{"label", "estimate", "low", "high", "pooled": bool}]}];
-  pooled rows are drawn as diamonds below a rule; zero is marked.
+  panels: [{"title": str, "rows": [{"label", "estimate", "low", "high", "pooled": bool,
+  "colour"}]}]; pooled rows (last) are drawn as diamonds below a rule; zero is marked.
   """
   if not panels:
     raise ValueError("no panels to plot")
@@ -227,7 +227,7 @@ def plot_forest(panels: Sequence[dict], path: str | os.PathLike, xlabel: str) ->
         axes.fill(
           [low, row["estimate"], high, row["estimate"]],
           [y, y + 0.25, y, y - 0.25],
-          color="tab:red",
+          color=row.get("colour", "tab:red"),
         )
       else:
         axes.plot([low, high], [y, y], color="black", linewidth=1.2)

@@ -99,10 +99,8 @@ class Run:
   """One ordinary run of the study."""
 
   path: str  # Relative to the study's workdir.
-  corpus: str
   setting: str
   config: ml_collections.ConfigDict
-  test_corpus: str = ""  # The corpus tested on, for a run across corpora.
 
 
 def parse_corpus(text: str) -> Corpus:
@@ -252,10 +250,6 @@ def run_config(
   return run
 
 
-def _read_listing(config: ml_collections.ConfigDict):
-  return experiment.load_corpus(config)
-
-
 def within_runs(
   config: ml_collections.ConfigDict,
   corpus: Corpus,
@@ -267,7 +261,7 @@ def within_runs(
   runs, classes = [], None
   for setting in settings:
     run = run_config(config, corpus, setting, explicit_keys)
-    listed = _read_listing(run)
+    listed = experiment.load_corpus(run)
     classes = classes or tuple(listed.class_names)
     if run.cv.scheme == "speaker":
       speakers = sorted({u.speaker for u in listed.utterances})
@@ -286,7 +280,7 @@ def within_runs(
         )
         run.cv.n_folds = len(speakers)
     validate_config(run)
-    runs.append(Run(f"{corpus.name}/{setting.name}", corpus.name, setting.name, run))
+    runs.append(Run(f"{corpus.name}/{setting.name}", setting.name, run))
   return runs, classes
 
 
@@ -301,7 +295,7 @@ def cross_run(
   """`setting` trained on every kept utterance of `train` and tested on `test`, on the
   classes both have (data.class_shares restricted to them)."""
   run = run_config(config, train, setting, explicit_keys)
-  train_classes = _read_listing(run).class_names
+  train_classes = experiment.load_corpus(run).class_names
   shared = [name for name in train_classes if name in test_classes]
   if len(shared) < 2:
     raise ConfigError(
@@ -316,9 +310,7 @@ def cross_run(
   run.data.test_root = test.root
   run.cv.folds = ()
   validate_config(run)
-  return Run(
-    f"{train.name}-to-{test.name}/{setting.name}", train.name, setting.name, run, test.name
-  )
+  return Run(f"{train.name}-to-{test.name}/{setting.name}", setting.name, run)
 
 
 # Rerunning ---------------------------------------------------------------------------------------
@@ -802,15 +794,23 @@ def write_study(workdir: pathlib.Path, summary: dict) -> list[pathlib.Path]:
     ]
     pooled = metrics["ua"]
     if "estimate" in pooled:
-      rows.append(
+      rows += [
         {
-          "label": f"pooled ({pooled['k']} corpora)",
+          "label": f"pooled, random effects ({pooled['k']} corpora)",
           "estimate": pooled["estimate"],
           "low": pooled["ci95"][0],
           "high": pooled["ci95"][1],
           "pooled": True,
-        }
-      )
+        },
+        {
+          "label": "common effect (these corpora)",
+          "estimate": pooled["common_effect"],
+          "low": pooled["common_effect_ci95"][0],
+          "high": pooled["common_effect_ci95"][1],
+          "pooled": True,
+          "colour": "tab:grey",
+        },
+      ]
     if rows:
       panels.append({"title": f"{setting} - {reference}", "rows": rows})
   if panels:
