@@ -20,7 +20,8 @@ from ser_jax.study import default_study_config
 # IEMOCAP improvised, four classes: utterances per class (neutral, happiness, sadness, anger).
 IEMOCAP_IMPROVISED_COUNTS = (1099, 284, 608, 289)
 DATA = pathlib.Path(
-  os.environ.get("SER_JAX_DATA") or pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+  os.environ.get("SER_JAX_DATA")
+  or pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 )
 
 
