@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
+import json
 import pathlib
 
 import ml_collections
+import numpy as np
 import pytest
 from absl import flags
+from helpers import run_python
 from ml_collections import config_flags
 
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data import corpora
+from ser_jax.data.demo import write_demo_corpus
+from ser_jax.experiment import RESULT_NEUTRAL_KEYS
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.py"))
@@ -350,3 +356,113 @@ def test_a_rerun_may_change_result_neutral_keys_only(tmp_path, key, value):
   changed.loss.gamma = 0.5
   with pytest.raises(experiment.ConfigMismatchError, match=r"\(changed: loss\.gamma\)"):
     experiment._check_same_config(changed, tmp_path)
+
+
+# Result-neutral keys, run -----------------------------------------------------------------------
+
+# Each changes one result-neutral key of the baseline below (experiment.RESULT_NEUTRAL_KEYS).
+NEUTRAL_VARIANTS = {
+  "train.eval_batch_size": 9,  # 32 test clips: batches of 9, 9, 9 and 5 padded to 8.
+  "model.lowering": "xla",  # The baseline's 'auto' is oneDNN or 'cpu' on a CPU.
+  "sweep.members_per_chunk": 2,  # Both members in one vmapped program, not one at a time.
+  "data.on_device": "never",  # Batches streamed from the store.
+  "cv.folds": (),  # Every fold; fold 0 is compared.
+  "data.cache_dir": "another",  # A second folder: the store extracted again.
+  "data.num_workers": 2,  # The baseline's store deleted and extracted by two processes.
+}
+# How far a variant's probabilities may be from the baseline's: float32 rounding where the
+# computation differs (other convolutions, a vmapped program, another batch shape for
+# oneDNN to choose its implementation by); 1e-6 otherwise. Measured on the AVX-512 EPYC:
+# 6e-8 (the CSV's last digit) for the lowering and the chunk, the same bits for the rest.
+NEUTRAL_TOLERANCE = {
+  "model.lowering": 1e-5,
+  "sweep.members_per_chunk": 1e-5,
+  "train.eval_batch_size": 1e-5,
+}
+
+# Runs the baseline and every variant in one process: one start-up, one oneDNN self-test.
+_RUN_VARIANTS = """
+import importlib.util, json, shutil, sys
+from ser_jax import cpu
+cpu.tune_process()
+from ser_jax import experiment
+
+runs = json.loads(sys.argv[1])
+spec = importlib.util.spec_from_file_location("demo", "configs/demo.py")
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+for workdir, settings, delete in runs:
+  if delete:
+    shutil.rmtree(delete)
+  config = module.get_config()
+  for key, value in settings.items():
+    group, name = key.split(".")
+    config[group][name] = tuple(value) if isinstance(value, list) else value
+  experiment.train_and_evaluate(config, workdir)
+"""
+
+
+@pytest.fixture(scope="module")
+def neutral_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
+  """{'baseline' or key: workdir}: a two-member sweep (gammas 0 and 2) at width 4 for one
+  epoch on fold 0 of a 64-clip demo corpus, and one run per NEUTRAL_VARIANTS key."""
+  root = tmp_path_factory.mktemp("neutral")
+  corpus = write_demo_corpus(root / "corpus", n_utterances=64, n_speakers=4)
+  baseline = {
+    "data.root": str(corpus),
+    "data.cache_dir": str(root / "cache"),
+    "data.num_workers": 1,
+    "features.max_seconds": 1.0,
+    "model.width": 4,
+    "sweep.gammas": [0.0, 2.0],
+    "train.num_epochs": 1,
+    "train.warmup_epochs": 1,
+    "train.checkpoint_every_epochs": 1,
+    "train.batch_size": 8,
+    "train.eval_batch_size": 32,
+    "cv.n_folds": 2,
+    "cv.folds": [0],
+  }
+  runs = [(str(root / "baseline"), baseline, None)]
+  for key, value in NEUTRAL_VARIANTS.items():
+    delete = None
+    if key == "data.cache_dir":
+      value = str(root / value)
+    if key == "data.num_workers":
+      delete = baseline["data.cache_dir"]
+    runs.append((str(root / key), {**baseline, key: value}, delete))
+  done = run_python(["-c", _RUN_VARIANTS, json.dumps(runs)])
+  assert done.returncode == 0, done.stderr[-5000:]
+  return {"baseline": root / "baseline", **{key: root / key for key in NEUTRAL_VARIANTS}}
+
+
+def _fold_0_predictions(workdir: pathlib.Path) -> dict[tuple[int, str], np.ndarray]:
+  """{(member, utt_id): class probabilities} of fold 0 in predictions.csv."""
+  with open(workdir / "predictions.csv", newline="") as f:
+    rows = [row for row in csv.DictReader(f) if row["fold"] == "0"]
+  return {
+    (int(row["member"]), row["utt_id"]): np.array(
+      [float(value) for name, value in row.items() if name.startswith("p_")]
+    )
+    for row in rows
+  }
+
+
+@pytest.mark.parametrize("key", RESULT_NEUTRAL_KEYS)
+def test_a_result_neutral_key_leaves_the_results_as_they_are(neutral_runs, key):
+  """The run that changes only `key` has the baseline's test predictions and confusion counts."""
+  assert key in NEUTRAL_VARIANTS, f"add a run that changes {key} to NEUTRAL_VARIANTS"
+  tolerance = NEUTRAL_TOLERANCE.get(key, 1e-6)
+  want = _fold_0_predictions(neutral_runs["baseline"])
+  got = _fold_0_predictions(neutral_runs[key])
+  assert got.keys() == want.keys()
+  assert {member for member, _ in want} == {0, 1}
+  for utterance, probabilities in want.items():
+    np.testing.assert_allclose(got[utterance], probabilities, rtol=0, atol=tolerance)
+  top_two = np.sort(np.array(list(want.values())), axis=1)[:, -2:]
+  if np.all(top_two[:, 1] - top_two[:, 0] > 2 * tolerance):  # No class within rounding.
+    counts = [
+      json.loads((workdir / "fold_0" / "result.json").read_text())["confusion_counts"]
+      for workdir in (neutral_runs["baseline"], neutral_runs[key])
+    ]
+    assert counts[1] == counts[0]
