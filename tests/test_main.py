@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from helpers import result_metrics, run_code, run_module, tiny_args
 
+from ser_jax.data import corpora
+
 RESULT_KEYS = {
   "class_names",
   "overall_accuracy",
@@ -77,6 +79,24 @@ def test_rerun_keeps_finished_folds(finished_run):
   assert "Fold 0 already finished" in process.stderr
   assert "Fold 1 already finished" in process.stderr
   assert result_metrics(workdir) == before
+
+
+def test_empty_classes_mean_the_readers_default_classes(finished_run, tmp_path):
+  """--config.data.classes='()' trains on the demo reader's default classes, in its order."""
+  _, cache, _ = finished_run
+  workdir = tmp_path / "run"
+  overrides = {"train.num_epochs": 1, "cv.folds": "(0,)", "data.classes": "()"}
+  process = run_module("ser_jax.main", tiny_args(workdir, cache, **overrides))
+  assert process.returncode == 0, process.stderr
+  summary = json.loads((workdir / "results.json").read_text())
+  defaults = list(corpora.CORPORA["demo"].default_classes)
+  assert summary["config"]["data"]["classes"] == []
+  assert summary["class_names"] == defaults
+  counts = np.array(summary["confusion_counts"])
+  assert counts.shape == (len(defaults), len(defaults))
+  assert counts.sum() == summary["folds"][0]["n_test"] == 160
+  header = (workdir / "predictions.csv").read_text().splitlines()[0].split(",")
+  assert header[-len(defaults) :] == [f"p_{name}" for name in defaults]
 
 
 @pytest.mark.slow  # Run with -m slow (README: tests).
