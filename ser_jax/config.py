@@ -65,9 +65,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.model.width = 64  # Channels of the first stage; 64 is ResNet-18.
   config.model.compute_dtype = "float32"  # 'bfloat16' on accelerators; params stay float32.
   config.model.shard_params = False  # True: params and optimiser state split over devices (FSDP).
-  # How convolutions run, same values: 'xla'; 'cpu' (XLA, cpu_kernels' gradients); 'onednn'
-  # (oneDNN on the CPU); 'auto': 'onednn' on a 1-device CPU where it builds, else 'cpu' on
-  # a CPU, 'xla' on accelerators.
+  # How convolutions run, same values: 'xla'; 'cpu' (XLA, ser_jax/cpu/kernels.py's
+  # gradients); 'onednn' (oneDNN on the CPU); 'auto': 'onednn' on a 1-device CPU where it
+  # builds, runs AVX2 or better and passes its self-test, else 'cpu' on a CPU, 'xla' on
+  # accelerators.
   config.model.lowering = "auto"
 
   config.loss = ml_collections.ConfigDict()

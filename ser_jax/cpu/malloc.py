@@ -5,8 +5,9 @@ default glibc hands such blocks back to the kernel (mmap/munmap, and MADV_DONTNE
 its per-thread heaps), so the next step touches fresh pages: over 100,000 page faults
 per log-mel train step here. With one arena, no mmap and no trimming, freed blocks are
 reused (benchmarks/NOTES.md, experiment 19). The price is slower compilation (about 35 %:
-XLA's compiler threads share the one arena). Importing ser_jax applies this on Linux
-with glibc, unless SER_JAX_MALLOC_TUNING=0; other C libraries are left alone.
+XLA's compiler threads share the one arena). The entry points apply this through
+ser_jax.cpu.tune_process() where JAX computes on the CPU (importing ser_jax changes nothing),
+on Linux with glibc, unless SER_JAX_MALLOC_TUNING=0; other C libraries are left alone.
 """
 
 from __future__ import annotations
