@@ -79,17 +79,56 @@ def define_distributed_flags() -> None:
 def maybe_initialize_distributed() -> None:
   """Starts jax.distributed when flags or --distributed ask for a multi-process run."""
   values = flags.FLAGS
-  if values.coordinator_address or values.distributed:
-    # CPU processes exchange collectives through gloo; accelerators ignore this setting.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if not (values.coordinator_address or values.distributed):
+    return
+  # CPU processes exchange collectives through gloo; accelerators ignore this setting.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if values.coordinator_address:
     jax.distributed.initialize(
       coordinator_address=values.coordinator_address,
       num_processes=values.num_processes,
       process_id=values.process_id,
     )
-  elif values.distributed:
+  else:
     jax.distributed.initialize()
+  if jax.process_count() > 1 and jax.default_backend() == "cpu":
+    connect_cpu_collectives()
+
+
+# How long the start-up barrier waits for every process: as long as jax.distributed.initialize
+# waits for them to connect (its initialization_timeout).
+BARRIER_SECONDS = 300
+
+
+def connect_cpu_collectives() -> None:
+  """Connects gloo over every device with one all-reduce, while the processes are in step.
+
+  XLA:CPU connects gloo at the first collective over a set of devices, and there a process
+  waits only 30 s for the others to arrive (gloo's default, which XLA does not change and
+  jax does not expose), then dies with "GetKeyValue() timed out with key:
+  cpu:gloo/<device ids>/<rank>". Later collectives wait 30 minutes. A run's first
+  collective comes after loading the store and compiling, which a loaded machine can make
+  tens of seconds longer in one process than in another (tests/test_sharding.py). Here the
+  processes have just left the backend's topology exchange together; the all-reduce is
+  compiled, then runs behind a barrier that waits BARRIER_SECONDS. The mesh is the run's,
+  so its collectives reuse the connection.
+  """
+  import jax.numpy as jnp
+  import numpy as np
+
+  from ser_jax.sharding import Topology
+
+  topology = Topology.create()
+  ones = jax.make_array_from_process_local_data(
+    topology.batch, np.ones(jax.local_device_count(), np.int32)
+  )
+  count_devices = jax.jit(jnp.sum, out_shardings=topology.replicated).lower(ones).compile()
+  # jax has no public barrier that is not itself a collective (multihost_utils'
+  # sync_global_devices is one); Orbax waits on the same client.
+  client = jax._src.distributed.global_state.client
+  client.wait_at_barrier("ser_jax_connect_cpu_collectives", timeout_in_ms=BARRIER_SECONDS * 1000)
+  if (count := int(count_devices(ones))) != jax.device_count():
+    raise RuntimeError(f"the start-up all-reduce counted {count} of {jax.device_count()} devices")
 
 
 def setup_logging() -> None:
