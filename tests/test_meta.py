@@ -109,7 +109,11 @@ def test_homogeneous_effects_floor_the_scale_at_one():
   """Q < k - 1: tau^2 is 0 and the interval is never narrower than the plain one on t."""
   effects, variances = np.array([1.0, 1.2, 0.9]), np.array([1.0, 2.0, 1.5])
   pooled = meta.random_effects(effects, variances)
-  assert pooled.tau2 == 0.0 and pooled.i2 == 0.0 and pooled.q < 2
+  assert (
+    pooled.tau2 == pytest.approx(0.0, abs=1e-12)
+    and pooled.i2 == pytest.approx(0.0, abs=1e-12)
+    and pooled.q < 2
+  )
   assert pooled.estimate == pytest.approx(pooled.common_effect)
   assert pooled.standard_error == pytest.approx(np.sqrt(1 / np.sum(1 / variances)))
 
