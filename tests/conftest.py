@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from helpers import TEST_XLA_FLAGS, with_test_xla_flags
+from helpers import COMPILATION_CACHE, TEST_XLA_FLAGS, with_test_xla_flags
 
 # The malloc settings trade about a third more compile time for faster steps: a loss for
 # tests, which compile many small programs. test_malloc.py checks them in subprocesses.
@@ -24,4 +24,31 @@ if not ("PYTEST_XDIST_WORKER" in os.environ and os.environ.get(_SESSION_FOLDER))
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ["SER_JAX_CACHE"] = os.path.join(os.environ[_SESSION_FOLDER], "cache")
+os.environ.update(COMPILATION_CACHE)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ[_SESSION_FOLDER], "xla")
 os.environ["MPLCONFIGDIR"] = os.path.join(os.environ[_SESSION_FOLDER], "matplotlib")
+
+# xdist hands whole files to its workers in collection order (pyproject.toml: loadfile, no
+# reordering): the longest files, as measured on 2 cores, go first, so that no worker is
+# left with a long file while the others have finished.
+LONGEST_FILES_FIRST = (
+  "test_onednn_isa.py",
+  "test_resume.py",
+  "test_sweep.py",
+  "test_main.py",
+  "test_config.py",
+  "test_study.py",
+  "test_epoch.py",
+  "test_sharding.py",
+  "test_predict.py",
+  "test_focal_claim.py",
+  "test_onednn.py",
+  "test_selftest.py",
+  "test_cpu_lowerings.py",
+  "test_train_step.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

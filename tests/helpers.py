@@ -7,18 +7,16 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Compilation is most of the tests' time. XLA's backend at -O0 compiles about twice as
 # fast with the same values (tests compare values, not speed); conftest.py sets it for the
-# test process too. Subprocesses also share compiled programs through JAX's persistent cache.
+# test process too, and points JAX's persistent cache at the session's folder, where the
+# test processes and their subprocesses share every compiled program (COMPILATION_CACHE).
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-TEST_ENV = {
-  "JAX_PLATFORMS": "cpu",
-  "XLA_FLAGS": TEST_XLA_FLAGS,
-  "JAX_COMPILATION_CACHE_DIR": os.path.join(tempfile.gettempdir(), "ser_jax_test_xla_cache"),
+TEST_ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": TEST_XLA_FLAGS}
+COMPILATION_CACHE = {
   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
 }
