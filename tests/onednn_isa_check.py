@@ -5,8 +5,10 @@ subprocess with ONEDNN_MAX_CPU_ISA set, so a crash fails one test, not the test 
 at each shape.
   - every oneDNN call of a train step and a fused evaluation, replayed on random data
     against XLA (ser_jax.cpu.selftest.check_call);
-  - one train step's loss, gradients and BatchNorm statistics, and the fused evaluation's
-    probabilities, of the whole model under the 'onednn' lowering against 'xla'.
+  - at the shapes of WHOLE_MODEL, one train step's loss, gradients and BatchNorm statistics,
+    and the fused evaluation's probabilities, of the whole model under the 'onednn'
+    lowering against 'xla': how the calls are put together, which the configs' full-size
+    shapes would check again at several times the cost.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ SHAPES = {
   "demo": (32, 40, 130, 16),
   "narrow": (8, 32, 48, 4),
 }
+WHOLE_MODEL = ("demo", "narrow")
 # Of each array's norm. float32 sums in another order change a train step's gradients by
 # up to about 1e-3 here (as much as a 1e-6 change of the input does); the failures this
 # catches are of order 1.
@@ -60,6 +63,8 @@ def check(shape_name: str) -> list[str]:
     for call in selftest.record_calls(make, [input_shape, input_shape])
     if (failure := selftest.check_call(call))
   ]
+  if shape_name not in WHOLE_MODEL:
+    return problems
   x = jax.random.normal(jax.random.key(1), input_shape)
   labels = jnp.arange(batch) % 4
   reference, onednn = make(cpu.XLA_OPS), make(cpu.ONEDNN_OPS)

@@ -26,8 +26,9 @@ SHAPES = ["mfcc", "logmel", "demo", "narrow"]
 
 @pytest.mark.parametrize("isa", ISAS, ids=lambda isa: isa or "uncapped")
 def test_every_call_step_and_evaluation_match_xla(isa):
-  """The configs' shapes (MFCC and log-mel at batch 32, the demo's width 16) and a width-4
-  model (stride-2 1x1 projections with 4 input channels; the one-channel stem)."""
+  """Every call at the configs' shapes (MFCC and log-mel at batch 32, the demo's width 16)
+  and of a width-4 model (stride-2 1x1 projections with 4 input channels; the one-channel
+  stem); the whole demo and width-4 models' step and evaluation."""
   if isa is None and "avx512f" not in selftest.cpu_description().split():
     pytest.skip("no AVX-512 here: oneDNN's float32 kernels uncapped are the AVX2 run's")
   done = run_python(

@@ -138,13 +138,15 @@ def test_class_weights_sweep_in_chunks_that_fit_and_every_prediction_kept(tmp_pa
   assert Predictor.from_workdir(workdir, member=1).predict(waveform, 16000)
 
 
-def test_a_member_that_cannot_fit_stops_before_training(tmp_path, monkeypatch):
+def test_a_member_that_cannot_fit_stops_before_training(tmp_path, monkeypatch, cache):
   from ser_jax import experiment, memory
   from ser_jax.config import default_config
 
   config = default_config()
   config.data.corpus = "demo"
-  config.data.cache_dir = str(tmp_path / "cache")
+  config.data.cache_dir = str(cache)
+  config.data.num_workers = 1
+  config.model.lowering = "xla"  # The plan reads any lowering's program; XLA's builds fastest.
   config.model.width = 4
   config.features.max_seconds = 1.0
   config.cv.n_folds = 2
