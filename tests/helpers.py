@@ -49,10 +49,15 @@ def with_test_xla_flags(xla_flags: str) -> str:
 
 def _environment(env: dict | None) -> dict:
   """os.environ with TEST_ENV and `env` on top; a None value in `env` removes that variable.
-  XLA_FLAGS in `env` are added to TEST_XLA_FLAGS."""
+  XLA_FLAGS are TEST_XLA_FLAGS, then the session's own (such as --xla_cpu_max_isa=AVX2, to
+  test as an AVX2 machine would), then those in `env`."""
   env = dict(env or {})
-  if env.get("XLA_FLAGS") is not None:
-    env["XLA_FLAGS"] = with_test_xla_flags(env["XLA_FLAGS"])
+  own = os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "")
+  session_flags = with_test_xla_flags(" ".join(own.split()))
+  if "XLA_FLAGS" not in env:
+    env["XLA_FLAGS"] = session_flags
+  elif env["XLA_FLAGS"] is not None:
+    env["XLA_FLAGS"] = f"{session_flags} {env['XLA_FLAGS']}"
   merged = {**os.environ, **TEST_ENV, **env}
   return {key: value for key, value in merged.items() if value is not None}
 
