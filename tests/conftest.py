@@ -5,7 +5,7 @@ import os
 import shutil
 import tempfile
 
-from helpers import COMPILATION_CACHE, TEST_XLA_FLAGS, with_test_xla_flags
+from helpers import TEST_XLA_FLAGS, with_test_xla_flags
 
 # The malloc settings trade about a third more compile time for faster steps: a loss for
 # tests, which compile many small programs. test_malloc.py checks them in subprocesses.
@@ -24,8 +24,10 @@ if not ("PYTEST_XDIST_WORKER" in os.environ and os.environ.get(_SESSION_FOLDER))
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
 os.environ["SER_JAX_CACHE"] = os.path.join(os.environ[_SESSION_FOLDER], "cache")
-os.environ.update(COMPILATION_CACHE)
+# Every compiled program, however small, shared by the test processes and their subprocesses.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ[_SESSION_FOLDER], "xla")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 os.environ["MPLCONFIGDIR"] = os.path.join(os.environ[_SESSION_FOLDER], "matplotlib")
 
 # xdist hands whole files to its workers in collection order (pyproject.toml: loadfile, no

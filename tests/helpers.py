@@ -13,13 +13,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Compilation is most of the tests' time. XLA's backend at -O0 compiles about twice as
 # fast with the same values (tests compare values, not speed); conftest.py sets it for the
 # test process too, and points JAX's persistent cache at the session's folder, where the
-# test processes and their subprocesses share every compiled program (COMPILATION_CACHE).
+# test processes and their subprocesses share every compiled program.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 TEST_ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": TEST_XLA_FLAGS}
-COMPILATION_CACHE = {
-  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-}
 
 
 def tiny_args(workdir, cache_dir, **overrides) -> list[str]:
@@ -52,12 +48,9 @@ def _environment(env: dict | None) -> dict:
   XLA_FLAGS are TEST_XLA_FLAGS, then the session's own (such as --xla_cpu_max_isa=AVX2, to
   test as an AVX2 machine would), then those in `env`."""
   env = dict(env or {})
-  own = os.environ.get("XLA_FLAGS", "").replace(TEST_XLA_FLAGS, "")
-  session_flags = with_test_xla_flags(" ".join(own.split()))
-  if "XLA_FLAGS" not in env:
-    env["XLA_FLAGS"] = session_flags
-  elif env["XLA_FLAGS"] is not None:
-    env["XLA_FLAGS"] = f"{session_flags} {env['XLA_FLAGS']}"
+  session_flags = os.environ.get("XLA_FLAGS") or TEST_XLA_FLAGS  # conftest.py's: tests' first.
+  if env.get("XLA_FLAGS", "") is not None:
+    env["XLA_FLAGS"] = f"{session_flags} {env.get('XLA_FLAGS', '')}".strip()
   merged = {**os.environ, **TEST_ENV, **env}
   return {key: value for key, value in merged.items() if value is not None}
 
