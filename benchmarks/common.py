@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ser_jax import cpu, experiment, models, train
+from ser_jax import cpu, experiment, models, programs, train
 from ser_jax.config import default_config
 from ser_jax.cpu import onednn
 from ser_jax.sharding import Topology
@@ -154,39 +154,57 @@ def lowering_line(requested: str, backend: cpu.Backend) -> str:
 
 @dataclasses.dataclass
 class Steps:
-  """A member-stacked state, hparams and the jitted steps, as in experiment._run_fold."""
+  """A model-stacked state, hparams and the jitted steps, as a run's programs have them."""
 
   state: train.TrainState
   hparams: dict
-  train_step: Callable
-  eval_step: Callable
-  inference_variables: Callable
+  train_step: Callable  # (state, batch, hparams) -> (state, metrics)
+  eval_step: Callable  # (state, batch) -> [models, batch, n_classes]
   topology: Topology
 
 
 def build_steps(
   config, backend: cpu.Backend, n_train: int = 1824, fold: int = 0, devices=None
 ) -> Steps:
-  """State, hparams, train and eval steps through experiment.Programs, as _run_fold has them.
+  """State, hparams, train and eval steps through programs.Programs, as a run builds them
+  (one model, batches streamed).
 
   `backend`: the lowering's (select_backend, or ser_jax.cpu.backend without the self-test);
   `devices` replaces jax.devices().
   """
   topology = Topology.create(devices)
   model = models.create_model(config.model, N_CLASSES, backend.ops)
-  feature_shape = (N_BINS[config.features.kind], N_FRAMES)
-  programs = experiment.Programs.create(config, model, backend, 1, feature_shape, topology)
+  made = programs.Programs.create(
+    programs.Shapes(
+      n_models=1,
+      n_members=1,
+      feature_shape=(N_BINS[config.features.kind], N_FRAMES),
+      batch_size=config.train.batch_size,
+      max_steps=1,
+      n_rows=None,
+      eval_batches=1,
+      eval_batch_size=config.train.eval_batch_size,
+      n_classes=N_CLASSES,
+    ),
+    model,
+    backend,
+    stacking="vmap",
+    weight_decay=config.train.weight_decay,
+    augmentation=train.Augmentation.from_config(config.train),
+    shard_params=config.model.shard_params,
+    compiler_options=experiment.deterministic_options(config),
+    topology=topology,
+  )
   steps_per_epoch = n_train // config.train.batch_size
-  state = programs.init(jnp.array([config.seed], jnp.uint32), fold)
+  state = made.init(jnp.array([config.seed], jnp.uint32), jnp.array([fold], jnp.int32))
   members = experiment.members_of(config)
   classes = tuple(config.data.classes)
   hparams = experiment.stacked_hparams(config, members, None, fold, steps_per_epoch, classes)
   return Steps(
     state=state,
     hparams=jax.device_put(hparams, topology.replicated),
-    train_step=programs.train_step,
-    eval_step=programs.eval_step,
-    inference_variables=programs.inference_variables,
+    train_step=made.train_step,
+    eval_step=jax.jit(lambda state, batch: made.evaluate(state, batch["features"][None])[:, 0]),
     topology=topology,
   )
 
@@ -208,18 +226,13 @@ class JaxRunner:
     self.steps = steps
     self.batch_np = batch_np
     self.eval_batch_np = {"features": batch_np["features"]}
-    # The backend's inference variables (oneDNN: kernels laid out for the primitives) made
-    # once, as each evaluation of a fold does (experiment.predict_probabilities). Made from
-    # the initial state and kept: the eval steps are timed, their values unused.
-    make_extra = steps.inference_variables  # None where the backend adds no variables.
-    self.extra = make_extra(steps.state, self.eval_batch()) if make_extra else None
 
   def eval_batch(self):
     return self.steps.topology.global_batch(self.eval_batch_np)
 
   def eval_arguments(self) -> tuple:
-    """eval_step's arguments: state, batch, the backend's inference variables."""
-    return self.steps.state, self.eval_batch(), self.extra
+    """eval_step's arguments: state, batch."""
+    return self.steps.state, self.eval_batch()
 
   def train_many(self, n: int) -> None:
     """n steps dispatched back to back, as the epoch loop does, then one wait."""
@@ -231,7 +244,7 @@ class JaxRunner:
   def eval_many(self, n: int) -> None:
     s = self.steps
     for _ in range(n):
-      out = s.eval_step(s.state, self.eval_batch(), self.extra)
+      out = s.eval_step(s.state, self.eval_batch())
     out.block_until_ready()
 
 

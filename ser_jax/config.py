@@ -15,6 +15,7 @@ FEATURE_KINDS = ("logmel", "mfcc")
 CV_SCHEMES = ("stratified", "speaker")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ON_DEVICE = ("auto", "always", "never")
+MODELS_TOGETHER = ("auto", "vmap", "map", "none")
 # loss.alpha and sweep.alphas[] may name a rule instead of giving the weights.
 ALPHA_RULES = ("inverse_frequency",)
 
@@ -96,6 +97,12 @@ def default_config() -> ml_collections.ConfigDict:
   # The same numbers from the same config and seed, run after run: on a GPU, XLA's
   # deterministic ops (slower; README, "Reproducibility"). CPUs and TPUs are so already.
   config.train.deterministic = True
+  # How a run's models (its folds times its sweep members) train together: 'vmap' (one
+  # batched program), 'map' (lax.map over them in one program), 'none' (one at a time);
+  # 'auto': 'none' on CPUs, 'vmap' on accelerators (benchmarks/NOTES.md, "Models together").
+  config.train.models_together = "auto"
+  # Most models in one program; 0: as many as fit in memory (memory.py).
+  config.train.models_per_program = 0
 
   config.cv = ml_collections.ConfigDict()
   config.cv.scheme = "stratified"
@@ -109,8 +116,6 @@ def default_config() -> ml_collections.ConfigDict:
   config.sweep.seeds = ()
   config.sweep.learning_rates = ()
   config.sweep.alphas = ()  # Entries as loss.alpha: per-class weight tuples, 'inverse_frequency'.
-  # Members trained at once; 0: as many as fit in memory (one at a time on CPUs, see memory.py).
-  config.sweep.members_per_chunk = 0
 
   config.seed = 0
   return config
@@ -196,7 +201,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       )
   for gamma in config.sweep.gammas:
     at_least("sweep.gammas[]", gamma, 0.0)
-  at_least("sweep.members_per_chunk", config.sweep.members_per_chunk, 0)
+  allowed("train.models_together", config.train.models_together, MODELS_TOGETHER)
+  at_least("train.models_per_program", config.train.models_per_program, 0)
+  if config.train.models_together == "none" and config.train.models_per_program > 1:
+    raise ConfigError(
+      f"train.models_per_program={config.train.models_per_program} with "
+      "train.models_together='none' (one model at a time); use 'vmap' or 'map' to stack them"
+    )
   for rate in config.sweep.learning_rates:
     at_least("sweep.learning_rates[]", rate, 0.0, strict=True)
   at_least("train.num_epochs", config.train.num_epochs, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
 import functools
@@ -11,18 +12,17 @@ import math
 import pathlib
 import shutil
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
-from jax.experimental import multihost_utils
 
 from ser_jax import (
   checkpoints,
   cpu,
+  evaluation,
   input_pipeline,
   io_utils,
   layout,
@@ -31,6 +31,7 @@ from ser_jax import (
   metrics,
   models,
   plots,
+  programs,
   results,
   train,
 )
@@ -38,6 +39,7 @@ from ser_jax.audio import AudioError
 from ser_jax.cache import default_cache_dir
 from ser_jax.config import ConfigError, validate_config
 from ser_jax.data import corpora, demo, shares
+from ser_jax.data.corpus import Corpus
 from ser_jax.features import FeatureParams
 from ser_jax.folds import FoldError, make_folds
 from ser_jax.sharding import Topology
@@ -51,8 +53,9 @@ RESULT_NEUTRAL_KEYS = (
   "data.on_device",
   "cv.folds",
   "train.eval_batch_size",
+  "train.models_together",
+  "train.models_per_program",
   "model.lowering",
-  "sweep.members_per_chunk",
 )
 
 
@@ -120,10 +123,14 @@ def check_fold_sizes(corpus, config: ml_collections.ConfigDict) -> None:
       )
 
 
-def prepare_store(config: ml_collections.ConfigDict, progress: bool | None = None):
-  """Reads the corpus and builds (or reuses) its feature store; returns the opened store."""
-  corpus = load_corpus(config)
-  check_fold_sizes(corpus, config)
+def prepare_store(
+  config: ml_collections.ConfigDict, progress: bool | None = None, corpus: Corpus | None = None
+):
+  """Builds (or reuses) the feature store of `corpus` (default: the config's, read and
+  checked here); returns the opened store."""
+  if corpus is None:
+    corpus = load_corpus(config)
+    check_fold_sizes(corpus, config)
   path = build_store(
     corpus,
     FeatureParams.from_config(config.features),
@@ -144,38 +151,85 @@ def prepare_store(config: ml_collections.ConfigDict, progress: bool | None = Non
   return store
 
 
-def utterances(config: ml_collections.ConfigDict, store: FeatureStore) -> np.ndarray:
-  """Indices of the store's utterances the run uses: all, or the data.class_shares subset."""
+@dataclasses.dataclass(frozen=True)
+class Listing:
+  """What folds are made from, per utterance: a feature store's, or a corpus's before its
+  features are extracted (the same, unless files are skipped)."""
+
+  labels: np.ndarray  # [N] class indices
+  speakers: np.ndarray  # [N]
+  groups: np.ndarray  # [N]
+  class_names: tuple[str, ...]
+
+  @classmethod
+  def of_corpus(cls, corpus: Corpus) -> Listing:
+    return cls(
+      np.asarray(corpus.label_indices()),
+      np.array([u.speaker for u in corpus.utterances]),
+      np.array([u.group for u in corpus.utterances]),
+      corpus.class_names,
+    )
+
+  @classmethod
+  def of_store(cls, store: FeatureStore) -> Listing:
+    return cls(store.labels, store.speakers, store.groups, store.class_names)
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def utterances(config: ml_collections.ConfigDict, listing) -> np.ndarray:
+  """Indices of the utterances the run uses: all, or the data.class_shares subset.
+
+  listing: a Listing, or a FeatureStore.
+  """
   if not config.data.class_shares:
-    return np.arange(len(store))
+    return np.arange(len(listing))
   return shares.subset_to_shares(
-    store.labels,
-    store.speakers,
+    listing.labels,
+    listing.speakers,
     tuple(config.data.class_shares),
     config.data.class_shares_seed,
-    store.class_names,
+    listing.class_names,
   )
 
 
-def cross_validation_folds(config, store: FeatureStore, kept: np.ndarray):
-  """(train, test) store indices per fold, made over the kept utterances only."""
+def cross_validation_folds(config, listing, kept: np.ndarray):
+  """(train, test) indices per fold, made over the kept utterances only.
+
+  listing: a Listing, or a FeatureStore.
+  """
   folds = make_folds(
-    store.labels[kept],
-    store.speakers[kept],
-    store.groups[kept],
+    listing.labels[kept],
+    listing.speakers[kept],
+    listing.groups[kept],
     scheme=config.cv.scheme,
     n_folds=config.cv.n_folds,
     seed=config.seed,
-    class_names=store.class_names,
+    class_names=listing.class_names,
   )
   return [(kept[train_idx], kept[test_idx]) for train_idx, test_idx in folds]
 
 
+def run_folds(config, listing, test_size: int | None = None):
+  """(kept utterances, [(train, test) indices] per fold): cross-validation folds, or with
+  a test corpus of `test_size` utterances one fold of every kept utterance against it."""
+  kept = utterances(config, listing)
+  if test_size is not None:
+    return kept, [(kept, np.arange(test_size))]
+  return kept, cross_validation_folds(config, listing, kept)
+
+
+def test_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of data.test_corpus: the run's classes and features on its corpus."""
+  copied = config.copy_and_resolve_references()
+  copied.data.corpus, copied.data.root = config.data.test_corpus, config.data.test_root
+  return copied
+
+
 def prepare_test_store(config: ml_collections.ConfigDict) -> FeatureStore:
   """The store of data.test_corpus, with the run's classes and features."""
-  test_config = config.copy_and_resolve_references()
-  test_config.data.corpus, test_config.data.root = config.data.test_corpus, config.data.test_root
-  return prepare_store(test_config)
+  return prepare_store(test_config(config))
 
 
 def train_and_evaluate(
@@ -195,6 +249,66 @@ def train_and_evaluate(
 
 
 @dataclasses.dataclass(frozen=True)
+class Settings:
+  """The config's training keys, read once into plain values."""
+
+  num_epochs: int
+  batch_size: int
+  eval_batch_size: int  # Rounded up to a multiple of the devices.
+  checkpoint_every_epochs: int
+  seed: int
+  models_together: str  # 'vmap', 'map' or 'none' (never 'auto').
+  models_per_program: int  # 0: as many as fit.
+  on_device: str
+  weight_decay: float
+  augmentation: train.Augmentation
+  shard_params: bool
+  compiler_options: dict
+
+  @classmethod
+  def from_config(cls, config, topology: Topology) -> Settings:
+    devices = topology.num_devices
+    together = models_together(config.train.models_together)
+    if together == "none" and config.train.models_per_program > 1:
+      logging.warning(
+        "train.models_per_program=%d not used: train.models_together='auto' trains one model "
+        "at a time here; set it to 'vmap' or 'map' to stack models",
+        config.train.models_per_program,
+      )
+    return cls(
+      num_epochs=config.train.num_epochs,
+      batch_size=config.train.batch_size,
+      eval_batch_size=devices * math.ceil(config.train.eval_batch_size / devices),
+      checkpoint_every_epochs=config.train.checkpoint_every_epochs,
+      seed=config.seed,
+      models_together=together,
+      models_per_program=config.train.models_per_program,
+      on_device=config.data.on_device,
+      weight_decay=config.train.weight_decay,
+      augmentation=train.Augmentation.from_config(config.train),
+      shard_params=config.model.shard_params,
+      compiler_options=deterministic_options(config),
+    )
+
+
+def models_together(setting: str, platform: str | None = None) -> str:
+  """train.models_together, with 'auto' resolved for the platform: one model at a time on
+  CPUs, where stacking measured no faster (benchmarks/NOTES.md, "Models together"), and
+  vmapped on accelerators."""
+  if setting != "auto":
+    return setting
+  return "none" if (platform or jax.default_backend()) == "cpu" else "vmap"
+
+
+def deterministic_options(config) -> dict:
+  """XLA options that make the run's programs give the same numbers every time: on a GPU,
+  deterministic reductions and scatters (train.deterministic); CPUs and TPUs need none."""
+  if config.train.deterministic and jax.default_backend() == "gpu":
+    return {"xla_gpu_deterministic_ops": True}
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
 class Fold:
   """One fold: its index, its (store) indices and its training normalisation."""
 
@@ -206,92 +320,142 @@ class Fold:
 
 
 @dataclasses.dataclass(frozen=True)
+class Cell:
+  """Members of a sweep on one fold: what one checkpoint folder holds."""
+
+  fold: Fold
+  members: range
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+  """How a run trains: its backend and model, its cells grouped into programs, and the
+  compiled programs for each group's (models, members per cell)."""
+
+  backend: cpu.Backend
+  model: models.ResNet
+  shapes: programs.Shapes  # The shapes the programs were compiled for.
+  groups: tuple[tuple[tuple[int, range], ...], ...]  # (fold, members) cells per program.
+  programs: dict  # (n_models, n_members) -> compiled programs.Programs
+
+  def programs_for(self, cells) -> programs.Programs:
+    return self.programs[sum(len(c.members) for c in cells), len(cells[0].members)]
+
+
+@dataclasses.dataclass(frozen=True)
 class Run:
-  """What every fold of a run shares: its data, members, programs and where it writes."""
+  """What every fold of a run shares: its data, members, engine and where it writes."""
 
   config: ml_collections.ConfigDict
+  settings: Settings
   workdir: pathlib.Path
   store: FeatureStore
   # The store that the folds' test indices refer to: data.test_corpus's, or `store`.
   test_store: FeatureStore
   members: tuple[Member, ...]
-  chunks: tuple[range, ...]  # Members trained together, in order.
-  programs: dict  # Chunk size -> Programs.
+  engine: Engine
   topology: Topology
   # The store's rows on the device (input_pipeline.load_rows), or None: batches stream.
   device_rows: dict | None
-  max_steps: int  # Train steps in an epoch of the largest fold.
   log: results.MetricsLog
   is_writer: bool
 
-  def chunk_dir(self, fold: int, chunk: range) -> pathlib.Path:
-    return layout.chunk_dir(self.workdir, fold, chunk, len(self.members))
+  def cell_dir(self, cell: Cell) -> pathlib.Path:
+    return layout.chunk_dir(self.workdir, cell.fold.index, cell.members, len(self.members))
 
 
 def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   start_time = time.time()
   topology = Topology.create()
   topology.check_batch_size("train.batch_size", config.train.batch_size)
-  store = prepare_store(config)
-  _log_store(store)
-  kept = utterances(config, store)
-  if config.data.test_corpus:  # One fold: every kept utterance against the whole test corpus.
-    test_store = prepare_test_store(config)
-    _log_store(test_store)
-    folds = [(kept, np.arange(len(test_store)))]
-  else:
-    test_store = store
-    folds = cross_validation_folds(config, store, kept)
+  settings = Settings.from_config(config, topology)
   members = tuple(members_of(config))
-  feature_shape = store.features.shape[1:]
-  eval_batch_size = _eval_batch_size(config, topology)
-  make_model = functools.partial(models.create_model, config.model, len(store.class_names))
-  backend = cpu.select_backend(
-    config.model.lowering,
-    make_model,
-    [(config.train.batch_size, *feature_shape, 1), (eval_batch_size, *feature_shape, 1)],
+  corpus = load_corpus(config)
+  check_fold_sizes(corpus, config)
+  test_corpus = load_corpus(test_config(config)) if config.data.test_corpus else None
+  n_bins_frames = FeatureParams.from_config(config.features)
+  feature_shape = (n_bins_frames.n_bins, n_bins_frames.n_frames)
+  listed_folds = run_folds(
+    config, Listing.of_corpus(corpus), len(test_corpus.utterances) if test_corpus else None
+  )[1]
+  n_rows = _rows_on_device(settings, len(corpus.utterances), feature_shape)
+  # The programs compile in a thread while the features are extracted: their shapes are
+  # the listing's, which the store's equal unless files are skipped.
+  expected = _shapes(settings, config, members, listed_folds, feature_shape, n_rows, corpus)
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile") as pool:
+    engine_future = pool.submit(
+      build_engine,
+      config,
+      settings,
+      members,
+      expected,
+      _fold_indices(config, listed_folds),
+      topology,
+    )
+    store = prepare_store(config, corpus=corpus)
+    _log_store(store)
+    test_store = prepare_store(test_config(config), corpus=test_corpus) if test_corpus else store
+    if test_corpus:
+      _log_store(test_store)
+    engine = engine_future.result()
+  kept, fold_indices = run_folds(
+    config, Listing.of_store(store), len(test_store) if test_corpus else None
   )
-  logging.info("Lowering: %s", backend.lowering)
-  model = make_model(backend.ops)
-  device_rows = _device_rows(config, store, topology)
-  max_steps = max(len(train_idx) // config.train.batch_size for train_idx, _ in folds)
-  chunks, programs = _plan_chunks(
-    config, model, backend, members, store, topology, device_rows, max_steps
-  )
+  shapes = _shapes(settings, config, members, fold_indices, feature_shape, n_rows, store)
+  if shapes != engine.shapes:
+    logging.info("Files were skipped: the programs are compiled again for the store's folds")
+    engine = build_engine(
+      config, settings, members, shapes, _fold_indices(config, fold_indices), topology
+    )
+  device_rows = None
+  if n_rows is not None:
+    device_rows = jax.device_put(_padded_rows(store, n_rows), topology.replicated)
+    logging.info("Features on the device: %s", memory.describe_bytes(_rows_bytes(store)))
   run = Run(
     config=config,
+    settings=settings,
     workdir=workdir,
     store=store,
     test_store=test_store,
     members=members,
-    chunks=tuple(chunks),
-    programs=programs,
+    engine=engine,
     topology=topology,
     device_rows=device_rows,
-    max_steps=max_steps,
     log=results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer),
     is_writer=is_writer,
   )
-  fold_results = [run_fold(run, k, *folds[k]) for k in list(config.cv.folds) or range(len(folds))]
+  folds = {k: make_fold(run, k, *fold_indices[k]) for k in _fold_indices(config, fold_indices)}
+  fold_results = {k: _finished_fold(run, k) for k in folds}
+  for group in engine.groups:
+    cells = [Cell(folds[k], chunk) for k, chunk in group if fold_results[k] is None]
+    if cells:
+      train_cells(run, cells)
+    for k, _ in group:
+      if fold_results[k] is None and all(
+        _cell_result(run, Cell(folds[k], chunk)) is not None for f, chunk in _cells_of(engine, k)
+      ):
+        fold_results[k] = finish_fold(run, folds[k], [chunk for _, chunk in _cells_of(engine, k)])
+  fold_results = [fold_results[k] for k in folds]
   summary = results.summarise_run(
     config=config,
     class_names=store.class_names,
     members=[m.as_dict() for m in members],
     fold_results=fold_results,
-    num_params=_count_params(model, store),
+    num_params=_count_params(engine.model, feature_shape),
     feature_store=str(store.path),
     skipped=_skipped(store),
     class_counts={
       "corpus": _class_counts(store, np.arange(len(store))),
       "used": _class_counts(store, kept),
-      **({"test": _class_counts(test_store, folds[0][1])} if config.data.test_corpus else {}),
+      **({"test": _class_counts(test_store, fold_indices[0][1])} if test_corpus else {}),
     },
     provenance=results.provenance(
       {
-        **backend.provenance(),
+        **engine.backend.provenance(),
         "deterministic": bool(config.train.deterministic),
-        "xla_options": deterministic_options(config),
+        "xla_options": settings.compiler_options,
         "features_on_device": device_rows is not None,
+        "models_together": settings.models_together,
       }
     ),
     wall_seconds=time.time() - start_time,
@@ -308,158 +472,117 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   return summary
 
 
-def run_fold(run: Run, index: int, train_idx: np.ndarray, test_idx: np.ndarray) -> dict:
-  """Trains every chunk of members on one fold (resuming); returns the fold's result."""
-  fold_dir = layout.fold_dir(run.workdir, index)
-  done_path = fold_dir / "result.json"
-  if done_path.exists():
-    logging.info("Fold %d already finished; keeping its result (%s)", index, done_path)
-    return json.loads(done_path.read_text())
-  fold_dir.mkdir(parents=True, exist_ok=True)
-  store = run.store
-  mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
-  if run.is_writer:
-    results.save_normalisation(fold_dir / "normalisation.npz", mean, std)
-  fold = Fold(index, train_idx, test_idx, mean, std)
-  counts, prediction_files = [], []
-  for chunk in run.chunks:
-    counts += train_chunk(run, fold, chunk)
-    prediction_files.append(run.chunk_dir(index, chunk) / layout.PREDICTIONS)
-  if run.is_writer and len(run.chunks) > 1:
-    results.write_predictions(fold_dir / layout.PREDICTIONS, store.class_names, prediction_files)
-  return _save_fold_result(done_path, fold, counts, run.is_writer)
+def _fold_indices(config, folds) -> list[int]:
+  """The folds this run trains: cv.folds, or all."""
+  return list(config.cv.folds) or list(range(len(folds)))
 
 
-def deterministic_options(config) -> dict:
-  """XLA options that make the run's programs give the same numbers every time: on a GPU,
-  deterministic reductions and scatters (train.deterministic); CPUs and TPUs need none."""
-  if config.train.deterministic and jax.default_backend() == "gpu":
-    return {"xla_gpu_deterministic_ops": True}
-  return {}
+def _cells_of(engine: Engine, fold: int) -> list[tuple[int, range]]:
+  return [cell for group in engine.groups for cell in group if cell[0] == fold]
 
 
-@dataclasses.dataclass(frozen=True)
-class Programs:
-  """The jitted functions of a run, built once so that every fold reuses their compilation."""
-
-  init: Callable  # [members] uint32 seeds, fold -> stacked TrainState
-  train_step: Callable  # (stacked state, batch, stacked hparams) -> (state, metrics)
-  # (stacked state, device rows, [max_steps, batch] indices, n_steps, mean, std, stacked
-  # hparams) -> (state, metrics [max_steps, members]): an epoch in one call.
-  train_epoch: Callable
-  # (stacked state, batch, extra variables) -> [members, batch, n_classes]
-  eval_step: Callable
-  # (stacked state, batch) -> the backend's extra inference variables for batches of its
-  # shape; None where the backend adds none.
-  inference_variables: Callable | None
-  state_sharding: object  # Pytree of the stacked state's shardings.
-
-  @classmethod
-  def create(
-    cls,
-    config,
-    model,
-    backend: cpu.Backend,
-    n_members: int,
-    feature_shape: tuple[int, int],
-    topology: Topology,
-  ) -> Programs:
-    tx = train.make_optimizer(config.train.weight_decay)
-    input_shape = (1, *feature_shape, 1)
-    jit = functools.partial(jax.jit, compiler_options=deterministic_options(config) or None)
-
-    def init(seeds, fold):
-      keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), fold))(seeds)
-      return jax.vmap(lambda key: train.create_train_state(model, tx, key, input_shape))(keys)
-
-    # Shapes first (eval_shape), then a jitted init that lays the state out replicated.
-    abstract = jax.eval_shape(init, jnp.zeros((n_members,), jnp.uint32), 0)
-    if config.model.shard_params:
-      state_sharding = topology.fsdp(abstract)
-    else:
-      state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
-
-    step = train.over_members(
-      functools.partial(
-        train.train_step,
-        augmentation=train.Augmentation.from_config(config.train),
-        gradients_hook=backend.gradients_hook,
-      ),
-      n_members,
+def _shapes(settings, config, members, folds, feature_shape, n_rows, listing) -> programs.Shapes:
+  """The Shapes of a run's largest program, from its folds' sizes (programs.Shapes)."""
+  trained = [folds[k] for k in _fold_indices(config, folds)]
+  max_steps = max(len(train_idx) // settings.batch_size for train_idx, _ in trained)
+  if max_steps == 0:
+    smallest = min(len(train_idx) for train_idx, _ in trained)
+    raise ConfigError(
+      f"a fold has {smallest} training examples, fewer than "
+      f"train.batch_size={settings.batch_size}; lower train.batch_size"
     )
-
-    def train_epoch(state, rows, order, n_steps, mean, std, hparams):
-      def batch_at(i):
-        batch = input_pipeline.device_batch(rows, order[i], mean, std)
-        return jax.lax.with_sharding_constraint(batch, topology.batch)
-
-      return train.epoch_loop(step, state, hparams, batch_at, n_steps, order.shape[0])
-
-    inference_variables = None
-    if backend.inference_variables is not None:
-
-      def extra_variables(state, batch):
-        return train.inference_variables(
-          state.apply_fn,
-          train.state_variables(state),
-          batch["features"],
-          backend.inference_variables,
-        )
-
-      inference_variables = jit(train.over_members(extra_variables, n_members))
-
-    donate = (0,) if backend.donate_state else ()
-    return cls(
-      init=jit(init, out_shardings=state_sharding),
-      train_step=jit(step, donate_argnums=donate),
-      train_epoch=jit(train_epoch, donate_argnums=donate),
-      eval_step=jit(train.over_members(train.eval_step, n_members)),
-      inference_variables=inference_variables,
-      state_sharding=state_sharding,
-    )
-
-  def compile_training(self, config, n_members, store, topology, device_rows, max_steps):
-    """The run's train program for `n_members`, compiled: the epoch on the device where
-    `device_rows` are there, else the step on streamed batches."""
-
-    seeds = jnp.zeros((n_members,), jnp.uint32)
-    state = _shaped(jax.eval_shape(self.init, seeds, 0), self.state_sharding)
-    hparams = jax.eval_shape(
-      lambda: stacked_hparams(
-        config, [Member(0.0, 0, 1.0)] * n_members, None, 0, 1, store.class_names
-      )
-    )
-    hparams = _shaped(hparams, topology.replicated)
-    batch_size, n_bins = config.train.batch_size, store.features.shape[1]
-    if device_rows is None:
-      stats = np.zeros(n_bins, np.float32)
-      batch = input_pipeline.read_batch(store, np.zeros(batch_size, int), stats, stats + 1)
-      return self.train_step.lower(state, _shaped(batch, topology.batch), hparams).compile()
-    order, n_steps, mean, std = _shaped(
-      (
-        np.zeros((max_steps, batch_size), np.int32),
-        np.int32(0),
-        np.zeros(n_bins, np.float32),
-        np.zeros(n_bins, np.float32),
-      ),
-      topology.replicated,
-    )
-    return self.train_epoch.lower(state, device_rows, order, n_steps, mean, std, hparams).compile()
-
-
-def _shaped(tree, sharding):
-  """ShapeDtypeStructs of `tree`'s arrays laid out by `sharding` (one, or a matching tree)."""
-  if isinstance(sharding, jax.sharding.Sharding):
-    sharding = jax.tree.map(lambda _: sharding, tree)
-  return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, sharding
+  largest_test = max(len(test_idx) for _, test_idx in trained)
+  return programs.Shapes(
+    n_models=len(trained) * len(members),
+    n_members=len(members),
+    feature_shape=feature_shape,
+    batch_size=settings.batch_size,
+    max_steps=max_steps,
+    n_rows=n_rows,
+    eval_batches=math.ceil(largest_test / settings.eval_batch_size),
+    eval_batch_size=settings.eval_batch_size,
+    n_classes=len(listing.class_names),
   )
 
 
-def _device_rows(config, store: FeatureStore, topology: Topology) -> dict | None:
-  """The store's rows put on every device once (data.on_device), or None to stream them."""
-  setting = config.data.on_device
-  n_bytes = int(np.prod(store.features.shape)) * 4
+def build_engine(config, settings: Settings, members, shapes: programs.Shapes, folds, topology):
+  """The backend, the model, the cells' grouping into programs (memory.py's plan) and the
+  compiled programs of every group; `shapes` are those of all the run's models at once."""
+  make_model = functools.partial(models.create_model, config.model, shapes.n_classes)
+  train_shape = (settings.batch_size, *shapes.feature_shape, 1)
+  backend = cpu.select_backend(
+    config.model.lowering, make_model, [train_shape, (settings.eval_batch_size, *train_shape[1:])]
+  )
+  logging.info("Lowering: %s; models together: %s", backend.lowering, settings.models_together)
+  model = make_model(backend.ops)
+  n_members, n_models = len(members), shapes.n_models
+  compiled = {}
+
+  def programs_for(k: int, m: int) -> programs.Programs:
+    if (k, m) not in compiled:
+      made = programs.Programs.create(
+        dataclasses.replace(shapes, n_models=k, n_members=m),
+        model,
+        backend,
+        stacking=settings.models_together if k > 1 else "vmap",
+        weight_decay=settings.weight_decay,
+        augmentation=settings.augmentation,
+        shard_params=settings.shard_params,
+        compiler_options=settings.compiler_options,
+        topology=topology,
+      )
+      hparams = jax.eval_shape(
+        lambda: stacked_hparams(
+          config, [members[0]] * k, None, 0, 1, tuple(map(str, range(shapes.n_classes)))
+        )
+      )
+      compiled[k, m] = made.compile(hparams, topology)
+    return compiled[k, m]
+
+  if shapes.n_rows is None:  # Streamed batches: one fold per program, its members share them.
+    n_models = n_members
+  at_most = 1 if settings.models_together == "none" else settings.models_per_program
+  # As many as fit, read from the largest program, which the run then calls; a smaller
+  # one is compiled only where that does not fit.
+  largest = min(at_most or n_models, n_models)
+  per_program = math.ceil(n_models / math.ceil(n_models / largest))  # Even chunks.
+  while True:
+    train_program = _train_program(programs_for(per_program, min(per_program, n_members)))
+    rows_bytes = 0 if shapes.n_rows is None else shapes.n_rows * math.prod(shapes.feature_shape) * 4
+    needed = memory.compiled_bytes(train_program) - rows_bytes
+    if jax.default_backend() == "cpu":  # XLA counts per device; a CPU's devices share the host.
+      needed *= len(jax.local_devices())
+    plan = memory.plan_chunks(
+      n_models,
+      math.ceil(needed / per_program),
+      max(memory.available_bytes() - rows_bytes, 0),
+      jax.default_backend(),
+      at_most=at_most,
+    )
+    if plan.models_per_chunk >= per_program:
+      break
+    per_program = plan.models_per_chunk  # The larger program did not fit.
+  logging.info("%s", plan.describe())
+  groups = memory.group_cells(folds, n_members, per_program)
+  for group in groups:
+    programs_for(sum(len(chunk) for _, chunk in group), len(group[0][1]))
+  return Engine(backend, model, shapes, tuple(tuple(g) for g in groups), compiled)
+
+
+def _train_program(made: programs.Programs):
+  return made.train_step if made.shapes.n_rows is None else made.train_epoch
+
+
+# Share of the memory the run can use that the features may take on the device; with no
+# figure for it, features up to this many bytes go there.
+DEVICE_ROWS_SHARE = 0.5
+DEVICE_ROWS_UNKNOWN_BUDGET = 2 * memory.GiB
+
+
+def _rows_on_device(settings: Settings, n_rows: int, feature_shape) -> int | None:
+  """How many rows the features take on the device (data.on_device), or None to stream."""
+  setting = settings.on_device
+  n_bytes = n_rows * math.prod(feature_shape) * 4
   if setting == "never":
     return None
   if jax.process_count() > 1:  # Each process reads its share of every batch from disk.
@@ -475,57 +598,61 @@ def _device_rows(config, store: FeatureStore, topology: Topology) -> dict | None
       memory.describe_bytes(budget),
     )
     return None
-  logging.info("Features on the device: %s", memory.describe_bytes(n_bytes))
-  return jax.device_put(input_pipeline.load_rows(store), topology.replicated)
+  return n_rows
 
 
-def _plan_chunks(config, model, backend, members, store, topology, device_rows, max_steps):
-  """The member chunks and their Programs: sweep.members_per_chunk or, with 0, as many as
-  fit, read from the compiled train program the run then calls (no compile is wasted
-  unless the largest chunk does not fit)."""
-  n_members = len(members)
-  feature_shape = store.features.shape[1:]
-  programs = {}
-  shared_bytes = 0 if device_rows is None else sum(x.nbytes for x in jax.tree.leaves(device_rows))
+def _rows_bytes(store: FeatureStore) -> int:
+  return int(np.prod(store.features.shape)) * 4
 
-  def programs_for(size: int) -> Programs:
-    if size not in programs:
-      made = Programs.create(config, model, backend, size, feature_shape, topology)
-      compiled = made.compile_training(config, size, store, topology, device_rows, max_steps)
-      programs[size] = dataclasses.replace(made, **{_TRAIN_FIELD[device_rows is None]: compiled})
-    return programs[size]
 
-  per_chunk = config.sweep.members_per_chunk
-  if not per_chunk:
-    per_chunk = min(n_members, backend.max_members_per_chunk or n_members)
-    while True:
-      compiled = getattr(programs_for(per_chunk), _TRAIN_FIELD[device_rows is None])
-      needed = memory.compiled_bytes(compiled) - shared_bytes
-      if jax.default_backend() == "cpu":  # XLA counts per device; a CPU's devices share the host.
-        needed *= len(jax.local_devices())
-      plan = memory.plan_chunks(
-        n_members,
-        math.ceil(needed / per_chunk),
-        max(memory.available_bytes() - shared_bytes, 0),
-        jax.default_backend(),
-        max_members_per_chunk=backend.max_members_per_chunk,
-      )
-      if plan.members_per_chunk >= per_chunk:
-        break
-      per_chunk = plan.members_per_chunk  # The larger program did not fit.
-    logging.info("%s", plan.describe())
-  chunks = layout.split_members(n_members, per_chunk)
+def _padded_rows(store: FeatureStore, n_rows: int) -> dict:
+  """The store's rows (input_pipeline.load_rows), padded with zeros to the corpus's
+  `n_rows` (skipped files leave rows that no index reaches)."""
+  rows = input_pipeline.load_rows(store)
+  return {
+    name: np.concatenate([x, np.zeros((n_rows - len(x), *x.shape[1:]), x.dtype)])
+    for name, x in rows.items()
+  }
+
+
+def make_fold(run: Run, index: int, train_idx: np.ndarray, test_idx: np.ndarray) -> Fold:
+  """The fold with its normalisation, from its training utterances only (saved)."""
+  store = run.store
+  mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
+  if run.is_writer and not (layout.fold_dir(run.workdir, index) / "result.json").exists():
+    layout.fold_dir(run.workdir, index).mkdir(parents=True, exist_ok=True)
+    results.save_normalisation(layout.fold_dir(run.workdir, index) / "normalisation.npz", mean, std)
+  return Fold(index, train_idx, test_idx, mean, std)
+
+
+def _finished_fold(run: Run, index: int) -> dict | None:
+  path = layout.fold_dir(run.workdir, index) / "result.json"
+  if not path.exists():
+    return None
+  logging.info("Fold %d already finished; keeping its result (%s)", index, path)
+  return json.loads(path.read_text())
+
+
+def _cell_result(run: Run, cell: Cell) -> dict | None:
+  path = run.cell_dir(cell) / "result.json"
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def finish_fold(run: Run, fold: Fold, chunks: list[range]) -> dict:
+  """The fold's result from its cells' (one per member chunk), written to its folder."""
+  counts = []
   for chunk in chunks:
-    programs_for(len(chunk))
-  return chunks, programs
-
-
-# Which Programs field holds the compiled train program: streamed or on the device.
-_TRAIN_FIELD = {True: "train_step", False: "train_epoch"}
-# Share of the memory the run can use that the features may take on the device; with no
-# figure for it, features up to this many bytes go there.
-DEVICE_ROWS_SHARE = 0.5
-DEVICE_ROWS_UNKNOWN_BUDGET = 2 * memory.GiB
+    counts += _cell_result(run, Cell(fold, chunk))["confusion_counts"]
+  fold_dir = layout.fold_dir(run.workdir, fold.index)
+  if run.is_writer and len(chunks) > 1:
+    results.write_predictions(
+      fold_dir / layout.PREDICTIONS,
+      run.store.class_names,
+      [run.cell_dir(Cell(fold, chunk)) / layout.PREDICTIONS for chunk in chunks],
+    )
+  return results.save_fold_result(
+    fold_dir / "result.json", fold.index, fold.train_idx, fold.test_idx, counts, run.is_writer
+  )
 
 
 def stacked_hparams(
@@ -562,227 +689,215 @@ def class_weights(alpha, fold_labels, n_classes: int, class_names=()) -> np.ndar
   return np.asarray(tuple(alpha) or (1.0,) * n_classes, np.float32)
 
 
-def train_chunk(run: Run, fold: Fold, chunk: range) -> list:
-  """Trains one chunk of members on one fold (resuming); returns their confusion counts."""
-  run_dir = run.chunk_dir(fold.index, chunk)
-  done_path = run_dir / "result.json"
-  if done_path.exists():  # A finished chunk of a fold that was interrupted later.
-    return json.loads(done_path.read_text())["confusion_counts"]
-  run_dir.mkdir(parents=True, exist_ok=True)
-  config, store = run.config, run.store
-  members = run.members[chunk.start : chunk.stop]
-  programs = run.programs[len(chunk)]
-  steps_per_epoch = len(fold.train_idx) // config.train.batch_size
-  if steps_per_epoch == 0:
-    raise ConfigError(
-      f"fold {fold.index} has {len(fold.train_idx)} training examples, fewer than "
-      f"train.batch_size={config.train.batch_size}; lower train.batch_size"
-    )
-  state = programs.init(jnp.array([m.seed for m in members], jnp.uint32), fold.index)
+def _concatenate(trees):
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
+
+
+def train_cells(run: Run, cells: list[Cell]) -> None:
+  """Trains the cells' models together in one program, each from its latest checkpoint,
+  then evaluates each cell and writes its results (cells already finished stay so)."""
+  settings, store = run.settings, run.store
+  made = run.engine.programs_for(cells)
+  m = len(cells[0].members)
+  firsts = [i * m for i in range(len(cells))]
+  seeds = np.array([run.members[j].seed for c in cells for j in c.members], np.uint32)
+  fold_of_model = np.array([c.fold.index for c in cells for _ in c.members], np.int32)
+  state = made.init(*jax.device_put((seeds, fold_of_model), run.topology.replicated))
+  steps = [len(c.fold.train_idx) // settings.batch_size for c in cells]
   hparams = jax.device_put(
-    stacked_hparams(
-      config,
-      members,
-      store.labels[fold.train_idx],
-      fold.index,
-      steps_per_epoch,
-      store.class_names,
+    _concatenate(
+      [
+        stacked_hparams(
+          run.config,
+          run.members[c.members.start : c.members.stop],
+          store.labels[c.fold.train_idx],
+          c.fold.index,
+          n,
+          store.class_names,
+        )
+        for c, n in zip(cells, steps, strict=True)
+      ]
     ),
     run.topology.replicated,
   )
-  manager = checkpoints.checkpoint_manager(run_dir / "checkpoints")
-  start_epoch, state = checkpoints.restore_latest(manager, state)
-  if start_epoch:
-    logging.info(
-      "Fold %d: resuming from the checkpoint of epoch %d (step %d)",
-      fold.index,
-      start_epoch,
-      start_epoch * steps_per_epoch,
+  managers, epochs, writers = [], [], []
+  for cell, first, n in zip(cells, firsts, steps, strict=True):
+    manager = checkpoints.checkpoint_manager(run.cell_dir(cell) / "checkpoints")
+    managers.append(manager)
+    if _cell_result(run, cell) is not None:  # Finished; its models stay masked.
+      epochs.append(settings.num_epochs)
+      writers.append(None)
+      continue
+    start_epoch, restored = checkpoints.restore_latest(manager, made.take_cell(state, first))
+    if start_epoch:
+      logging.info(
+        "Fold %d: resuming from the checkpoint of epoch %d (step %d)",
+        cell.fold.index,
+        start_epoch,
+        start_epoch * n,
+      )
+      run.log.truncate(cell.fold.index, start_epoch, cell.members.start)
+      state = made.put_cell(state, restored, first)
+    epochs.append(start_epoch)
+    writers.append(
+      results.TensorBoard(
+        layout.tensorboard_dir(run.workdir, cell.fold.index, cell.members, len(run.members)),
+        enabled=run.is_writer,
+      )
     )
-    run.log.truncate(fold.index, start_epoch, chunk.start)
-  writer = results.TensorBoard(
-    layout.tensorboard_dir(run.workdir, fold.index, chunk, len(run.members)),
-    enabled=run.is_writer,
-  )
-  epochs = tqdm.trange(
-    start_epoch,
-    config.train.num_epochs,
-    desc=f"fold {fold.index}",
+  names = ", ".join(str(c.fold.index) for c in cells)
+  progress = tqdm.tqdm(
+    desc=f"fold{'s' if len(cells) > 1 else ''} {names}",
     unit="epoch",
     disable=None,
-    initial=start_epoch,
-    total=config.train.num_epochs,
+    initial=min(epochs),
+    total=settings.num_epochs,
   )
   try:
-    for epoch in epochs:
-      state, record = _train_epoch(run, fold, chunk, programs, state, hparams, epoch)
-      run.log.append(record)
-      writer.scalars(record, members)
-      epochs.set_postfix(
-        loss=f"{np.mean(record['train_loss']):.3f}", acc=f"{np.mean(record['train_accuracy']):.1f}"
-      )
-      last = epoch + 1 == config.train.num_epochs
-      if (epoch + 1) % config.train.checkpoint_every_epochs == 0 or last:
-        checkpoints.save(manager, epoch + 1, state)
+    while min(epochs) < settings.num_epochs:
+      epoch_start = time.time()
+      state, epoch_metrics = _train_epoch(run, made, cells, state, hparams, epochs, steps)
+      seconds = time.time() - epoch_start
+      for i, (cell, first, n) in enumerate(zip(cells, firsts, steps, strict=True)):
+        if epochs[i] >= settings.num_epochs:
+          continue
+        cell_metrics = {name: x[first : first + m, :n].T for name, x in epoch_metrics.items()}
+        record = _epoch_record(run, cell, cell_metrics, epochs[i], n, seconds)
+        run.log.append(record)
+        writers[i].scalars(record, run.members[cell.members.start : cell.members.stop])
+        epochs[i] += 1
+        if epochs[i] % settings.checkpoint_every_epochs == 0 or epochs[i] == settings.num_epochs:
+          checkpoints.save(managers[i], epochs[i], made.take_cell(state, first))
+      progress.update(min(epochs) - progress.n)
   finally:
     # Whatever stops training, the checkpoints already started are committed.
-    manager.wait_until_finished()
-    writer.close()
-
-  eval_batch_size = _eval_batch_size(config, run.topology)
-  test_store = run.test_store
-  probabilities = evaluate(programs, state, test_store, fold, eval_batch_size, run.topology)
-  predictions = probabilities.argmax(-1)
-  n_classes = len(store.class_names)
-  counts = [
-    metrics.confusion_counts(test_store.labels[fold.test_idx], predictions[k], n_classes).tolist()
-    for k in range(len(members))
-  ]
-  if run.is_writer:
-    results.save_fold_predictions(
-      run_dir / layout.PREDICTIONS,
-      test_store,
-      fold.index,
-      fold.test_idx,
-      chunk.start,
-      probabilities,
-    )
-  _save_fold_result(done_path, fold, counts, run.is_writer)
-  manager.close()
-  for k, member in enumerate(members):
-    summary = metrics.summarise(np.array(counts[k]))
-    logging.info(
-      "Fold %d%s: WA %.2f  UA %.2f  macro-F1 %.2f  (train %d, test %d)",
-      fold.index,
-      f" member {chunk.start + k} {member}" if len(run.members) > 1 else "",
-      summary["overall_accuracy"],
-      summary["class_accuracy"],
-      summary["macro_f1"],
-      len(fold.train_idx),
-      len(fold.test_idx),
-    )
-  return counts
+    progress.close()
+    for manager in managers:
+      manager.wait_until_finished()
+    for writer in writers:
+      if writer is not None:
+        writer.close()
+  for cell, first, manager in zip(cells, firsts, managers, strict=True):
+    if _cell_result(run, cell) is None:
+      evaluate_cell(run, made, cell, made.take_cell(state, first))
+    manager.close()
 
 
-def _train_epoch(run: Run, fold: Fold, chunk: range, programs, state, hparams, epoch: int):
-  """One epoch of train steps; (state, the epoch's metrics record). Stops on a NaN loss."""
-  epoch_start = time.time()
-  if run.device_rows is not None:
-    state, metrics, n_steps = _epoch_on_device(run, fold, programs, state, hparams, epoch)
-  else:
-    state, metrics, n_steps = _epoch_streamed(run, fold, programs, state, hparams, epoch)
-  losses_ = metrics["loss"]  # [steps, members]
-  if not np.all(np.isfinite(losses_)):
-    bad_step, bad_member = np.argwhere(~np.isfinite(losses_))[0]
-    raise NonFiniteLossError(
-      f"non-finite training loss ({losses_[bad_step, bad_member]}) in fold {fold.index}, epoch "
-      f"{epoch + 1}, step {epoch * n_steps + bad_step + 1}, member "
-      f"{run.members[chunk.start + bad_member]}; "
-      f"the last good checkpoint is kept in {run.chunk_dir(fold.index, chunk) / 'checkpoints'}"
-    )
-  record = {
-    "fold": fold.index,
-    "first_member": chunk.start,
-    "epoch": epoch + 1,
-    "step": (epoch + 1) * n_steps,
-    "train_loss": losses_.mean(0).tolist(),
-    "train_accuracy": (100 * metrics["accuracy"].mean(0)).tolist(),
-    "learning_rate": metrics["learning_rate"][-1].tolist(),  # At the epoch's last step.
-    "seconds": time.time() - epoch_start,
-  }
-  return state, record
-
-
-def _epoch_on_device(run: Run, fold: Fold, programs, state, hparams, epoch: int):
-  """The epoch as one call on the device's rows; (state, metrics [steps, members], steps)."""
-  config = run.config
-  order = input_pipeline.batch_indices(
-    fold.train_idx, config.train.batch_size, seed=config.seed, fold=fold.index, epoch=epoch
-  )
-  n_steps = len(order)
-  padded = np.zeros((run.max_steps, config.train.batch_size), np.int32)
-  padded[:n_steps] = order
-  replicated = run.topology.replicated
-  state, metrics = programs.train_epoch(
+def _train_epoch(run: Run, made, cells, state, hparams, epochs, steps):
+  """One epoch of every cell not yet trained to the end (the others' steps are masked);
+  (state, metrics {name: [models, max_steps]} on the host)."""
+  settings = run.settings
+  if run.device_rows is None:  # One cell, its batches streamed from the store.
+    (cell,) = cells
+    return _epoch_streamed(run, made, cell, state, hparams, epochs[0])
+  shapes, m = made.shapes, len(cells[0].members)
+  order = np.zeros((shapes.n_models, shapes.max_steps, settings.batch_size), np.int32)
+  n_steps = np.zeros(shapes.n_models, np.int32)
+  means = np.zeros((shapes.n_models, shapes.feature_shape[0]), np.float32)
+  stds = np.ones_like(means)
+  for i, (cell, n) in enumerate(zip(cells, steps, strict=True)):
+    rows = slice(i * m, (i + 1) * m)
+    means[rows], stds[rows] = cell.fold.mean, cell.fold.std
+    if epochs[i] < settings.num_epochs:
+      order[rows, :n] = input_pipeline.batch_indices(
+        cell.fold.train_idx,
+        settings.batch_size,
+        seed=settings.seed,
+        fold=cell.fold.index,
+        epoch=epochs[i],
+      )
+      n_steps[rows] = n
+  state, epoch_metrics = made.train_epoch(
     state,
     run.device_rows,
-    *jax.device_put((padded, np.int32(n_steps), fold.mean, fold.std), replicated),
+    *jax.device_put((order, n_steps, means, stds), run.topology.replicated),
     hparams,
   )
-  return state, {name: np.asarray(m)[:n_steps] for name, m in metrics.items()}, n_steps
+  return state, jax.device_get(epoch_metrics)
 
 
-def _epoch_streamed(run: Run, fold: Fold, programs, state, hparams, epoch: int):
+def _epoch_streamed(run: Run, made, cell: Cell, state, hparams, epoch: int):
   """The epoch's batches read from the store, each while the step before runs."""
-  config = run.config
+  settings = run.settings
   batches = input_pipeline.train_batches(
     run.store,
-    fold.train_idx,
-    config.train.batch_size,
-    fold.mean,
-    fold.std,
-    seed=config.seed,
-    fold=fold.index,
+    cell.fold.train_idx,
+    settings.batch_size,
+    cell.fold.mean,
+    cell.fold.std,
+    seed=settings.seed,
+    fold=cell.fold.index,
     epoch=epoch,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
   step_metrics = []
   for batch in input_pipeline.prefetch(map(run.topology.global_batch, batches)):
-    state, step_metric = programs.train_step(state, batch, hparams)
+    state, step_metric = made.train_step(state, batch, hparams)
     step_metrics.append(step_metric)
-  metrics = {
-    name: np.asarray(jnp.stack([m[name] for m in step_metrics])) for name in step_metrics[0]
+  # [models, steps], as the epoch on the device gives them.
+  return state, jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs, 1), *step_metrics))
+
+
+def _epoch_record(run: Run, cell: Cell, cell_metrics: dict, epoch: int, n_steps: int, seconds):
+  """The metrics.jsonl record of a cell's epoch (metrics [steps, members]); stops on a NaN."""
+  losses_ = cell_metrics["loss"]
+  if not np.all(np.isfinite(losses_)):
+    bad_step, bad_member = np.argwhere(~np.isfinite(losses_))[0]
+    raise NonFiniteLossError(
+      f"non-finite training loss ({losses_[bad_step, bad_member]}) in fold {cell.fold.index}, "
+      f"epoch {epoch + 1}, step {epoch * n_steps + bad_step + 1}, member "
+      f"{run.members[cell.members.start + bad_member]}; "
+      f"the last good checkpoint is kept in {run.cell_dir(cell) / 'checkpoints'}"
+    )
+  return {
+    "fold": cell.fold.index,
+    "first_member": cell.members.start,
+    "epoch": epoch + 1,
+    "step": (epoch + 1) * n_steps,
+    "train_loss": losses_.mean(0).tolist(),
+    "train_accuracy": (100 * cell_metrics["accuracy"].mean(0)).tolist(),
+    "learning_rate": cell_metrics["learning_rate"][-1].tolist(),  # At the epoch's last step.
+    "seconds": seconds,
   }
-  return state, metrics, len(step_metrics)
 
 
-def _save_fold_result(path, fold: Fold, counts, is_writer) -> dict:
-  """Writes what a finished fold (or chunk of members) keeps: its size and confusion counts."""
-  fold_result = {
-    "fold": fold.index,
-    "n_train": int(len(fold.train_idx)),
-    "n_test": int(len(fold.test_idx)),
-    "confusion_counts": counts,
-  }
-  if is_writer:
-    io_utils.atomic_write_json(path, fold_result)
-  return fold_result
-
-
-def evaluate(
-  programs: Programs, state, store: FeatureStore, fold: Fold, batch_size: int, topology: Topology
-) -> np.ndarray:
-  """[members, n_test, n_classes] probabilities; each test example counted exactly once.
-
-  batch_size is rounded up to a multiple of the devices.
-  """
-  batch_size = topology.num_devices * math.ceil(batch_size / topology.num_devices)
-  outputs = []
-  extra, extra_shape = None, None  # Computed once per batch shape.
-  for batch, n_real in input_pipeline.eval_batches(
-    store,
-    fold.test_idx,
-    batch_size,
-    fold.mean,
-    fold.std,
-    multiple=topology.num_devices,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  ):
-    batch = topology.global_batch(batch)
-    if programs.inference_variables and batch["features"].shape != extra_shape:
-      extra, extra_shape = programs.inference_variables(state, batch), batch["features"].shape
-    probabilities = programs.eval_step(state, batch, extra)
-    gathered = np.asarray(multihost_utils.process_allgather(probabilities, tiled=True))
-    outputs.append(gathered[:, :n_real])
-  return np.concatenate(outputs, axis=1)
-
-
-def _eval_batch_size(config, topology: Topology) -> int:
-  """train.eval_batch_size rounded up to a multiple of the devices (batches are padded)."""
-  devices = topology.num_devices
-  return devices * math.ceil(config.train.eval_batch_size / devices)
+def evaluate_cell(run: Run, made, cell: Cell, state) -> None:
+  """Tests a cell's trained members on its fold; writes its predictions and result.json."""
+  test_store, fold = run.test_store, cell.fold
+  probabilities = evaluation.evaluate(
+    made.evaluate, state, test_store, fold.test_idx, fold.mean, fold.std, made.shapes, run.topology
+  )
+  n_classes = len(run.store.class_names)
+  labels = test_store.labels[fold.test_idx]
+  counts = [
+    metrics.confusion_counts(labels, p.argmax(-1), n_classes).tolist() for p in probabilities
+  ]
+  run_dir = run.cell_dir(cell)
+  if run.is_writer:
+    results.save_fold_predictions(
+      run_dir / layout.PREDICTIONS,
+      test_store,
+      fold.index,
+      fold.test_idx,
+      cell.members.start,
+      probabilities,
+    )
+  results.save_fold_result(
+    run_dir / "result.json", fold.index, fold.train_idx, fold.test_idx, counts, run.is_writer
+  )
+  for k, j in enumerate(cell.members):
+    summary = metrics.summarise(np.array(counts[k]))
+    logging.info(
+      "Fold %d%s: WA %.2f  UA %.2f  macro-F1 %.2f  (train %d, test %d)",
+      fold.index,
+      f" member {j} {run.members[j]}" if len(run.members) > 1 else "",
+      summary["overall_accuracy"],
+      summary["class_accuracy"],
+      summary["macro_f1"],
+      len(fold.train_idx),
+      len(fold.test_idx),
+    )
 
 
 def _log_store(store: FeatureStore) -> None:
@@ -802,10 +917,9 @@ def _class_counts(store: FeatureStore, indices: np.ndarray) -> dict[str, int]:
   return dict(zip(store.class_names, counts.tolist(), strict=True))
 
 
-def _count_params(model, store) -> int:
-  n_bins, n_frames = store.features.shape[1:]
+def _count_params(model, feature_shape) -> int:
   variables = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((1, n_bins, n_frames, 1)), train=False)
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, *feature_shape, 1)), train=False)
   )
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
 

@@ -1,8 +1,10 @@
-"""How many sweep members to train at once: a compiled step's memory against what the run can use.
+"""How many models to train at once: a compiled program's memory against what the run can use.
 
-`sweep.members_per_chunk=0` means "as many as fit": the experiment compiles a step for one
-member, asks XLA how many bytes it needs (`compiled_bytes`), asks the machine how many it
-can spare (`available_bytes`), and `plan_chunks` splits the members into even chunks.
+A run's models are its folds times its sweep members. `train.models_per_program=0` means
+"as many as fit": the experiment compiles the program for all of them, asks XLA how many
+bytes it needs (`compiled_bytes`), asks the machine how many it can spare
+(`available_bytes`), `plan_chunks` splits the models into even chunks, and `group_cells`
+lays the chunks out as (fold, members) cells, each checkpointed in its own folder.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import dataclasses
 import math
 import os
 import pathlib
+from collections.abc import Sequence
 
 import jax
+
+from ser_jax import layout
 
 GiB = 2**30
 
@@ -165,20 +170,20 @@ def _stat_value(path: pathlib.Path, key: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkPlan:
-  """How a sweep's members split into chunks trained one after another."""
+  """How a run's models split into chunks, each trained by one program."""
 
-  n_members: int
-  members_per_chunk: int  # The largest chunk; the last may hold fewer.
+  n_models: int
+  models_per_chunk: int  # The largest chunk; the last may hold fewer.
   n_chunks: int
   bytes_per_chunk: int  # XLA's estimate for the largest chunk; 0 when unknown.
   available: int  # Bytes the run could use when planned; 0 when unknown.
-  limited_by: str  # What set the chunk size: 'members', 'memory' or 'backend'.
+  limited_by: str  # What set the chunk size: 'models' (all at once), 'memory' or 'setting'.
 
   def describe(self) -> str:
-    """One log line, e.g. '18 members: 6 chunks of 3, about 2.6 GiB per chunk, ...'."""
+    """One log line, e.g. '90 models: 6 chunks of 15, about 2.6 GiB per chunk, ...'."""
     chunks = "1 chunk" if self.n_chunks == 1 else f"{self.n_chunks} chunks"
-    members = "1 member" if self.n_members == 1 else f"{self.n_members} members"
-    line = f"{members}: {chunks} of {self.members_per_chunk}"
+    models = "1 model" if self.n_models == 1 else f"{self.n_models} models"
+    line = f"{models}: {chunks} of {self.models_per_chunk}"
     if self.bytes_per_chunk:
       line += f", about {describe_bytes(self.bytes_per_chunk)} per chunk"
     line += (
@@ -186,64 +191,83 @@ class ChunkPlan:
     )
     reason = {
       "memory": "as many as fit",
-      "backend": f"at most {self.members_per_chunk} at once on this backend",
-      "members": "all at once",
+      "models": "all at once",
+      "setting": f"at most {self.models_per_chunk} at once, as set",
     }[self.limited_by]
     return f"{line} ({reason})"
 
 
 def plan_chunks(
-  n_members: int,
-  bytes_per_member: int,
+  n_models: int,
+  bytes_per_model: int,
   available: int,
   platform: str,
   margin: float | None = None,
-  max_members_per_chunk: int = 0,
+  at_most: int = 0,
 ) -> ChunkPlan:
-  """Even chunks of as many members as fit in `margin` of `available` bytes.
+  """Even chunks of as many models as fit in `margin` of `available` bytes.
 
-  bytes_per_member: e.g. `compiled_bytes` of a one-member step; 0 (unknown) or an unknown
-    `available` (0) plans without memory: all members, or the CPU cap.
+  bytes_per_model: e.g. `compiled_bytes` of a program for n models, over n; 0 (unknown)
+    or an unknown `available` (0) plans without memory: all models at once.
   platform: `jax.default_backend()`, for the default margin.
   margin: the share of `available` a chunk may take; CPU_MARGIN on a CPU, else
     ACCELERATOR_MARGIN.
-  max_members_per_chunk: the backend's cap (ser_jax.cpu.Backend); 0: none.
+  at_most: the most models a chunk may hold whatever fits (train.models_together,
+    train.models_per_program); 0: no such bound.
 
-  Raises MemoryPlanError when one member needs more than that share.
+  Raises MemoryPlanError when one model needs more than that share.
   """
-  if n_members < 1:
-    raise ValueError(f"n_members={n_members}; a sweep needs at least 1 member")
+  if n_models < 1:
+    raise ValueError(f"n_models={n_models}; a run needs at least 1 model")
   on_cpu = platform == "cpu"
   if margin is None:
     margin = CPU_MARGIN if on_cpu else ACCELERATOR_MARGIN
   if not 0 < margin <= 1:
     raise ValueError(f"margin={margin}; expected a share of memory in (0, 1]")
-  largest, limited_by = n_members, "members"
-  if bytes_per_member > 0 and available > 0:
+  largest, limited_by = n_models, "models"
+  if bytes_per_model > 0 and available > 0:
     budget = available * margin
-    fit = math.floor(budget / bytes_per_member)
+    fit = math.floor(budget / bytes_per_model)
     if fit < 1:
       raise MemoryPlanError(
-        f"a sweep member needs about {describe_bytes(bytes_per_member)} but {describe_bytes(budget)} is available "
+        f"a model needs about {describe_bytes(bytes_per_model)} but {describe_bytes(budget)} is available "
         f"({margin:.0%} of {describe_bytes(available)}); lower train.batch_size or features.max_seconds, "
         "or use model.compute_dtype=bfloat16 on an accelerator"
       )
     if fit < largest:
       largest, limited_by = fit, "memory"
-  if 0 < max_members_per_chunk < largest:
-    largest, limited_by = max_members_per_chunk, "backend"
-  # As few chunks as `largest` allows, and as even as they can be: 18 members, at most 17
+  if 0 < at_most < largest:
+    largest, limited_by = at_most, "setting"
+  # As few chunks as `largest` allows, and as even as they can be: 18 models, at most 17
   # at once, train as 9 + 9, not 17 + 1.
-  n_chunks = math.ceil(n_members / largest)
-  per_chunk = math.ceil(n_members / n_chunks)
+  n_chunks = math.ceil(n_models / largest)
+  per_chunk = math.ceil(n_models / n_chunks)
   return ChunkPlan(
-    n_members=n_members,
-    members_per_chunk=per_chunk,
+    n_models=n_models,
+    models_per_chunk=per_chunk,
     n_chunks=n_chunks,
-    bytes_per_chunk=per_chunk * max(bytes_per_member, 0),
+    bytes_per_chunk=per_chunk * max(bytes_per_model, 0),
     available=max(available, 0),
     limited_by=limited_by,
   )
+
+
+def group_cells(folds: Sequence[int], n_members: int, models_per_program: int):
+  """The (fold, members range) cells of a run, grouped into programs of at most
+  `models_per_program` models: whole folds together where a program holds all the
+  members, else even chunks of one fold's members. Groups are as even as they can be.
+  """
+  if models_per_program >= n_members:
+    folds_per_group = models_per_program // n_members
+    n_groups = math.ceil(len(folds) / folds_per_group)
+    size = math.ceil(len(folds) / n_groups)
+    members = range(n_members)
+    return [
+      [(fold, members) for fold in folds[start : start + size]]
+      for start in range(0, len(folds), size)
+    ]
+  chunks = layout.split_members(n_members, models_per_program)
+  return [[(fold, chunk)] for fold in folds for chunk in chunks]
 
 
 def describe_bytes(n_bytes: float) -> str:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ser_jax import audio, checkpoints, cli, cpu, input_pipeline, layout, models, train
+from ser_jax import audio, checkpoints, cli, cpu, input_pipeline, layout, models
 from ser_jax.config import default_config
 from ser_jax.features import FeatureParams, compute_features
 
@@ -91,7 +91,6 @@ class Predictor:
     self._variables = jax.tree.map(jnp.asarray, variables)
     self._means = jnp.asarray(means)
     self._stds = jnp.asarray(stds)
-    self._extra = {}  # The backend's extra inference variables, per batch shape.
 
   @classmethod
   def from_workdir(
@@ -160,17 +159,8 @@ class Predictor:
       padded = input_pipeline.pad_rows(
         chunk, input_pipeline.padded_size(len(chunk), self.batch_size)
       )
-      if padded.shape not in self._extra:
-        self._extra[padded.shape] = _fold_inference_variables(
-          self._model,
-          self._backend.inference_variables,
-          self._variables,
-          self._means,
-          self._stds,
-          padded,
-        )
       probabilities = _fold_probabilities(
-        self._model, self._variables, self._extra[padded.shape], self._means, self._stds, padded
+        self._model, self._backend.evaluate, self._variables, self._means, self._stds, padded
       )
       chunks.append(np.asarray(probabilities, np.float64)[:, : len(chunk)])
     per_fold = np.concatenate(chunks, axis=1)  # [folds, windows, classes]
@@ -208,26 +198,16 @@ class Predictor:
     return {name: float(p) for name, p in zip(self.class_names, probabilities, strict=True)}
 
 
-# The model is static (hashable), so predictors of the same architecture share compilations.
-@functools.partial(jax.jit, static_argnums=0)
-def _fold_probabilities(model, variables, extra, means, stds, features) -> jax.Array:
-  """[folds, batch, classes] probabilities of [batch, n_bins, n_frames] raw features, each
-  fold's model on its own standardisation (training's evaluation path, per fold)."""
-
-  def one_fold(fold_variables, fold_extra, mean, std):
-    inputs = input_pipeline.standardise(features, mean, std)
-    return train.class_probabilities(model.apply, {**fold_variables, **fold_extra}, inputs)
-
-  return jax.vmap(one_fold)(variables, extra, means, stds)
-
-
+# The model and evaluation are static (hashable), so predictors of the same architecture
+# share compilations.
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _fold_inference_variables(model, backend_variables, variables, means, stds, features):
-  """Each fold's extra inference variables (the backend's) for features of this shape."""
+def _fold_probabilities(model, evaluate, variables, means, stds, features) -> jax.Array:
+  """[folds, batch, classes] probabilities of [batch, n_bins, n_frames] raw features, each
+  fold's model on its own standardisation (training's evaluation, Backend.evaluate)."""
 
   def one_fold(fold_variables, mean, std):
     inputs = input_pipeline.standardise(features, mean, std)
-    return train.inference_variables(model.apply, fold_variables, inputs, backend_variables)
+    return evaluate(model.apply, fold_variables, inputs[None])[0]
 
   return jax.vmap(one_fold)(variables, means, stds)
 

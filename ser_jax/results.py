@@ -199,6 +199,20 @@ def save_fold_predictions(path, store, fold: int, test_idx, first_member: int, p
   io_utils.atomic_write_csv(path, prediction_header(names), rows)
 
 
+def save_fold_result(path, fold: int, train_idx, test_idx, counts, is_writer: bool) -> dict:
+  """What a finished fold (or cell of members) keeps: its size and confusion counts
+  [members][n_classes][n_classes]."""
+  fold_result = {
+    "fold": fold,
+    "n_train": int(len(train_idx)),
+    "n_test": int(len(test_idx)),
+    "confusion_counts": counts,
+  }
+  if is_writer:
+    io_utils.atomic_write_json(path, fold_result)
+  return fold_result
+
+
 def prediction_header(class_names) -> list[str]:
   return [*PREDICTION_COLUMNS, *(f"p_{name}" for name in class_names)]
 

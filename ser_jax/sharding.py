@@ -43,6 +43,11 @@ class Topology:
   def batch(self) -> NamedSharding:
     return NamedSharding(self.mesh, P(DATA_AXIS))
 
+  @property
+  def stacked_batch(self) -> NamedSharding:
+    """Batches stacked on a leading axis [n, batch, ...], each split over the devices."""
+    return NamedSharding(self.mesh, P(None, DATA_AXIS))
+
   def check_batch_size(self, key: str, batch_size: int) -> None:
     """The global batch must split evenly over devices and processes."""
     if batch_size % self.num_devices:
@@ -57,6 +62,10 @@ class Topology:
       name: jax.make_array_from_process_local_data(self.batch, value)
       for name, value in local_batch.items()
     }
+
+  def global_stacked_batches(self, local: np.ndarray) -> jax.Array:
+    """[n, local batch, ...] slices of each process assembled into [n, batch, ...] arrays."""
+    return jax.make_array_from_process_local_data(self.stacked_batch, local)
 
   def fsdp(self, tree):
     """Shardings that split each array's largest divisible axis over the data axis.

@@ -69,13 +69,19 @@ def make_hparams(
   }
 
 
-def make_optimizer(weight_decay: float) -> optax.GradientTransformation:
+def make_optimizer(
+  weight_decay: float, before_update: optax.GradientTransformation | None = None
+) -> optax.GradientTransformation:
   """AdamW at unit learning rate; the step scales its update by the scheduled rate.
 
   Scaling the whole update equals optax.adamw at that rate (the decoupled weight decay
-  term scales with it too) and lets the rate and schedule be per-member arrays.
+  term scales with it too) and lets the rate and schedule be per-model arrays.
+  before_update: applied to the gradients first, with the same values (a backend may
+  order work there, see ser_jax.cpu.Backend); the optimiser's state has the same
+  structure with or without it.
   """
-  return optax.adamw(1.0, b1=0.9, b2=0.999, weight_decay=weight_decay)
+  adamw = optax.adamw(1.0, b1=0.9, b2=0.999, weight_decay=weight_decay)
+  return optax.chain(before_update or optax.identity(), adamw)
 
 
 def scheduled_learning_rate(step: jax.Array, hparams: HParams) -> jax.Array:
@@ -135,13 +141,8 @@ def train_step(
   hparams: HParams,
   *,
   augmentation: Augmentation,
-  gradients_hook: Callable | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on a batch; pure, so it jits, shards over the batch and vmaps.
-
-  gradients_hook: applied to the gradients before the update, with the same values (a
-  backend may order work there, see ser_jax.cpu.Backend).
-  """
+  """One optimiser step on a batch; pure, so it jits, shards over the batch and vmaps."""
   rng = jax.random.fold_in(jax.random.key(hparams["rng_seed"]), state.step)
   features = augment(batch["features"], batch["valid_frames"], rng, augmentation)
   inputs = features[..., None]
@@ -163,8 +164,6 @@ def train_step(
     return per_example.mean(), (logits, updates["batch_stats"])
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  if gradients_hook is not None:
-    grads = gradients_hook(grads)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   learning_rate = scheduled_learning_rate(state.step, hparams)
   updates = jax.tree.map(lambda u: learning_rate * u, updates)
@@ -183,20 +182,26 @@ def train_step(
 
 
 def epoch_loop(step_fn, state, hparams, batch_at: Callable, n_steps, max_steps: int):
-  """`n_steps` steps of `step_fn(state, batch_at(i), hparams)` in one loop on the device.
+  """`max_steps` iterations of `state, metrics = step_fn(state, batch_at(i), hparams)` in
+  one loop on the device, of which the first `n_steps` train.
 
-  n_steps may be a traced scalar (<= max_steps): folds of different sizes share one program.
-  Returns (state, metrics), each metric [max_steps, ...] with rows from n_steps on zero.
+  max_steps is a Python int, so the loop's trip count is known when it compiles (XLA:GPU
+  would otherwise copy the loop's predicate to the host every step). n_steps may be
+  traced (<= max_steps): a step past it leaves the state unchanged, through a select, so
+  folds of different sizes share one program. Returns (state, metrics), each metric
+  [max_steps, ...]; rows from n_steps on are those of steps whose results were dropped.
   """
   _, metric_shapes = jax.eval_shape(step_fn, state, batch_at(0), hparams)
   buffers = jax.tree.map(lambda s: jnp.zeros((max_steps, *s.shape), s.dtype), metric_shapes)
 
   def body(i, carry):
     state, buffers = carry
-    state, metrics = step_fn(state, batch_at(i), hparams)
+    stepped, metrics = step_fn(state, batch_at(i), hparams)
+    trains = i < n_steps
+    state = jax.tree.map(lambda new, old: jnp.where(trains, new, old), stepped, state)
     return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
 
-  return jax.lax.fori_loop(0, n_steps, body, (state, buffers))
+  return jax.lax.fori_loop(0, max_steps, body, (state, buffers))
 
 
 def class_probabilities(apply_fn, variables: dict, features: jax.Array) -> jax.Array:
@@ -206,13 +211,10 @@ def class_probabilities(apply_fn, variables: dict, features: jax.Array) -> jax.A
   return jax.nn.softmax(logits, axis=-1)
 
 
-def inference_variables(apply_fn, variables: dict, features: jax.Array, backend_variables) -> dict:
-  """What inference reads besides `variables` for features of this shape: the variable
-  collections a backend's ops add (`backend_variables(apply_fn, variables, inputs)`, see
-  ser_jax.cpu.Backend), or none."""
-  if backend_variables is None:
-    return {}
-  return backend_variables(apply_fn, variables, features[..., None])
+def evaluate_batches(apply_fn, variables: dict, features: jax.Array) -> jax.Array:
+  """[n, batch, n_classes] probabilities of [n, batch, n_bins, n_frames] standardised
+  features, one batch after another in a loop on the device."""
+  return jax.lax.map(functools.partial(class_probabilities, apply_fn, variables), features)
 
 
 def state_variables(state: TrainState) -> dict:
@@ -220,33 +222,44 @@ def state_variables(state: TrainState) -> dict:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def eval_step(state: TrainState, batch: Batch, extra_variables: dict | None = None) -> jax.Array:
-  """Class probabilities [batch, n_classes] of a standardised batch.
+def eval_step(state: TrainState, batch: Batch) -> jax.Array:
+  """Class probabilities [batch, n_classes] of a standardised batch."""
+  return class_probabilities(state.apply_fn, state_variables(state), batch["features"])
 
-  extra_variables: `inference_variables` for batches of this shape.
+
+STACKINGS = ("vmap", "map")
+
+
+def over_models(fn, n_models: int, stacking: str = "vmap", shared_args: int = 0):
+  """`fn(model, *args)` for a leading model axis on `model` and on all but the first
+  `shared_args` of args, which every model reads whole.
+
+  stacking: 'vmap', one batched program (convolutions become grouped ones); or 'map',
+  `lax.map` over the models, a loop with a known trip count inside the program that runs
+  each model's plain convolutions. With one model the axis is squeezed instead, so a
+  single model compiles the plain function.
   """
-  variables = {**state_variables(state), **(extra_variables or {})}
-  return class_probabilities(state.apply_fn, variables, batch["features"])
+  if n_models == 1:
 
+    def single(model, *args):
+      squeeze = functools.partial(jax.tree.map, lambda x: x[0])
+      shared, own = args[:shared_args], args[shared_args:]
+      out = fn(squeeze(model), *shared, *[squeeze(a) for a in own])
+      return jax.tree.map(lambda x: x[None], out)
 
-def over_members(step_fn, n_members: int, batch_args: int = 1):
-  """Runs `step_fn(state, *batch_args, *rest)` for a leading member axis on state and rest.
+    return single
+  if stacking == "vmap":
 
-  With several members it is `jax.vmap` (one program for all); with one it squeezes the
-  axis instead, so a single run compiles the plain step.
-  """
-  if n_members > 1:
+    def vmapped(model, *args):
+      in_axes = (0,) + (None,) * shared_args + (0,) * (len(args) - shared_args)
+      return jax.vmap(fn, in_axes=in_axes)(model, *args)
 
-    def stacked(state, *args):
-      in_axes = (0,) + (None,) * batch_args + (0,) * (len(args) - batch_args)
-      return jax.vmap(step_fn, in_axes=in_axes)(state, *args)
+    return vmapped
+  if stacking == "map":
 
-    return stacked
+    def mapped(model, *args):
+      shared, own = args[:shared_args], args[shared_args:]
+      return jax.lax.map(lambda xs: fn(xs[0], *shared, *xs[1]), (model, tuple(own)))
 
-  def single(state, *args):
-    squeeze = functools.partial(jax.tree.map, lambda x: x[0])
-    shared, own = args[:batch_args], args[batch_args:]
-    out = step_fn(squeeze(state), *shared, *[squeeze(a) for a in own])
-    return jax.tree.map(lambda x: x[None], out)
-
-  return single
+    return mapped
+  raise ValueError(f"unknown stacking {stacking!r}; expected one of: {', '.join(STACKINGS)}")

@@ -81,11 +81,10 @@ def check(shape_name: str) -> list[str]:
     step = jax.jit(jax.value_and_grad(lambda v, m=model: loss(m, v), has_aux=True))
     (value, updates), grads = step(variables)
     trained = {"params": variables["params"], **updates}
-    extra = cpu.backend(name).inference_variables
-    extra = jax.jit(extra, static_argnums=0)(model.apply, trained, x) if extra else {}
-    probabilities = jax.jit(
-      lambda v, e, m=model: jax.nn.softmax(m.apply({**v, **e}, x, train=False))
-    )(trained, extra)
+    evaluate = cpu.backend(name).evaluate  # Each backend's own evaluation.
+    probabilities = jax.jit(lambda v, m=model, f=evaluate: f(m.apply, v, x[None, ..., 0])[0])(
+      trained
+    )
     results[name] = (value, grads["params"], updates, probabilities)
   for label, got, want in zip(
     ("loss", "gradient", "batch_stats", "probabilities"),

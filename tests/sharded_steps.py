@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ser_jax import cpu, experiment, input_pipeline, models
+from ser_jax import cpu, evaluation, experiment, input_pipeline, models, programs, train
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 from ser_jax.store import FeatureStore
@@ -33,38 +33,78 @@ def tiny_store(n: int = 37, n_bins: int = 8, n_frames: int = 16) -> FeatureStore
 
 
 def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, layout: str) -> None:
-  """`layout`: 'replicated', 'fsdp' (config.model.shard_params) or 'sweep' (3 members)."""
+  """`layout`: 'replicated', 'fsdp' (config.model.shard_params), 'sweep' (3 members) or
+  'folds' (3 models of different folds, stacked, with their own batches on the device)."""
   config = default_config()
   config.model.width = 4
   config.model.shard_params = layout == "fsdp"
   config.train.batch_size = batch_size
   store = tiny_store()
   topology = Topology.create()
-  gammas = (0.0, 2.0, 5.0) if layout == "sweep" else (2.0,)
+  eval_batch_size = topology.num_devices * -(-eval_batch_size // topology.num_devices)
+  gammas = (0.0, 2.0, 5.0) if layout in ("sweep", "folds") else (2.0,)
   members = [experiment.Member(gamma, 0, 1e-2) for gamma in gammas]
+  k = len(members)
   # The same lowering on any number of devices, so that only the sharding differs.
   backend = cpu.backend("cpu")
   model = models.create_model(ml_collections.ConfigDict(config.model), 4, backend.ops)
-  programs = experiment.Programs.create(
-    config, model, backend, len(members), store.features.shape[1:], topology
+  n_bins = store.features.shape[1]
+  shapes = programs.Shapes(
+    n_models=k,
+    n_members=k,
+    feature_shape=store.features.shape[1:],
+    batch_size=batch_size,
+    max_steps=n_steps,
+    n_rows=len(store),
+    eval_batches=-(-len(store) // eval_batch_size),
+    eval_batch_size=eval_batch_size,
+    n_classes=4,
   )
-  state = programs.init(np.zeros(len(members), np.uint32), 0)
+  made = programs.Programs.create(
+    shapes,
+    model,
+    backend,
+    stacking="vmap",
+    weight_decay=config.train.weight_decay,
+    augmentation=train.Augmentation.from_config(config.train),
+    shard_params=config.model.shard_params,
+    compiler_options={},
+    topology=topology,
+  )
+  folds = np.arange(k, dtype=np.int32) if layout == "folds" else np.zeros(k, np.int32)
+  state = made.init(np.zeros(k, np.uint32), folds)
   if layout == "fsdp":  # Large enough leaves are split over the data axis.
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
   hparams = experiment.stacked_hparams(config, members, None, 0, n_steps, tuple("abcd"))
   hparams = jax.device_put(hparams, topology.replicated)
-  mean = np.zeros(store.features.shape[1], np.float32)
+  mean = np.zeros(n_bins, np.float32)
   std = np.ones_like(mean)
-  losses = []
   indices = np.arange(len(store))
-  for step in range(n_steps):
-    batch = input_pipeline.read_batch(
-      store, np.random.default_rng(step).choice(indices, batch_size, replace=False), mean, std
+  losses = []
+  if layout == "folds":  # Each model its own batches, and the last one step fewer.
+    rows = jax.device_put(input_pipeline.load_rows(store), topology.replicated)
+    order = np.stack(
+      [np.random.default_rng(m).choice(indices, (n_steps, batch_size)) for m in range(k)]
+    ).astype(np.int32)
+    n_trained = np.array([n_steps] * (k - 1) + [n_steps - 1], np.int32)
+    state, metrics = made.train_epoch(
+      state,
+      rows,
+      *jax.device_put((order, n_trained, np.stack([mean] * k), np.stack([std] * k))),
+      hparams,
     )
-    state, metrics = programs.train_step(state, topology.global_batch(batch), hparams)
-    losses.append(np.asarray(metrics["loss"]))
-  fold = experiment.Fold(0, indices, indices, mean, std)
-  probabilities = experiment.evaluate(programs, state, store, fold, eval_batch_size, topology)
+    losses = np.asarray(metrics["loss"]).T  # [steps, models]
+    assert np.asarray(state.step).tolist() == n_trained.tolist()
+  else:
+    for step in range(n_steps):
+      batch = input_pipeline.read_batch(
+        store, np.random.default_rng(step).choice(indices, batch_size, replace=False), mean, std
+      )
+      state, metrics = made.train_step(state, topology.global_batch(batch), hparams)
+      losses.append(np.asarray(metrics["loss"]))
+  probabilities = evaluation.evaluate(
+    made.evaluate, made.take_cell(state, 0), store, indices, mean, std, shapes, topology
+  )
   leaves = {f"param_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
   stats = {f"stat_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.batch_stats))}
   np.savez(

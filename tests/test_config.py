@@ -345,7 +345,8 @@ def test_weights_and_rules_can_be_set_on_the_command_line(override, key, want):
   "key, value",
   [
     ("model.lowering", "xla"),
-    ("sweep.members_per_chunk", 5),
+    ("train.models_together", "map"),
+    ("train.models_per_program", 5),
     ("data.num_workers", 7),
     ("train.eval_batch_size", 3),
   ],
@@ -370,7 +371,9 @@ def test_a_rerun_may_change_result_neutral_keys_only(tmp_path, key, value):
 NEUTRAL_VARIANTS = {
   "train.eval_batch_size": 9,  # 32 test clips: batches of 9, 9, 9 and 5 padded to 8.
   "model.lowering": "xla",  # The baseline's 'auto' is oneDNN or 'cpu' on a CPU.
-  "sweep.members_per_chunk": 2,  # Both members in one vmapped program, not one at a time.
+  "train.models_together": "vmap",  # Both members in one vmapped program, not one at a time.
+  # Both members stacked by lax.map, at most one a program: one after the other.
+  "train.models_per_program": {"train.models_together": "map", "train.models_per_program": 1},
   "data.on_device": "never",  # Batches streamed from the store.
   "cv.folds": (),  # Every fold; fold 0 is compared.
   "data.cache_dir": "another",  # A second folder: the store extracted again.
@@ -382,7 +385,7 @@ NEUTRAL_VARIANTS = {
 # 6e-8 (the CSV's last digit) for the lowering and the chunk, the same bits for the rest.
 NEUTRAL_TOLERANCE = {
   "model.lowering": 1e-5,
-  "sweep.members_per_chunk": 1e-5,
+  "train.models_together": 1e-5,
   "train.eval_batch_size": 1e-5,
 }
 
@@ -436,7 +439,8 @@ def neutral_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
       value = str(root / value)
     if key == "data.num_workers":
       delete = baseline["data.cache_dir"]
-    runs.append((str(root / key), {**baseline, key: value}, delete))
+    changes = value if isinstance(value, dict) else {key: value}
+    runs.append((str(root / key), {**baseline, **changes}, delete))
   done = run_python(["-c", _RUN_VARIANTS, json.dumps(runs)])
   assert done.returncode == 0, done.stderr[-5000:]
   return {"baseline": root / "baseline", **{key: root / key for key in NEUTRAL_VARIANTS}}

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ser_jax import cpu, memory
+from ser_jax import memory
 from ser_jax.memory import ChunkPlan, GiB, MemoryPlanError, plan_chunks
 
 MEMINFO = """\
@@ -154,8 +154,8 @@ def test_a_small_memory_gives_small_even_chunks():
   # 10 GiB * 0.9 = 9 GiB holds 3 members of 2.5 GiB.
   plan = plan_chunks(18, int(2.5 * GiB), 10 * GiB, "gpu")
   assert plan == ChunkPlan(
-    n_members=18,
-    members_per_chunk=3,
+    n_models=18,
+    models_per_chunk=3,
     n_chunks=6,
     bytes_per_chunk=3 * int(2.5 * GiB),
     available=10 * GiB,
@@ -163,9 +163,9 @@ def test_a_small_memory_gives_small_even_chunks():
   )
 
 
-def test_a_large_accelerator_trains_all_members_at_once():
+def test_a_large_accelerator_trains_all_models_at_once():
   plan = plan_chunks(18, GiB, 80 * GiB, "gpu")
-  assert (plan.members_per_chunk, plan.n_chunks, plan.limited_by) == (18, 1, "members")
+  assert (plan.models_per_chunk, plan.n_chunks, plan.limited_by) == (18, 1, "models")
 
 
 @pytest.mark.parametrize(
@@ -174,33 +174,30 @@ def test_a_large_accelerator_trains_all_members_at_once():
 )
 def test_chunks_are_as_few_and_as_even_as_the_memory_allows(fit, per_chunk, n_chunks):
   plan = plan_chunks(18, GiB, fit * GiB, "tpu", margin=1.0)
-  assert (plan.members_per_chunk, plan.n_chunks) == (per_chunk, n_chunks)
-  assert plan.members_per_chunk <= fit
-  assert (plan.n_chunks - 1) * plan.members_per_chunk < 18 <= plan.n_chunks * plan.members_per_chunk
+  assert (plan.models_per_chunk, plan.n_chunks) == (per_chunk, n_chunks)
+  assert plan.models_per_chunk <= fit
+  assert (plan.n_chunks - 1) * plan.models_per_chunk < 18 <= plan.n_chunks * plan.models_per_chunk
 
 
 def test_the_default_margins():
   # 4 GiB per member: 0.9 * 40 GiB holds 9; 0.75 * 40 GiB holds 7.
-  assert plan_chunks(50, 4 * GiB, 40 * GiB, "gpu").members_per_chunk == 9
+  assert plan_chunks(50, 4 * GiB, 40 * GiB, "gpu").models_per_chunk == 9
   assert plan_chunks(50, 4 * GiB, 40 * GiB, "cpu", margin=memory.CPU_MARGIN) == plan_chunks(
     50, 4 * GiB, 40 * GiB, "cpu"
   )
 
 
-def test_a_backend_cap_bounds_the_chunks_and_memory_can_bound_them_further():
-  plan = plan_chunks(18, GiB, 1000 * GiB, "cpu", max_members_per_chunk=1)
-  assert (plan.members_per_chunk, plan.n_chunks, plan.limited_by) == (1, 18, "backend")
-  plan = plan_chunks(18, GiB, 1000 * GiB, "cpu", max_members_per_chunk=4)
-  assert (plan.members_per_chunk, plan.n_chunks, plan.limited_by) == (4, 5, "backend")
-  assert plan.describe().endswith("(at most 4 at once on this backend)")
-  # Memory can still hold a backend below its cap: 0.75 * 4 GiB holds 3 members of 1 GiB.
-  plan = plan_chunks(18, GiB, 4 * GiB, "cpu", max_members_per_chunk=4)
-  assert (plan.members_per_chunk, plan.n_chunks, plan.limited_by) == (3, 6, "memory")
-
-
-def test_the_cpu_backends_train_one_member_at_a_time():
-  for lowering in ("xla", "cpu", "onednn"):
-    assert cpu.backend(lowering).max_members_per_chunk == cpu.CPU_MEMBERS_PER_CHUNK == 1
+def test_a_set_bound_caps_the_chunks_and_memory_can_bound_them_further():
+  plan = plan_chunks(18, GiB, 1000 * GiB, "cpu", at_most=1)
+  assert (plan.models_per_chunk, plan.n_chunks, plan.limited_by) == (1, 18, "setting")
+  plan = plan_chunks(18, GiB, 1000 * GiB, "cpu", at_most=4)
+  assert (plan.models_per_chunk, plan.n_chunks, plan.limited_by) == (4, 5, "setting")
+  assert plan.describe().endswith("(at most 4 at once, as set)")
+  # 0.75 * 4 GiB holds 3 models of 1 GiB, below the bound of 4.
+  plan = plan_chunks(18, GiB, 4 * GiB, "cpu", at_most=4)
+  assert (plan.models_per_chunk, plan.n_chunks, plan.limited_by) == (3, 6, "memory")
+  with pytest.raises(MemoryPlanError):  # A bound of one still needs one to fit.
+    plan_chunks(18, 8 * GiB, 4 * GiB, "cpu", at_most=1)
 
 
 def test_one_member_too_large_is_a_one_line_error_with_the_way_out():
@@ -208,37 +205,70 @@ def test_one_member_too_large_is_a_one_line_error_with_the_way_out():
     plan_chunks(18, int(3.1 * GiB), int(1.6 * GiB), "cpu")
   message = str(error.value)
   assert "\n" not in message
-  assert "3.1 GiB" in message  # Needed per member.
+  assert "3.1 GiB" in message  # Needed per model.
   assert "1.2 GiB" in message and "1.6 GiB" in message  # Usable, and available.
   for remedy in ("train.batch_size", "features.max_seconds", "model.compute_dtype=bfloat16"):
     assert remedy in message
   assert isinstance(error.value, ValueError)
 
 
-def test_unknown_memory_trains_all_members_or_the_backend_cap():
-  assert plan_chunks(18, 0, 10 * GiB, "gpu").members_per_chunk == 18
-  assert plan_chunks(18, GiB, 0, "gpu").members_per_chunk == 18
-  capped = plan_chunks(18, 0, 0, "cpu", max_members_per_chunk=2)
-  assert capped.members_per_chunk == 2
-  assert "memory unknown" in capped.describe()
+def test_unknown_memory_trains_all_models_at_once():
+  assert plan_chunks(18, 0, 10 * GiB, "gpu").models_per_chunk == 18
+  assert plan_chunks(18, GiB, 0, "gpu").models_per_chunk == 18
+  assert "memory unknown" in plan_chunks(18, GiB, 0, "gpu").describe()
 
 
 def test_describe_is_one_line_with_the_chunks_and_the_memory():
   plan = plan_chunks(18, int(0.87 * GiB), int(20.1 * GiB), "gpu", margin=0.13)
   assert plan.describe() == (
-    "18 members: 6 chunks of 3, about 2.6 GiB per chunk, 20.1 GiB available (as many as fit)"
+    "18 models: 6 chunks of 3, about 2.6 GiB per chunk, 20.1 GiB available (as many as fit)"
   )
   one = plan_chunks(2, GiB, 80 * GiB, "gpu")
   assert one.describe() == (
-    "2 members: 1 chunk of 2, about 2.0 GiB per chunk, 80.0 GiB available (all at once)"
+    "2 models: 1 chunk of 2, about 2.0 GiB per chunk, 80.0 GiB available (all at once)"
   )
 
 
 @pytest.mark.parametrize(
   ("kwargs", "match"),
-  [({"n_members": 0}, "n_members=0"), ({"margin": 1.5}, "margin=1.5")],
+  [({"n_models": 0}, "n_models=0"), ({"margin": 1.5}, "margin=1.5")],
 )
 def test_bad_arguments_name_the_value(kwargs, match):
-  arguments = {"n_members": 4, "bytes_per_member": GiB, "available": 8 * GiB, "platform": "cpu"}
+  arguments = {"n_models": 4, "bytes_per_model": GiB, "available": 8 * GiB, "platform": "cpu"}
   with pytest.raises(ValueError, match=match):
     plan_chunks(**{**arguments, **kwargs})
+
+
+# group_cells
+
+
+@pytest.mark.parametrize("n_folds", [1, 2, 5, 7])
+@pytest.mark.parametrize("n_members", [1, 3, 18])
+@pytest.mark.parametrize("per_program", [1, 2, 4, 5, 18, 90, 200])
+def test_cells_cover_every_fold_and_member_once_within_the_program_size(
+  n_folds, n_members, per_program
+):
+  folds = list(range(10, 10 + n_folds))
+  groups = memory.group_cells(folds, n_members, per_program)
+  models = [(fold, j) for group in groups for fold, chunk in group for j in chunk]
+  assert sorted(models) == [(f, j) for f in folds for j in range(n_members)]
+  sizes = [sum(len(chunk) for _, chunk in group) for group in groups]
+  assert max(sizes) <= max(per_program, 1)
+  assert max(sizes) - min(sizes) <= max(n_members, 1)  # Even groups of whole cells.
+  for group in groups:  # A group's cells have the same number of members.
+    assert len({len(chunk) for _, chunk in group}) == 1
+  # As few programs as the size allows: whole folds together, else member chunks.
+  if per_program >= n_members:
+    assert len(groups) == -(-n_folds // (per_program // n_members))
+  else:
+    assert len(groups) == n_folds * -(-n_members // per_program)
+
+
+def test_five_folds_of_one_member_train_in_one_program_or_one_at_a_time():
+  assert memory.group_cells(range(5), 1, 5) == [[(k, range(1)) for k in range(5)]]
+  assert memory.group_cells(range(5), 1, 1) == [[(k, range(1))] for k in range(5)]
+  assert memory.group_cells([0, 1, 2, 3, 4], 1, 2) == [
+    [(0, range(1)), (1, range(1))],
+    [(2, range(1)), (3, range(1))],
+    [(4, range(1))],
+  ]

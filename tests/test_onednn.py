@@ -117,9 +117,21 @@ def test_packed_kernels_give_the_same_probabilities():
   packed = pack(state, batch)
   assert list(packed) == [fused.PACKED_KERNELS]
   assert jax.tree.leaves(packed)
-  evaluate = jax.jit(train.eval_step)
-  expected = evaluate(state, batch)
+
+  def evaluate(state, batch, extra):
+    variables = {**train.state_variables(state), **extra}
+    return train.class_probabilities(state.apply_fn, variables, batch["features"])
+
+  evaluate = jax.jit(evaluate)
+  expected = evaluate(state, batch, {})
   np.testing.assert_array_equal(evaluate(state, batch, packed), expected)
+  # The backend's evaluation packs once for a stack of batches, with the same bits.
+  stacked = jnp.stack([batch["features"], batch["features"]])
+  backend_evaluate = jax.jit(
+    lambda state, x: fused.evaluate_batches(state.apply_fn, train.state_variables(state), x)
+  )
+  np.testing.assert_array_equal(backend_evaluate(state, stacked)[0], expected)
+  np.testing.assert_array_equal(backend_evaluate(state, stacked)[1], expected)
   # One packed kernel of the wrong size (which ones are packed depends on the instruction set).
   leaves, tree = jax.tree.flatten(packed)
   wrong = jax.tree.unflatten(tree, [leaves[0][:-16], *leaves[1:]])

@@ -80,6 +80,13 @@ def test_vmapped_sweep_on_eight_devices_trains_like_one(tmp_path):
   _assert_same_training(one, many)
 
 
+def test_stacked_folds_on_eight_devices_train_like_one(tmp_path):
+  """Three models with their own batches, one masked for its last step, in one program."""
+  one = _run_steps(tmp_path, 1, 8, "folds")
+  assert one["losses"].shape == (3, 3)  # [steps, models]
+  _assert_same_training(one, _run_steps(tmp_path, 8, 8, "folds"))
+
+
 @pytest.mark.parametrize("n_devices", [1, pytest.param(3, marks=pytest.mark.slow), 8])
 def test_evaluation_counts_every_example_once(tmp_path, n_devices):
   result = _run_steps(tmp_path, n_devices, 24)

@@ -46,7 +46,7 @@ def study_args(workdir, corpora, cache, **overrides) -> list[str]:
     "cv.n_folds": 2,
     "data.num_workers": 1,
     "data.cache_dir": str(cache),
-    "sweep.members_per_chunk": 1,
+    "train.models_together": "none",
     "model.lowering": "xla",  # Same values; loads and traces faster than oneDNN's.
   }
   settings.update(overrides)

@@ -82,7 +82,13 @@ def test_chunked_sweep_members_equal_separate_runs(tmp_path, cache, singles):
   sweep = run_module(
     "ser_jax.main",
     _sweep_args(
-      tmp_path / "sweep", cache, **{"sweep.gammas": str(GAMMAS), "sweep.members_per_chunk": 2}
+      tmp_path / "sweep",
+      cache,
+      **{
+        "sweep.gammas": str(GAMMAS),
+        "train.models_together": "vmap",
+        "train.models_per_program": 2,
+      },
     ),
   )
   assert sweep.returncode == 0, sweep.stderr
@@ -103,7 +109,7 @@ def test_chunked_sweep_members_equal_separate_runs(tmp_path, cache, singles):
 
 def test_vmapped_sweep_writes_every_member_and_the_curve(tmp_path, cache, singles):
   workdir = tmp_path / "sweep"
-  args = _sweep_args(workdir, cache, **{"sweep.members_per_chunk": 2})
+  args = _sweep_args(workdir, cache, **{"train.models_together": "vmap"})
   process = run_module("ser_jax.main", args)
   assert process.returncode == 0, process.stderr
   summary = json.loads((workdir / "results.json").read_text())
@@ -120,14 +126,14 @@ def test_vmapped_sweep_writes_every_member_and_the_curve(tmp_path, cache, single
 
 
 def test_class_weights_sweep_in_chunks_that_fit_and_every_prediction_kept(tmp_path, cache):
-  """sweep.alphas joins the swept arrays; with members_per_chunk=0 the run sizes its chunks
+  """sweep.alphas joins the swept arrays; with train.models_per_program=0 the run sizes its programs
   (one member at a time on CPUs) and says so; predictions.csv holds every member."""
   workdir = tmp_path / "sweep"
   alphas = "((1.0,1.0,1.0,1.0),'inverse_frequency')"
   args = _sweep_args(workdir, cache, **{"sweep.gammas": "(0.0,)", "sweep.alphas": alphas})
   process = run_module("ser_jax.main", args)
   assert process.returncode == 0, process.stderr
-  assert "2 members: 2 chunks of 1" in process.stderr
+  assert "2 models: 2 chunks of 1" in process.stderr
   summary = json.loads((workdir / "results.json").read_text())
   assert [m["alpha"] for m in summary["sweep"]] == [[1.0, 1.0, 1.0, 1.0], "inverse_frequency"]
   predictions = compare.load_predictions(workdir)

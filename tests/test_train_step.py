@@ -11,7 +11,7 @@ import optax
 import pytest
 from scipy.special import log_softmax
 
-from ser_jax import train
+from ser_jax import cpu, train
 from ser_jax.models import ResNet18
 
 BATCH, N_BINS, N_FRAMES, N_CLASSES = 8, 16, 32, 4
@@ -143,8 +143,8 @@ def test_train_step_is_pure(jitted_step, state):
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, state))
   assert int(first_state.step) == int(state.step) + 1
   assert not np.array_equal(first_state.batch_stats["stem_norm"]["mean"], 0.0)
-  first_moment = first_state.opt_state[0].mu["head"]["kernel"]
-  assert not np.array_equal(first_moment, state.opt_state[0].mu["head"]["kernel"])
+  first_moment = first_state.opt_state[1][0].mu["head"]["kernel"]
+  assert not np.array_equal(first_moment, state.opt_state[1][0].mu["head"]["kernel"])
 
 
 def test_learning_rate_schedule_equals_optax_warmup_cosine_decay():
@@ -233,7 +233,7 @@ def test_first_step_moments_are_the_closed_form_loss_gradient(jitted_step, gamma
     )(logits)
     np.testing.assert_allclose(dlogits, want, rtol=1e-5, atol=1e-8)
   np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
-  adam = new_state.opt_state[0]
+  adam = new_state.opt_state[1][0]
   for name, g in grads.items():
     scale = np.max(np.abs(g))
     np.testing.assert_allclose(adam.mu[name], 0.1 * g, rtol=1e-4, atol=1e-6 * scale)
@@ -288,8 +288,8 @@ def test_the_step_is_optax_adamw_at_the_warmup_cosine_schedule():
     np.testing.assert_allclose(
       train.scheduled_learning_rate(jnp.int32(i), hparams), schedule(i), rtol=1e-5, atol=1e-9
     )
-    _assert_trees_close(state.opt_state[0].mu, want_opt_state[0].mu, rtol=1e-4, atol=1e-7)
-    _assert_trees_close(state.opt_state[0].nu, want_opt_state[0].nu, rtol=1e-4, atol=1e-9)
+    _assert_trees_close(state.opt_state[1][0].mu, want_opt_state[0].mu, rtol=1e-4, atol=1e-7)
+    _assert_trees_close(state.opt_state[1][0].nu, want_opt_state[0].nu, rtol=1e-4, atol=1e-9)
     _assert_trees_close(state.params, want_params, rtol=1e-5, atol=1e-6)
   assert float(schedule(total)) == pytest.approx(0.0, abs=1e-12)
   assert int(state.step) == total + 2
@@ -357,10 +357,12 @@ def test_masks_zero_whole_bins_and_frames_within_their_widths():
     assert len(frames) <= 5
 
 
-# --- over_members ----------------------------------------------------------------------
+# --- over_models -----------------------------------------------------------------------
 
 
-def test_vmapped_members_equal_separate_runs(jitted_step):
+@pytest.mark.parametrize("stacking", train.STACKINGS)
+def test_stacked_models_equal_separate_runs(jitted_step, stacking):
+  """vmap and lax.map over models give each model's own run (shared batch, own hparams)."""
   gammas = (0.0, 1.0, 2.0)
   states = [_state(seed) for seed in range(3)]
   hparams = [_hparams(gamma=g, rng_seed=10 + i) for i, g in enumerate(gammas)]
@@ -375,11 +377,13 @@ def test_vmapped_members_equal_separate_runs(jitted_step):
     separate_states.append(state)
     separate_losses.append(jnp.stack(losses))
 
-  members = jax.jit(train.over_members(STEP, 3), compiler_options=FAST_COMPILE)
+  models = jax.jit(
+    train.over_models(STEP, 3, stacking, shared_args=1), compiler_options=FAST_COMPILE
+  )
   stacked, stacked_hparams = _stack(states), _stack(hparams)
   losses = []
   for _ in range(3):
-    stacked, metrics = members(stacked, batch, stacked_hparams)
+    stacked, metrics = models(stacked, batch, stacked_hparams)
     assert metrics["loss"].shape == (3,)
     losses.append(metrics["loss"])
   _assert_trees_close(stacked.params, _stack([s.params for s in separate_states]))
@@ -391,41 +395,46 @@ def test_vmapped_members_equal_separate_runs(jitted_step):
   assert not np.allclose(separate_losses[0], separate_losses[2])
 
 
-def test_single_member_equals_the_plain_step(jitted_step, state):
+def test_a_single_model_equals_the_plain_step(jitted_step, state):
   batch, hparams = _easy_batch(), _hparams(gamma=1.0, rng_seed=5)
   plain_state, plain_metrics = jitted_step(state, batch, hparams)
-  # Wrapping the compiled step checks over_members' own work (squeeze, call, re-stack)
+  # Wrapping the compiled step checks over_models' own work (squeeze, call, re-stack)
   # without compiling the ResNet again.
-  one = train.over_members(jitted_step, 1)
-  member_state, member_metrics = one(_stack([state]), batch, _stack([hparams]))
-  assert member_metrics["loss"].shape == (1,)
-  assert member_state.step.shape == (1,)
-  _assert_trees_close(jax.tree.map(lambda x: x[0], member_state), plain_state, 0, 0)
-  _assert_trees_close(jax.tree.map(lambda x: x[0], member_metrics), plain_metrics, 0, 0)
+  one = train.over_models(jitted_step, 1, "map", shared_args=1)
+  model_state, model_metrics = one(_stack([state]), batch, _stack([hparams]))
+  assert model_metrics["loss"].shape == (1,)
+  assert model_state.step.shape == (1,)
+  _assert_trees_close(jax.tree.map(lambda x: x[0], model_state), plain_state, 0, 0)
+  _assert_trees_close(jax.tree.map(lambda x: x[0], model_metrics), plain_metrics, 0, 0)
 
 
-def test_a_gradients_hook_sees_every_gradient_before_the_update(jitted_step, state):
-  """The hook's output is what the optimiser applies; an identity hook changes nothing."""
+def test_an_unknown_stacking_names_the_choices():
+  with pytest.raises(ValueError, match="'pmap'.*vmap, map"):
+    train.over_models(STEP, 2, "pmap")
+
+
+def test_a_transformation_before_the_update_sees_every_gradient(jitted_step, state):
+  """make_optimizer(before_update=) transforms the gradients the optimiser applies, and
+  keeps the optimiser state's structure, so checkpoints restore under any backend."""
   batch, hparams = _easy_batch(), _hparams(rng_seed=3)
-  doubled = jax.jit(
-    functools.partial(STEP, gradients_hook=lambda g: jax.tree.map(lambda x: 2 * x, g)),
-    compiler_options=FAST_COMPILE,
-  )
+  doubled_tx = train.make_optimizer(1e-2, optax.scale(2.0))
+  assert jax.tree.structure(doubled_tx.init(state.params)) == jax.tree.structure(state.opt_state)
+  doubled = jax.jit(STEP, compiler_options=FAST_COMPILE)
   plain_state, _ = jitted_step(state, batch, hparams)
-  doubled_state, _ = doubled(state, batch, hparams)
+  doubled_state, _ = doubled(state.replace(tx=doubled_tx), batch, hparams)
   # Adam is invariant to a constant gradient scale (up to its epsilon) but not its moments.
   _assert_trees_close(doubled_state.params, plain_state.params, 1e-4, 1e-6)
-  first_moment = lambda s: s.opt_state[0].mu  # noqa: E731
+  first_moment = lambda s: s.opt_state[1][0].mu  # noqa: E731
   _assert_trees_close(
     first_moment(doubled_state),
     jax.tree.map(lambda x: 2 * x, first_moment(plain_state)),
     1e-5,
     1e-7,
   )
-  ordered = jax.jit(
-    functools.partial(STEP, gradients_hook=lambda g: g), compiler_options=FAST_COMPILE
+  # The CPU backend's transformation orders work only: the same values, bit for bit.
+  ordered_state, ordered_metrics = doubled(
+    state.replace(tx=train.make_optimizer(1e-2, cpu.UPDATE_AFTER_GRADIENTS)), batch, hparams
   )
   want_state, want_metrics = jitted_step(state, batch, hparams)
-  got_state, got_metrics = ordered(state, batch, hparams)
-  _assert_trees_close(got_state, want_state, 0, 0)
-  _assert_trees_close(got_metrics, want_metrics, 0, 0)
+  _assert_trees_close(ordered_state.params, want_state.params, 0, 0)
+  _assert_trees_close(ordered_metrics, want_metrics, 0, 0)

@@ -23,21 +23,12 @@ import os
 from collections.abc import Callable, Sequence
 
 import jax
+import optax
 
-from ser_jax import models
+from ser_jax import models, train
 from ser_jax.cpu import fused, kernels, malloc, norm, onednn, selftest, xla_flags
 
 LOWERINGS = ("auto", "xla", "cpu", "onednn")
-
-# Most sweep members a CPU trains in one vmapped program. A vmapped step runs each member's
-# convolutions as separate calls, so it gains little over one member at a time and costs
-# memory per member. benchmarks/bench_sweep.py (--n_frames 130, batch 32, oneDNN lowering,
-# 2-core AMD EPYC shared with other jobs, load 1-7), vmapped / sequential samples/s, two runs:
-#   width 16, 8 steps: 3 members 0.78x, 1.02x (1.43x, 1.28x earlier at load 1); 6: 1.13x, 0.85x
-#   width 64, 4 steps: 3 members 1.10x, 0.98x; 6 members 0.92x, 0.82x
-# No gain beyond the noise, and a loss at full width; XLA puts a width-64 step at 331 MiB
-# per member. So a CPU trains one member at a time.
-CPU_MEMBERS_PER_CHUNK = 1
 
 XLA_OPS = models.XLA_OPS
 CPU_OPS = models.Ops(kernels.conv_general_dilated, norm.BatchNorm, kernels.max_pool)
@@ -48,19 +39,17 @@ ONEDNN_OPS = models.Ops(
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-  """How a run computes: the model's ops and the train and eval steps' options."""
+  """How a run computes: the model's ops, and how training and evaluation wrap them."""
 
   lowering: str  # The lowering taken: 'xla', 'cpu' or 'onednn' (never 'auto').
   ops: models.Ops
-  # Applied to the gradients before the optimiser update (train.train_step's hook).
-  gradients_hook: Callable | None = None
-  # (apply_fn, variables, inputs) -> variable collections that inference reads besides
-  # params and batch_stats (oneDNN's kernel layouts); None: nothing to add.
-  inference_variables: Callable | None = None
+  # Applied to the gradients before the optimiser's update (train.make_optimizer).
+  before_update: optax.GradientTransformation | None = None
+  # (apply_fn, variables, [n, batch, n_bins, n_frames] features) -> [n, batch, n_classes]
+  # probabilities: train.evaluate_batches, or a backend's that reads more variables.
+  evaluate: Callable = train.evaluate_batches
   # Whether the train step donates its state (XLA:CPU copies donated buffers instead).
   donate_state: bool = True
-  # Most sweep members trained in one program; 0: as many as fit in memory.
-  max_members_per_chunk: int = 0
 
   def provenance(self) -> dict:
     """What results files record about the computation."""
@@ -84,28 +73,25 @@ def after_all(tree, deps):
   return jax.tree.map(lambda x: x + anchor.astype(x.dtype), tree)
 
 
-def _update_after_gradients(grads):
-  # oneDNN's convolutions each use every core: an optimiser update that XLA runs beside
-  # them slows them more than it gains, so it waits for the whole backward pass.
-  return after_all(grads, grads)
+# oneDNN's convolutions each use every core: an optimiser update that XLA runs beside them
+# slows them more than it gains, so it waits for the whole backward pass.
+UPDATE_AFTER_GRADIENTS = optax.stateless(lambda grads, params=None: after_all(grads, grads))
 
 
 def backend(lowering: str) -> Backend:
   """The Backend of a lowering other than 'auto', without any check."""
+  on_cpu = jax.default_backend() == "cpu"
   if lowering == "xla":
-    if jax.default_backend() != "cpu":
-      return Backend("xla", XLA_OPS)
-    return Backend("xla", XLA_OPS, donate_state=False, max_members_per_chunk=CPU_MEMBERS_PER_CHUNK)
+    return Backend("xla", XLA_OPS, donate_state=not on_cpu)
   if lowering == "cpu":
-    return Backend("cpu", CPU_OPS, donate_state=False, max_members_per_chunk=CPU_MEMBERS_PER_CHUNK)
+    return Backend("cpu", CPU_OPS, donate_state=False)
   if lowering == "onednn":
     return Backend(
       "onednn",
       ONEDNN_OPS,
-      gradients_hook=_update_after_gradients,
-      inference_variables=fused.packed_kernels,
+      before_update=UPDATE_AFTER_GRADIENTS,
+      evaluate=fused.evaluate_batches,
       donate_state=False,
-      max_members_per_chunk=CPU_MEMBERS_PER_CHUNK,
     )
   raise ValueError(f"unknown lowering {lowering!r}; expected one of: {', '.join(LOWERINGS)}")
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ser_jax import models
+from ser_jax import models, train
 from ser_jax.cpu import onednn
 
 # The variable collection of kernels laid out for oneDNN's fused inference.
@@ -51,3 +51,9 @@ def packed_kernels(apply_fn, variables: dict, inputs: jax.Array) -> dict:
   inference. Under jit only the layout work is compiled: the model's outputs are unused."""
   _, packed = apply_fn(variables, inputs, train=False, mutable=[PACKED_KERNELS])
   return {PACKED_KERNELS: packed[PACKED_KERNELS]} if PACKED_KERNELS in packed else {}
+
+
+def evaluate_batches(apply_fn, variables: dict, features: jax.Array) -> jax.Array:
+  """train.evaluate_batches with the kernels laid out once for the batches' shape."""
+  packed = packed_kernels(apply_fn, variables, features[0][..., None])
+  return train.evaluate_batches(apply_fn, {**variables, **packed}, features)
