@@ -56,7 +56,7 @@ def check(shape_name: str) -> list[str]:
   input_shape = (batch, n_bins, n_frames, 1)
 
   def make(ops):
-    return models.ResNet18(num_classes=4, width=width, ops=ops)
+    return models.ResNet18(num_classes=4, width=width, **ops)
 
   problems = [
     failure

@@ -58,7 +58,8 @@ def test_conv_value_and_gradients_equal_lax(x_shape, w_shape, strides, padding, 
   x = jax.nn.relu(jax.random.normal(kx, x_shape) - 0.2)
   w = jax.random.normal(kw, w_shape) / np.sqrt(np.prod(w_shape[:3]))  # Outputs of order 1.
   results = []
-  for conv in (jax.lax.conv_general_dilated, cpu.backend(_lowering(lowering)).ops.conv):
+  tuned = {"cpu": kernels.conv_general_dilated, "onednn": onednn.conv_general_dilated}[lowering]
+  for conv in (jax.lax.conv_general_dilated, tuned):
     grad = jax.jit(
       jax.value_and_grad(functools.partial(_loss, conv), argnums=(0, 1)), static_argnums=(2, 3)
     )
@@ -120,7 +121,7 @@ def test_resnet_lowering_same_variables_logits_and_gradients(lowering):
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), updates
 
   plain = ResNet18(num_classes=4, width=4)
-  tuned = ResNet18(num_classes=4, width=4, ops=cpu.backend(_lowering(lowering)).ops)
+  tuned = ResNet18(num_classes=4, width=4, **cpu.backend(_lowering(lowering)).ops)
   variables = plain.init(jax.random.key(0), x, train=False)
   tuned_variables = tuned.init(jax.random.key(0), x, train=False)
   assert jax.tree.structure(variables) == jax.tree.structure(tuned_variables)

@@ -80,7 +80,7 @@ def test_fused_inference_equals_the_plain_model(width):
   """Eval: each convolution with its BatchNorm, ReLU and residual sum in one oneDNN call."""
   x = jax.random.normal(jax.random.key(1), (2, 40, 64, 1))
   plain = models.ResNet18(num_classes=4, width=width)
-  fused_model = models.ResNet18(num_classes=4, width=width, ops=cpu.ONEDNN_OPS)
+  fused_model = models.ResNet18(num_classes=4, width=width, **cpu.ONEDNN_OPS)
   variables = randomised_batch_norms(
     plain.init(jax.random.key(0), x, train=False), jax.random.key(2)
   )
@@ -100,7 +100,7 @@ def test_fused_inference_equals_the_plain_model(width):
 def test_packed_kernels_give_the_same_probabilities():
   """Kernels laid out once per evaluation (fused.packed_kernels) give eval_step's values bit
   for bit; the packing program runs no convolution, and a wrong-sized kernel is refused."""
-  model = models.ResNet18(num_classes=4, width=64, ops=cpu.ONEDNN_OPS)
+  model = models.ResNet18(num_classes=4, width=64, **cpu.ONEDNN_OPS)
   batch = {"features": jax.random.normal(jax.random.key(1), (3, 40, 72))}
   state = train.create_train_state(model, optax.sgd(0.1), jax.random.key(0), (1, 40, 72, 1))
   variables = randomised_batch_norms(
@@ -206,7 +206,7 @@ torch.nn.functional.conv2d(torch.randn(2, 3, 16, 16), torch.randn(8, 3, 3, 3))  
 import jax, jax.numpy as jnp, numpy as np
 from ser_jax.cpu import onednn, selftest
 from ser_jax import models, cpu
-calls = selftest.record_calls(lambda ops: models.ResNet18(num_classes=4, width=8, ops=ops),
+calls = selftest.record_calls(lambda ops: models.ResNet18(num_classes=4, width=8, **ops),
                               [(4, 24, 40, 1), (4, 24, 40, 1)])
 print(json.dumps({"version": onednn.version(), "problems": [p for c in calls if (p := selftest.check_call(c))]}))
 """

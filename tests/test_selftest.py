@@ -21,7 +21,7 @@ SHAPES = [(2, 16, 24, 1), (2, 16, 24, 1)]
 def make(ops):
   from ser_jax import models
 
-  return models.ResNet18(num_classes=4, width=4, ops=ops)
+  return models.ResNet18(num_classes=4, width=4, **ops)
 
 
 @pytest.fixture

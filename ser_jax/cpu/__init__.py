@@ -16,6 +16,7 @@ Lowerings, all computing the same values:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -24,17 +25,25 @@ from collections.abc import Callable, Sequence
 
 import jax
 import optax
+from flax import linen as nn
 
-from ser_jax import models, train
+from ser_jax import train
 from ser_jax.cpu import fused, kernels, malloc, norm, onednn, selftest, xla_flags
 
 LOWERINGS = ("auto", "xla", "cpu", "onednn")
 
-XLA_OPS = models.XLA_OPS
-CPU_OPS = models.Ops(kernels.conv_general_dilated, norm.BatchNorm, kernels.max_pool)
-ONEDNN_OPS = models.Ops(
-  onednn.conv_general_dilated, norm.BatchNorm, kernels.max_pool, fused.conv_norm
-)
+# The ResNet's building blocks per lowering (models.ResNet's fields); XLA's are Flax's own.
+XLA_OPS: dict = {}
+CPU_OPS = {
+  "conv": functools.partial(nn.Conv, conv_general_dilated=kernels.conv_general_dilated),
+  "norm": norm.BatchNorm,
+  "max_pool": kernels.max_pool,
+}
+ONEDNN_OPS = {
+  **CPU_OPS,
+  "conv": functools.partial(nn.Conv, conv_general_dilated=onednn.conv_general_dilated),
+  "block_cls": fused.FusedBasicBlock,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +51,7 @@ class Backend:
   """How a run computes: the model's ops, and how training and evaluation wrap them."""
 
   lowering: str  # The lowering taken: 'xla', 'cpu' or 'onednn' (never 'auto').
-  ops: models.Ops
+  ops: dict  # models.ResNet's building blocks (block_cls, conv, norm, max_pool) or none.
   # Applied to the gradients before the optimiser's update (train.make_optimizer).
   before_update: optax.GradientTransformation | None = None
   # (apply_fn, variables, [n, batch, n_bins, n_frames] features) -> [n, batch, n_classes]
@@ -98,7 +107,7 @@ def backend(lowering: str) -> Backend:
 
 def select_backend(
   lowering: str,
-  make_model: Callable[[models.Ops], object] | None = None,
+  make_model: Callable[[dict], object] | None = None,
   input_shapes: Sequence[tuple[int, ...]] = (),
 ) -> Backend:
   """The Backend for model.lowering.

@@ -3,6 +3,8 @@ ReLU as one oneDNN call, reading kernels laid out for oneDNN once per evaluation
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -14,8 +16,35 @@ from ser_jax.cpu import onednn
 PACKED_KERNELS = "onednn_kernels"
 
 
-def conv_norm(x, conv: nn.Conv, batch_norm: nn.Module, relu: bool, residual=None, train=True):
-  """models.conv_norm; at inference in float32, one oneDNN call (oneDNN post-ops).
+class FusedBasicBlock(models.BasicBlock):
+  """models.BasicBlock, with the same variables and values; at inference in float32 each
+  convolution, its BatchNorm, the residual sum and ReLU are one oneDNN call."""
+
+  @nn.compact
+  def __call__(self, x):
+    strides, pad = (self.strides, self.strides), ((1, 1), (1, 1))
+    first_norm = self.norm(name="BatchNorm_0")
+    fuse = functools.partial(conv_norm, train=not first_norm.use_running_average)
+    y = fuse(x, self.conv(self.filters, (3, 3), strides, padding=pad, name="Conv_0"), first_norm)
+    residual = x
+    if residual.shape != y.shape:
+      projection = self.conv(self.filters, (1, 1), strides, name="proj_conv")
+      residual = fuse(x, projection, self.norm(name="proj_norm"), relu=False)
+    second_norm = self.norm(scale_init=nn.initializers.zeros, name="BatchNorm_1")
+    second = self.conv(self.filters, (3, 3), padding=pad, name="Conv_1")
+    return fuse(y, second, second_norm, residual=residual)
+
+
+def _conv_norm(x, conv, batch_norm, relu: bool, residual):
+  """relu?(batch_norm(conv(x)) (+ residual)), as models.BasicBlock computes each."""
+  y = batch_norm(conv(x))
+  y = y if residual is None else residual + y
+  return nn.relu(y) if relu else y
+
+
+def conv_norm(x, conv: nn.Conv, batch_norm: nn.Module, relu=True, residual=None, train=True):
+  """relu?(batch_norm(conv(x)) (+ residual)); at inference in float32, one oneDNN call
+  (oneDNN post-ops).
 
   The fused call reads the two modules' variables, as they would, without running them:
   BatchNorm's running statistics become a per-channel scale and shift applied, with
@@ -24,7 +53,7 @@ def conv_norm(x, conv: nn.Conv, batch_norm: nn.Module, relu: bool, residual=None
   reads for this input shape; when it holds one, that one is read.
   """
   if train or conv.dtype != jnp.float32 or conv.is_initializing():
-    return models.conv_norm(x, conv, batch_norm, relu, residual)
+    return _conv_norm(x, conv, batch_norm, relu, residual)
   kernel = conv.variables["params"]["kernel"]
   stats, params = batch_norm.variables["batch_stats"], batch_norm.variables["params"]
   scale = params["scale"] * jax.lax.rsqrt(stats["var"] + batch_norm.epsilon)
@@ -37,7 +66,7 @@ def conv_norm(x, conv: nn.Conv, batch_norm: nn.Module, relu: bool, residual=None
   kernel_shape = kernel.shape
   role = onednn.affine_role(relu, residual is not None)
   if not onednn.trusted(role, x.shape, kernel_shape, strides, padding):
-    return models.conv_norm(x, conv, batch_norm, relu, residual)
+    return _conv_norm(x, conv, batch_norm, relu, residual)
   if conv.is_mutable_collection(PACKED_KERNELS):
     packed = onednn.pack_kernel(kernel, x.shape, strides, padding, relu, residual is not None)
     conv.put_variable(PACKED_KERNELS, "kernel", packed)

@@ -44,7 +44,7 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 def default_model(ops):
   from ser_jax import models
 
-  return models.ResNet18(num_classes=4, width=16, ops=ops)
+  return models.ResNet18(num_classes=4, width=16, **ops)
 
 
 def record_calls(make_model=None, input_shapes=()) -> list:
