@@ -6,7 +6,7 @@ python -m ser_jax.main --config=configs/gamma_sweep.py:demo --workdir=runs/gamma
 
 Every member sees the same folds and batches and differs only in its gamma and seed
 (initialisation and augmentation); gamma 0 is the softmax loss. Members train in vmapped
-chunks sized to the machine's memory (sweep.members_per_chunk=0; one at a time on CPUs).
+programs sized to the machine's memory (train.models_per_program=0; one at a time on CPUs).
 """
 
 from ser_jax.config import default_config
