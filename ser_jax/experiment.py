@@ -39,7 +39,8 @@ from ser_jax.cache import default_cache_dir
 from ser_jax.config import ConfigError, validate_config
 from ser_jax.data import corpora, demo, shares
 from ser_jax.features import FeatureParams
-from ser_jax.folds import FoldError, make_folds
+from ser_jax.folds import FoldError, GivenFold, make_folds, partition_line, session_roles
+from ser_jax.folds import given_folds as make_given_folds
 from ser_jax.sharding import Topology
 from ser_jax.store import FeatureStore, build_store, open_store
 
@@ -105,6 +106,8 @@ def load_corpus(config: ml_collections.ConfigDict):
     tuple(config.data.classes),
     include_scripted=config.data.include_scripted,
     merge_excited=config.data.merge_excited,
+    audio_root=config.data.audio_root,
+    case_insensitive_paths=config.data.case_insensitive_paths,
   )
 
 
@@ -157,8 +160,36 @@ def utterances(config: ml_collections.ConfigDict, store: FeatureStore) -> np.nda
   )
 
 
+def given_roles(store: FeatureStore) -> tuple[np.ndarray, tuple[str, ...]]:
+  """(roles [N, n_folds], fold names) of the corpus's own folds: its fold files or manifest
+  column, or IEMOCAP's sessions; no folds for other corpora."""
+  if store.fold_names:
+    return store.fold_roles, store.fold_names
+  if store.meta["corpus"] == "iemocap":
+    return session_roles(store.groups)
+  return np.zeros((len(store), 0), object), ()
+
+
+def given_folds(store: FeatureStore, kept: np.ndarray) -> list[GivenFold]:
+  """The corpus's own folds over the kept utterances, in store indices."""
+  roles, names = given_roles(store)
+  folds = make_given_folds(roles[kept], names, store.meta["corpus"])
+  return [GivenFold(f.name, kept[f.train], kept[f.test], kept[f.valid]) for f in folds]
+
+
 def cross_validation_folds(config, store: FeatureStore, kept: np.ndarray):
   """(train, test) store indices per fold, made over the kept utterances only."""
+  if config.cv.scheme == "given":
+    folds = given_folds(store, kept)
+    partition, line = partition_line(given_roles(store)[0][kept], store.meta["corpus"])
+    logging.log(logging.INFO if partition else logging.WARNING, "%s", line)
+    beyond = [k for k in config.cv.folds if k >= len(folds)]
+    if beyond:
+      raise FoldError(
+        f"cv.folds contains {beyond[0]}; {store.meta['corpus']} has {len(folds)} given folds, "
+        f"0..{len(folds) - 1} ({', '.join(f.name for f in folds)})"
+      )
+    return [(f.train, f.test) for f in folds]
   folds = make_folds(
     store.labels[kept],
     store.speakers[kept],
@@ -286,6 +317,11 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
       "used": _class_counts(store, kept),
       **({"test": _class_counts(test_store, folds[0][1])} if config.data.test_corpus else {}),
     },
+    given_folds=(
+      [{"name": f.name, "n_valid": len(f.valid)} for f in given_folds(store, kept)]
+      if config.cv.scheme == "given" and not config.data.test_corpus
+      else None
+    ),
     provenance=results.provenance(
       {
         **backend.provenance(),
