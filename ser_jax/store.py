@@ -225,7 +225,9 @@ def build_store(
   lock = final.with_name(final.name + ".lock")
   with io_utils.exclusive_lock(lock, f"feature store {final}", wait=True):
     if (final / "meta.json").exists():  # Finished by another process while we waited.
+      logging.info("Feature store %s was built by another process; using it", final)
       return final
+    logging.info("Building feature store %s (%d clips)", final, len(corpus.utterances))
     partial.mkdir(parents=True, exist_ok=True)
     progress_path = _extract(corpus, params, partial, num_workers, strict, progress)
     _finalise(corpus, params, partial, progress_path)
