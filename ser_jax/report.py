@@ -62,7 +62,7 @@ def rows(run: str, summary: dict) -> list[dict]:
   common = {
     "input": plots.input_label(config),
     "folds": len(summary["folds"]),
-    "corpus": config["data"]["corpus"],
+    "corpus": corpus_label(config),
     "run": run,
   }
   if not summary.get("sweep"):
@@ -131,13 +131,18 @@ def markdown_table(table_rows: Sequence[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def corpus_label(config: dict) -> str:
+  """The corpus's reader, or for an EmoBox corpus its dataset (e.g. 'emodb')."""
+  data = config["data"]
+  return pathlib.Path(data["root"]).name if data["corpus"] == "emobox" else data["corpus"]
+
+
 def emobox_row(run: str, summary: dict) -> dict:
   """One leaderboard row: the corpus (an EmoBox corpus by its dataset folder's name), the
   model, the folds and EmoBox's scores, recomputed from the folds' confusion counts (so
   runs written before results.json kept them give them too); member 0 of a sweep."""
   config = summary["config"]
-  data = config["data"]
-  corpus = pathlib.Path(data["root"]).name if data["corpus"] == "emobox" else data["corpus"]
+  corpus = corpus_label(config)
   counts = [np.array(f["confusion_counts"]) for f in summary["folds"]]
   scores = results.emobox_summary([metrics.emobox_scores(c) for c in counts], sum(counts))
   model = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -434,3 +435,18 @@ def test_real_emobox_emodb_and_casia_folds_are_emoboxs():
   assert len(casia.skipped) == 300
   assert all("differs only in letter case" in s.reason for s in casia.skipped)
   assert len({u.speaker for u in corpus.utterances}) == 4
+
+
+def test_the_emobox_study_config_finds_the_corpora_a_checkout_has_audio_for(emobox, tmp_path):
+  _, checkout = emobox
+  spec = importlib.util.spec_from_file_location(
+    "emobox_study", REPO / "configs" / "emobox_study.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  (checkout / "data" / "casia").mkdir(exist_ok=True)  # Metadata folder, no audio: left out.
+  (checkout / "data" / "casia" / "casia.jsonl").write_text("")
+  config = module.get_config(str(checkout))
+  assert config.study.corpora == (f"emodb=emobox:{checkout / 'data' / 'emodb'}@{checkout}",)
+  corpora, _ = study.study_parts(config)
+  assert read_corpus("emobox", corpora[0].root, (), audio_root=corpora[0].audio_root).utterances
