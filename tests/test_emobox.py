@@ -39,6 +39,10 @@ NEAR_MISS = "09a05Nb"  # Listed as this; the file is 09a05NB.wav.
 IN_NO_FOLD = "08a04Tc"  # In the jsonl, in no fold file.
 TESTED_TWICE = "03a01Fa"  # In fold_1's test file and fold_3's.
 VALID = ("08a01Wa", "09a01Wa")  # fold_1's valid file.
+UNLISTED = "16b10Wb"  # In fold_2's test file, not in the jsonl.
+# What no run can test: no file, or (by default) a file that differs in letter case, or no
+# line in the jsonl.
+UNUSABLE = {f"emodb-{MISSING}", f"emodb-{NEAR_MISS}", f"emodb-{UNLISTED}"}
 
 
 def _row(stem: str, *, rate: int = 16000, length: float = 0.25) -> dict:
@@ -102,6 +106,8 @@ def write_emobox(base: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     if k == 1:
       valid = [r for r in train if r["key"][6:] in VALID]
       train = [r for r in train if r not in valid]
+    if k == 2:
+      test.append(_row(UNLISTED))
     if k == 3:
       test.append(next(r for r in rows if r["key"] == key))
       train = [r for r in train if r["key"] != key]
@@ -167,10 +173,7 @@ def test_speakers_from_emodb_naming_and_splits_from_the_fold_files(emobox):
   for k in range(len(corpus.fold_names)):
     for name in ("train", "test", "valid"):
       listed = _fold_keys(root, name)[k]
-      assert {u.utt_id for u in corpus.utterances if u.splits[k] == name} == listed - {
-        f"emodb-{MISSING}",
-        f"emodb-{NEAR_MISS}",
-      }
+      assert {u.utt_id for u in corpus.utterances if u.splits[k] == name} == listed - UNUSABLE
 
 
 def test_a_missing_file_and_a_near_miss_by_letter_case_are_listed_skips(emobox):
@@ -203,6 +206,17 @@ def test_metadata_that_disagrees_with_the_files_is_one_line_and_each_file_noted(
     "03a04Fc.wav",
     "08a05Tb.wav",
   }
+
+
+def test_fold_file_keys_missing_from_the_jsonl_are_one_line(emobox, caplog):
+  root, _ = emobox
+  with caplog.at_level(logging.WARNING):
+    corpus = read_corpus("emobox", root, ())
+  assert f"emodb-{UNLISTED}" not in {u.utt_id for u in corpus.utterances}
+  assert [r.getMessage() for r in caplog.records if "fold files" in r.getMessage()] == [
+    f"emodb: 1 keys of the fold files are not in emodb.jsonl, e.g. emodb-{UNLISTED}; they are "
+    "left out"
+  ]
 
 
 def test_audio_root_may_be_the_checkout_downloads_or_the_corpus_folder(emobox):
@@ -248,7 +262,7 @@ def test_each_folds_test_utterances_are_exactly_emoboxs(emobox, tmp_path, caplog
   with caplog.at_level(logging.INFO):
     made = experiment.cross_validation_folds(config, store, kept)
   ids = np.array([row["utt_id"] for row in store.manifest])
-  unusable = {f"emodb-{MISSING}", f"emodb-{NEAR_MISS}"}
+  unusable = UNUSABLE
   for (train, test), listed_test, listed_train in zip(
     made, _fold_keys(root, "test"), _fold_keys(root, "train"), strict=True
   ):
@@ -374,7 +388,9 @@ def test_predictions_are_emoboxs_test_folds_and_scores_are_scikit_learns(jobs, e
     rows = list(csv.DictReader(f))
   by_fold = [[r for r in rows if r["fold"] == str(k)] for k in range(3)]
   for k, listed in enumerate(_fold_keys(root, "test")):
-    assert sorted(r["utt_id"] for r in by_fold[k]) == sorted(listed - {f"emodb-{MISSING}"})
+    assert sorted(r["utt_id"] for r in by_fold[k]) == sorted(
+      listed - {f"emodb-{MISSING}", f"emodb-{UNLISTED}"}
+    )
   scores = {
     "wa": sk.accuracy_score,
     "ua": sk.balanced_accuracy_score,

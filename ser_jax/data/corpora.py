@@ -628,7 +628,10 @@ def _emobox_folds(root: Path, dataset: str) -> tuple[tuple[str, ...], dict[str, 
       for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
           continue
-        key = json.loads(line).get("key")
+        try:
+          key = json.loads(line)["key"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+          raise CorpusError(f"{path}:{lineno}: not a JSON object with a key ({error})") from None
         if fold.setdefault(key, match["role"]) != match["role"]:
           raise CorpusError(
             f"{path}:{lineno}: '{key}' is in both the {fold[key]} and the {match['role']} "
@@ -715,6 +718,17 @@ def _list_emobox(root: Path, options: _Options) -> Listing:
     utterances.append(Utterance(key, str(path), label, *speaker, splits))
     if path.is_file() and (note := _emobox_note(row, path)):
       notes.append(Skipped(str(path), note))
+  unknown = sorted(
+    {key for fold in roles.values() for key in fold} - {str(r["key"]) for _, r in rows}
+  )
+  if unknown:
+    logging.warning(
+      "%s: %d keys of the fold files are not in %s, e.g. %s; they are left out",
+      dataset,
+      len(unknown),
+      metadata.name,
+      unknown[0],
+    )
   if resolved:
     logging.warning(
       "%s: %d wav paths name no file but one that differs only in letter case "
