@@ -258,8 +258,11 @@ def results_markdown(summary: dict) -> str:
   loss = config["loss"]["name"]
   loss_label = f"focal (gamma={config['loss']['gamma']})" if loss == "focal" else "softmax"
   names = summary["class_names"]
+  corpus = config["data"]["corpus"]
+  if corpus == "emobox":
+    corpus = f"EmoBox {pathlib.Path(config['data']['root']).name}"
   lines = [
-    f"# {config['data']['corpus']}: {kind}, {loss_label}, {len(summary['folds'])}-fold "
+    f"# {corpus}: {kind}, {loss_label}, {len(summary['folds'])}-fold "
     f"{config['cv']['scheme']} cross-validation",
     "",
     "| Input | Loss | Overall accuracy (WA) | Class accuracy (UA) | Macro F1 |",
