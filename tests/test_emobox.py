@@ -466,3 +466,25 @@ def test_the_emobox_study_config_finds_the_corpora_a_checkout_has_audio_for(emob
   assert config.study.corpora == (f"emodb=emobox:{checkout / 'data' / 'emodb'}@{checkout}",)
   corpora, _ = study.study_parts(config)
   assert read_corpus("emobox", corpora[0].root, (), audio_root=corpora[0].audio_root).utterances
+
+
+@pytest.mark.parametrize(
+  "dataset, wav, speaker",
+  [
+    ("emodb", "downloads/emodb/wav/03a01Fa.wav", ("03", "03")),
+    ("ravdess", "downloads/ravdess/Actor_18/03-01-05-01-02-01-18.wav", ("Actor_18", "Actor_18")),
+    ("cremad", "downloads/cremad/AudioWAV/1087_IWL_ANG_XX.wav", ("1087", "1087")),
+    ("tess", "downloads/tess/OAF_lid_fear.wav", ("OAF", "OAF")),
+    (
+      "iemocap",
+      "downloads/iemocap/Session1/sentences/wav/Ses01F_impro04/Ses01F_impro04_M000.wav",
+      ("Ses01_M", "Session1"),
+    ),
+    ("casia", "downloads/casia/wangzhe/neutral/239.wav", ("wangzhe", "wangzhe")),
+    ("savee", "downloads/savee/JE_n23.wav", None),  # No reader: the key stands in.
+  ],
+)
+def test_speakers_follow_the_readers_naming(dataset, wav, speaker):
+  from ser_jax.data.corpora import _emobox_speaker
+
+  assert _emobox_speaker(dataset, wav) == speaker

@@ -561,7 +561,7 @@ def emobox_class(name: str) -> str:
   return _EMOBOX_CLASSES.get(lowered, lowered.replace(" ", "_"))
 
 
-def _emobox_speaker(dataset: str, key: str, wav: str) -> tuple[str, str] | None:
+def _emobox_speaker(dataset: str, wav: str) -> tuple[str, str] | None:
   """(speaker, group) from the corpus's own naming, for corpora ser_jax has a reader for."""
   stem, parts = Path(wav).stem, Path(wav).parts
   if dataset == "emodb" and (match := _EMODB_NAME.match(stem)):
@@ -708,7 +708,7 @@ def _list_emobox(root: Path, options: _Options) -> Listing:
       if variant is not None:
         path, resolved = variant, resolved + 1
     key = str(row["key"])
-    speaker = _emobox_speaker(dataset, key, row["wav"])
+    speaker = _emobox_speaker(dataset, row["wav"])
     if speaker is None:
       speakerless += 1
       utt = key.removeprefix(f"{dataset}-")
