@@ -12,7 +12,7 @@ import ml_collections
 
 LOSSES = ("focal", "softmax")
 FEATURE_KINDS = ("logmel", "mfcc")
-CV_SCHEMES = ("stratified", "speaker")
+CV_SCHEMES = ("stratified", "speaker", "given")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ON_DEVICE = ("auto", "always", "never")
 MODELS_TOGETHER = ("auto", "vmap", "map", "none")
@@ -31,6 +31,12 @@ def default_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.corpus = "iemocap"
   config.data.root = ""  # Corpus folder; for 'demo' empty means <cache_dir>/demo_corpus.
+  # EmoBox only: the folder its `wav` paths are relative to (holding downloads/), or
+  # downloads/ or downloads/<dataset>/ itself; empty means two folders above data.root.
+  config.data.audio_root = ""
+  # EmoBox only: a `wav` path that names no file, but one that differs only in letter case,
+  # reads that one (each such path is otherwise a skip naming it).
+  config.data.case_insensitive_paths = False
   config.data.classes = ("neutral", "happiness", "sadness", "anger")
   config.data.include_scripted = False  # IEMOCAP only.
   config.data.merge_excited = False  # IEMOCAP only: 'exc' counts as happiness.
@@ -105,9 +111,11 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.models_per_program = 0
 
   config.cv = ml_collections.ConfigDict()
+  # 'stratified' (the paper's), 'speaker', or 'given': the corpus's own folds (EmoBox's
+  # fold_<k> files, a csv manifest's fold column, IEMOCAP's sessions), cv.n_folds unused.
   config.cv.scheme = "stratified"
   config.cv.n_folds = 5
-  config.cv.folds = ()  # Run only these fold indices; empty means all.
+  config.cv.folds = ()  # Run only these fold indices (0 is the first); empty means all.
 
   config.sweep = ml_collections.ConfigDict()
   # Non-empty gammas or alphas: one model per (gamma, seed, learning rate, alpha), trained together;
@@ -142,8 +150,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"data.root is empty; set --config.data.root=/path/to/{config.data.corpus} "
       "(only the 'demo' corpus is built in)"
     )
+  for key in ("audio_root", "case_insensitive_paths"):
+    if config.data[key] and config.data.corpus != "emobox":
+      raise ConfigError(
+        f"data.{key}={config.data[key]!r} applies only to data.corpus='emobox', not "
+        f"{config.data.corpus!r}; leave it at its default"
+      )
   if config.data.test_corpus:
     allowed("data.test_corpus", config.data.test_corpus, sorted(corpora.CORPORA))
+    if "emobox" in (config.data.corpus, config.data.test_corpus):
+      raise ConfigError(
+        "data.test_corpus does not take EmoBox corpora yet (their audio root is not passed "
+        "on); run EmoBox corpora within themselves, cv.scheme='given'"
+      )
     if config.data.test_corpus != "demo" and not config.data.test_root:
       raise ConfigError(
         f"data.test_root is empty; set --config.data.test_root=/path/to/{config.data.test_corpus}"
@@ -222,7 +241,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   allowed("cv.scheme", config.cv.scheme, CV_SCHEMES)
   at_least("cv.n_folds", config.cv.n_folds, 2)
   for fold in config.cv.folds:
-    if not 0 <= fold < config.cv.n_folds:
+    # Given folds are counted when the corpus is read (experiment.cross_validation_folds).
+    if fold < 0 or (config.cv.scheme != "given" and fold >= config.cv.n_folds):
       raise ConfigError(f"cv.folds contains {fold}; folds are 0..{config.cv.n_folds - 1}")
 
 

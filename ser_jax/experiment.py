@@ -41,7 +41,8 @@ from ser_jax.config import ConfigError, validate_config
 from ser_jax.data import corpora, demo, shares
 from ser_jax.data.corpus import Corpus
 from ser_jax.features import FeatureParams
-from ser_jax.folds import FoldError, make_folds
+from ser_jax.folds import FoldError, GivenFold, make_folds, partition_line, session_roles
+from ser_jax.folds import given_folds as make_given_folds
 from ser_jax.sharding import Topology
 from ser_jax.store import FeatureStore, build_store, open_store
 
@@ -108,6 +109,8 @@ def load_corpus(config: ml_collections.ConfigDict):
     tuple(config.data.classes),
     include_scripted=config.data.include_scripted,
     merge_excited=config.data.merge_excited,
+    audio_root=config.data.audio_root,
+    case_insensitive_paths=config.data.case_insensitive_paths,
   )
 
 
@@ -156,23 +159,39 @@ class Listing:
   """What folds are made from, per utterance: a feature store's, or a corpus's before its
   features are extracted (the same, unless files are skipped)."""
 
+  corpus: str
   labels: np.ndarray  # [N] class indices
   speakers: np.ndarray  # [N]
   groups: np.ndarray  # [N]
   class_names: tuple[str, ...]
+  fold_names: tuple[str, ...] = ()  # The corpus's own folds, if it has any.
+  fold_roles: np.ndarray | None = None  # [N, len(fold_names)] 'train', 'test', 'valid' or ''.
 
   @classmethod
   def of_corpus(cls, corpus: Corpus) -> Listing:
     return cls(
+      corpus.name,
       np.asarray(corpus.label_indices()),
       np.array([u.speaker for u in corpus.utterances]),
       np.array([u.group for u in corpus.utterances]),
       corpus.class_names,
+      corpus.fold_names,
+      np.array([u.splits for u in corpus.utterances], dtype=object).reshape(
+        len(corpus.utterances), len(corpus.fold_names)
+      ),
     )
 
   @classmethod
   def of_store(cls, store: FeatureStore) -> Listing:
-    return cls(store.labels, store.speakers, store.groups, store.class_names)
+    return cls(
+      store.corpus,
+      store.labels,
+      store.speakers,
+      store.groups,
+      store.class_names,
+      store.fold_names,
+      store.fold_roles,
+    )
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -194,11 +213,42 @@ def utterances(config: ml_collections.ConfigDict, listing) -> np.ndarray:
   )
 
 
+def given_roles(listing) -> tuple[np.ndarray, tuple[str, ...]]:
+  """(roles [N, n_folds], fold names) of the corpus's own folds: its fold files or manifest
+  column, or IEMOCAP's sessions; no folds for other corpora.
+
+  listing: a Listing, or a FeatureStore.
+  """
+  if listing.fold_names:
+    return listing.fold_roles, listing.fold_names
+  if listing.corpus == "iemocap":
+    return session_roles(listing.groups)
+  return np.zeros((len(listing), 0), object), ()
+
+
+def given_folds(listing, kept: np.ndarray) -> list[GivenFold]:
+  """The corpus's own folds over the kept utterances, in listing indices."""
+  roles, names = given_roles(listing)
+  folds = make_given_folds(roles[kept], names, listing.corpus)
+  return [GivenFold(f.name, kept[f.train], kept[f.test], kept[f.valid]) for f in folds]
+
+
 def cross_validation_folds(config, listing, kept: np.ndarray):
   """(train, test) indices per fold, made over the kept utterances only.
 
   listing: a Listing, or a FeatureStore.
   """
+  if config.cv.scheme == "given":
+    folds = given_folds(listing, kept)
+    partition, line = partition_line(given_roles(listing)[0][kept], listing.corpus)
+    logging.log(logging.INFO if partition else logging.WARNING, "%s", line)
+    beyond = [k for k in config.cv.folds if k >= len(folds)]
+    if beyond:
+      raise FoldError(
+        f"cv.folds contains {beyond[0]}; {listing.corpus} has {len(folds)} given folds, "
+        f"0..{len(folds) - 1} ({', '.join(f.name for f in folds)})"
+      )
+    return [(f.train, f.test) for f in folds]
   folds = make_folds(
     listing.labels[kept],
     listing.speakers[kept],
@@ -449,6 +499,14 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
       "used": _class_counts(store, kept),
       **({"test": _class_counts(test_store, fold_indices[0][1])} if test_corpus else {}),
     },
+    given_folds=(
+      [
+        {"name": f.name, "n_valid": len(f.valid)}
+        for f in given_folds(Listing.of_store(store), kept)
+      ]
+      if config.cv.scheme == "given" and not config.data.test_corpus
+      else None
+    ),
     provenance=results.provenance(
       {
         **engine.backend.provenance(),

@@ -1,6 +1,8 @@
-"""Cross-validation folds: stratified (the paper's) or speaker-independent."""
+"""Cross-validation folds: stratified (the paper's), speaker-independent, or the corpus's own."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 from sklearn import model_selection
@@ -54,5 +56,74 @@ def make_folds(
       splitter = model_selection.StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
       splits = splitter.split(np.zeros(len(labels)), labels, speakers)
   else:
-    raise FoldError(f"unknown cv.scheme '{scheme}'; expected one of: speaker, stratified")
+    raise FoldError(
+      f"unknown cv.scheme '{scheme}'; expected one of: speaker, stratified (and 'given', "
+      "made by given_folds)"
+    )
   return [(np.sort(train), np.sort(test)) for train, test in splits]
+
+
+@dataclasses.dataclass(frozen=True)
+class GivenFold:
+  """One of a corpus's own folds, as indices into the roles it was made from."""
+
+  name: str
+  train: np.ndarray
+  test: np.ndarray
+  valid: np.ndarray  # Kept out of training and testing; counted, never used for selection.
+
+
+def given_folds(roles: np.ndarray, fold_names: tuple[str, ...], corpus: str) -> list[GivenFold]:
+  """The corpus's own folds from roles [N, n_folds] ('train', 'test', 'valid', '').
+
+  An utterance is tested once in every fold that lists it as a test utterance.
+  """
+  roles = np.asarray(roles, dtype=object).reshape(len(roles), len(fold_names))
+  if not fold_names:
+    raise FoldError(
+      f"cv.scheme='given' needs the corpus's own folds, and {corpus} has none: use "
+      "data.corpus='emobox' (fold_<k> files), a csv manifest with a fold column, or iemocap "
+      "(its sessions); or cv.scheme='stratified' or 'speaker'"
+    )
+  folds = []
+  for k, name in enumerate(fold_names):
+    column = roles[:, k]
+    fold = GivenFold(
+      name,
+      np.flatnonzero(column == "train"),
+      np.flatnonzero(column == "test"),
+      np.flatnonzero(column == "valid"),
+    )
+    for part in ("train", "test"):
+      if not len(getattr(fold, part)):
+        raise FoldError(
+          f"given fold {name} of {corpus} has no {part} utterance among the {len(roles)} used "
+          "(see the skipped files listed in the feature store's skipped.csv, and data.classes)"
+        )
+    folds.append(fold)
+  return folds
+
+
+def partition_line(roles: np.ndarray, corpus: str) -> tuple[bool, str]:
+  """Whether the test sets of roles [N, n_folds] partition the N utterances, and one line
+  saying so, with counts where they do not."""
+  roles = np.asarray(roles, dtype=object)
+  times_tested = (roles == "test").sum(axis=1)
+  never, more = int((times_tested == 0).sum()), int((times_tested > 1).sum())
+  if not (never or more):
+    return (
+      True,
+      f"The {roles.shape[1]} given folds of {corpus} partition its {len(roles)} utterances",
+    )
+  return False, (
+    f"The {roles.shape[1]} given folds of {corpus} do not partition its {len(roles)} "
+    f"utterances: {never} are tested in no fold, {more} in more than one (tested once per fold "
+    f"that lists them); {int((roles == '').all(axis=1).sum())} are in no fold at all"
+  )
+
+
+def session_roles(groups: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+  """IEMOCAP's sessions as folds: (roles [N, n_sessions], the session names)."""
+  names = tuple(sorted(set(np.asarray(groups).tolist())))
+  roles = np.where(np.asarray(groups)[:, None] == np.array(names)[None, :], "test", "train")
+  return roles.astype(object), names

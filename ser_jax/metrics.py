@@ -39,6 +39,31 @@ def macro_f1(counts: np.ndarray) -> float:
   return 100.0 * float(f1.mean())
 
 
+def micro_f1(counts: np.ndarray) -> float:
+  """Micro-averaged F1, percent (scikit-learn's f1_score(average='micro')): with one label per
+  example, every error is a false positive and a false negative, so it equals WA."""
+  return overall_accuracy(counts)
+
+
+def macro_f1_present(counts: np.ndarray) -> float:
+  """Macro F1, percent, over the classes in the labels or the predictions: scikit-learn's
+  f1_score(average='macro') without `labels`, as EmoBox's EmoEval calls it. `macro_f1` also
+  counts a class absent from both, as 0."""
+  present = (counts.sum(axis=0) + counts.sum(axis=1)) > 0
+  return macro_f1(counts[np.ix_(present, present)])
+
+
+def emobox_scores(counts: np.ndarray) -> dict[str, float]:
+  """What EmoBox's EmoEval reports of a set of predictions, percent: WA (accuracy), UA
+  (balanced accuracy), micro F1 and macro F1, as scikit-learn computes them."""
+  return {
+    "wa": overall_accuracy(counts),
+    "ua": class_accuracy(counts),
+    "micro_f1": micro_f1(counts),
+    "macro_f1": macro_f1_present(counts),
+  }
+
+
 def row_normalised(counts: np.ndarray) -> np.ndarray:
   """Rows as percentages of each true class, as in the paper's Tables 2 and 3."""
   return 100.0 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)

@@ -7,6 +7,10 @@ then loss. `--figures` also (re)writes each run's PNG figures.
 WA and UA with 95% bootstrap intervals and p-values, per fold, and the runs' provenance.
 `--compare SWEEP_RUN` does so for each sweep setting against gamma 0 of the same seeds.
 `--json` adds the numbers as one JSON object on the last line.
+
+`--emobox RUN...` prints EmoBox's intra-corpus leaderboard shape: corpus, folds, UA, WA and
+macro F1 (scikit-learn's, mean over folds as EmoBox averages them), and the same pooled over
+every test prediction.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from ser_jax import compare, plots, results
+import numpy as np
+
+from ser_jax import compare, metrics, plots, results
 
 _INPUT_ORDER = ("MFCC", "Log-mel")
 
@@ -56,7 +62,7 @@ def rows(run: str, summary: dict) -> list[dict]:
   common = {
     "input": plots.input_label(config),
     "folds": len(summary["folds"]),
-    "corpus": config["data"]["corpus"],
+    "corpus": corpus_label(config),
     "run": run,
   }
   if not summary.get("sweep"):
@@ -94,8 +100,13 @@ def rows(run: str, summary: dict) -> list[dict]:
 
 def run_rows(run: str, summary: dict) -> list[dict]:
   """`rows`, with a malformed summary reported as a ReportError naming the run."""
+  return _checked(rows, run, summary)
+
+
+def _checked(make_rows, run: str, summary: dict):
+  """make_rows(run, summary), with a malformed summary a ReportError naming the run."""
   try:
-    return rows(run, summary)
+    return make_rows(run, summary)
   except KeyError as error:
     raise ReportError(f"{run}/results.json: missing key {error}") from error
   except ValueError as error:
@@ -117,6 +128,50 @@ def markdown_table(table_rows: Sequence[dict]) -> str:
       f"| {r['input']} | {r['loss']} | {r['wa']} | {r['ua']} | {r['f1']} | {r['folds']} | "
       f"{r['corpus']} | {r['run']} |"
     )
+  return "\n".join(lines) + "\n"
+
+
+def corpus_label(config: dict) -> str:
+  """The corpus's reader, or for an EmoBox corpus its dataset (e.g. 'emodb')."""
+  data = config["data"]
+  return pathlib.Path(data["root"]).name if data["corpus"] == "emobox" else data["corpus"]
+
+
+def emobox_row(run: str, summary: dict) -> dict:
+  """One leaderboard row: the corpus (an EmoBox corpus by its dataset folder's name), the
+  model, the folds and EmoBox's scores, recomputed from the folds' confusion counts (so
+  runs written before results.json kept them give them too); member 0 of a sweep."""
+  config = summary["config"]
+  corpus = corpus_label(config)
+  counts = [np.array(f["confusion_counts"]) for f in summary["folds"]]
+  scores = results.emobox_summary([metrics.emobox_scores(c) for c in counts], sum(counts))
+  model = (
+    f"{config['model']['name']} (width {config['model']['width']}), "
+    f"{plots.input_label(config)}, {plots.loss_label(plots.effective_gamma(config))}"
+  )
+  folds = f"{len(counts)} {config['cv']['scheme']}"
+  return {"corpus": corpus, "model": model, "folds": folds, "run": run, **scores}
+
+
+def emobox_table(table_rows: Sequence[dict]) -> str:
+  """EmoBox's intra-corpus leaderboard shape, rows by corpus then model."""
+  lines = [
+    "| Corpus | Folds | Model | UA (%) | WA (%) | Macro F1 (%) | Pooled UA | Pooled WA | "
+    "Pooled macro F1 | Run |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in sorted(table_rows, key=lambda r: (r["corpus"], r["model"], r["run"])):
+    lines.append(
+      f"| {r['corpus']} | {r['folds']} | {r['model']} | {r['ua_fold_mean']:.2f} | "
+      f"{r['wa_fold_mean']:.2f} | {r['macro_f1_fold_mean']:.2f} | {r['ua_pooled']:.2f} | "
+      f"{r['wa_pooled']:.2f} | {r['macro_f1_pooled']:.2f} | {r['run']} |"
+    )
+  lines += [
+    "",
+    "UA, WA, macro F1: scikit-learn's balanced accuracy, accuracy and macro F1 of each fold's "
+    "test predictions, mean over folds (EmoBox's leaderboard); pooled: once over every test "
+    "prediction of the run.",
+  ]
   return "\n".join(lines) + "\n"
 
 
@@ -296,10 +351,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
     "--json", action="store_true", help="With --compare: end with the numbers as one JSON line."
   )
+  parser.add_argument(
+    "--emobox",
+    action="store_true",
+    help="Print RUN_DIR... as EmoBox's intra-corpus leaderboard: corpus, folds, UA, WA, "
+    "macro F1 (mean over folds), and pooled.",
+  )
   args = parser.parse_args(argv)
   if args.compare is not None:
-    if args.runs or args.figures:
-      parser.error("--compare takes its runs itself; drop RUN_DIR and --figures, or --compare")
+    if args.runs or args.figures or args.emobox:
+      parser.error(
+        "--compare takes its runs itself; drop RUN_DIR, --figures and --emobox, or --compare"
+      )
     if len(args.compare) > 2:
       parser.error(f"--compare takes one sweep run or two runs, got {len(args.compare)}")
     if args.reference is not None and len(args.compare) != 1:
@@ -317,7 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   for run in args.runs:
     try:
       summary = load_summary(run)
-      table_rows.extend(run_rows(run, summary))
+      if args.emobox:
+        table_rows.append(_checked(emobox_row, run, summary))
+      else:
+        table_rows.extend(run_rows(run, summary))
     except ReportError as error:
       print(f"error: {error}; skipped", file=sys.stderr)
       continue
@@ -328,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not table_rows:
     print("error: no readable run; nothing to report", file=sys.stderr)
     return 1
-  print(markdown_table(table_rows), end="")
+  print((emobox_table if args.emobox else markdown_table)(table_rows), end="")
   return 0
 
 

@@ -97,7 +97,9 @@ def member_summary(class_names, fold_results, k: int) -> dict:
         "fold": result["fold"],
         "n_train": result["n_train"],
         "n_test": result["n_test"],
+        **({"given_fold": result["given_fold"]} if "given_fold" in result else {}),
         **metrics.summarise(counts),
+        "emobox_scores": metrics.emobox_scores(counts),
         "confusion_counts": counts.tolist(),
       }
     )
@@ -105,6 +107,7 @@ def member_summary(class_names, fold_results, k: int) -> dict:
   summary = {}
   for name in ("overall_accuracy", "class_accuracy", "macro_f1"):
     summary[name], summary[f"{name}_std"] = _mean_std([f[name] for f in per_fold])
+  summary.update(emobox_summary([f["emobox_scores"] for f in per_fold], pooled))
   summary["per_class_recall"] = dict(
     zip(class_names, metrics.per_class_recall(pooled).tolist(), strict=True)
   )
@@ -112,6 +115,21 @@ def member_summary(class_names, fold_results, k: int) -> dict:
   summary["confusion_matrix"] = metrics.row_normalised(pooled).tolist()
   summary["folds"] = per_fold
   return summary
+
+
+EMOBOX_SCORES = ("wa", "ua", "micro_f1", "macro_f1")
+
+
+def emobox_summary(per_fold: list[dict], pooled_counts: np.ndarray) -> dict:
+  """EmoBox's scores (metrics.emobox_scores, %) as its leaderboard averages them over folds
+  (`<score>_fold_mean`, `_fold_std`), and once over every test prediction pooled
+  (`<score>_pooled`; an utterance tested in two folds counts twice)."""
+  out = {}
+  for name in EMOBOX_SCORES:
+    out[f"{name}_fold_mean"], out[f"{name}_fold_std"] = _mean_std([f[name] for f in per_fold])
+  out.update({f"{k}_pooled": v for k, v in metrics.emobox_scores(pooled_counts).items()})
+  out["n_test_pooled"] = int(pooled_counts.sum())
+  return out
 
 
 def summarise_run(
@@ -126,8 +144,15 @@ def summarise_run(
   class_counts,
   provenance,
   wall_seconds,
+  given_folds=None,
 ) -> dict:
-  """results.json: the first member's metrics at the top; every member under `sweep`."""
+  """results.json: the first member's metrics at the top; every member under `sweep`.
+
+  given_folds: per fold of the corpus's own (cv.scheme='given'), its name and the number of
+  utterances of its valid split (kept out of training, not used); None for made folds.
+  """
+  if given_folds is not None:
+    fold_results = [{**r, "given_fold": given_folds[r["fold"]]} for r in fold_results]
   per_member = [member_summary(class_names, fold_results, k) for k in range(len(members))]
   summary = {
     "class_names": list(class_names),
@@ -247,8 +272,11 @@ def results_markdown(summary: dict) -> str:
   loss = config["loss"]["name"]
   loss_label = f"focal (gamma={config['loss']['gamma']})" if loss == "focal" else "softmax"
   names = summary["class_names"]
+  corpus = config["data"]["corpus"]
+  if corpus == "emobox":
+    corpus = f"EmoBox {pathlib.Path(config['data']['root']).name}"
   lines = [
-    f"# {config['data']['corpus']}: {kind}, {loss_label}, {len(summary['folds'])}-fold "
+    f"# {corpus}: {kind}, {loss_label}, {len(summary['folds'])}-fold "
     f"{config['cv']['scheme']} cross-validation",
     "",
     "| Input | Loss | Overall accuracy (WA) | Class accuracy (UA) | Macro F1 |",
@@ -265,11 +293,21 @@ def results_markdown(summary: dict) -> str:
   ]
   for name, row in zip(names, summary["confusion_matrix"], strict=True):
     lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
-  lines += ["", "| Fold | Train | Test | WA | UA | Macro F1 |", "|---|---|---|---|---|---|"]
+  lines += _emobox_markdown(summary)
+  given = "given_fold" in summary["folds"][0]
+  lines += [
+    "",
+    "| Fold | "
+    + ("Given fold | Valid (not used) | " if given else "")
+    + "Train | Test | WA | UA | Macro F1 | Micro F1 |",
+    "|---" * (9 if given else 7) + "|",
+  ]
   for fold in summary["folds"]:
+    names = f"{fold['given_fold']['name']} | {fold['given_fold']['n_valid']} | " if given else ""
     lines.append(
-      f"| {fold['fold']} | {fold['n_train']} | {fold['n_test']} | "
-      f"{fold['overall_accuracy']:.2f} | {fold['class_accuracy']:.2f} | {fold['macro_f1']:.2f} |"
+      f"| {fold['fold']} | {names}{fold['n_train']} | {fold['n_test']} | "
+      f"{fold['overall_accuracy']:.2f} | {fold['class_accuracy']:.2f} | {fold['macro_f1']:.2f} | "
+      f"{fold['emobox_scores']['micro_f1']:.2f} |"
     )
   if "sweep" in summary:
     lines += [
@@ -291,6 +329,28 @@ def results_markdown(summary: dict) -> str:
       f"{len(summary['skipped_files'])} files skipped; see skipped_files in results.json",
     ]
   return "\n".join(lines) + "\n"
+
+
+def _emobox_markdown(summary: dict) -> list[str]:
+  """EmoBox's scores (scikit-learn's, %): the mean over folds, as its leaderboard gives
+  them, and once over every test prediction pooled."""
+  names = {"wa": "WA", "ua": "UA", "micro_f1": "Micro F1", "macro_f1": "Macro F1"}
+  lines = [
+    "",
+    "EmoBox's scores (scikit-learn's accuracy, balanced accuracy, micro and macro F1, %)",
+    "",
+    "| | " + " | ".join(names.values()) + " |",
+    "|---" * (len(names) + 1) + "|",
+    f"| mean +/- sd over {len(summary['folds'])} folds (`<score>_fold_mean`) | "
+    + " | ".join(
+      f"{summary[f'{k}_fold_mean']:.2f} +/- {summary[f'{k}_fold_std']:.2f}" for k in names
+    )
+    + " |",
+    f"| pooled over all {summary['n_test_pooled']} test predictions (`<score>_pooled`) | "
+    + " | ".join(f"{summary[f'{k}_pooled']:.2f}" for k in names)
+    + " |",
+  ]
+  return lines
 
 
 def write_results(workdir: pathlib.Path, summary: dict) -> None:

@@ -4,11 +4,14 @@ A store is a folder `<cache_dir>/<corpus>-<kind>-<key>/` holding
   features.npy      float32 [N, n_bins, n_frames]
   labels.npy        int32 [N], indices into meta.json's class_names
   valid_frames.npy  int32 [N], frames that see audio before the end padding
-  manifest.csv      utt_id, path, label, speaker, group (row i describes features[i])
+  manifest.csv      utt_id, path, label, speaker, group (row i describes features[i]), and
+                    for a corpus with its own folds `splits`: the role in each fold
+                    (meta.json's fold_names), space-separated, '-' where a fold omits it
   skipped.csv       path, reason for files that could not be used
-  meta.json         corpus, class names, feature parameters, library versions
+  notes.csv         path, note for files used whose metadata disagrees (where there are any)
+  meta.json         corpus, class names, fold names, feature parameters, library versions
 
-The key hashes the corpus listing (with file sizes) and the feature parameters. It is
+The key hashes the corpus listing (with file sizes and fold roles) and the feature parameters. It is
 built in `<name>.partial/`, resumable row by row, and renamed into place only when
 complete, so a folder without `.partial` is always finished. An opened store reads
 feature rows from disk on demand (`DiskRows`), so a run's memory does not grow with it.
@@ -138,12 +141,28 @@ class FeatureStore:
   def groups(self) -> np.ndarray:
     return np.array([row["group"] for row in self.manifest])
 
+  @property
+  def corpus(self) -> str:
+    return self.meta["corpus"]
+
+  @property
+  def fold_names(self) -> tuple[str, ...]:
+    """The corpus's own folds (EmoBox's fold_<k>, a manifest's fold column); () if none."""
+    return tuple(self.meta.get("fold_names", ()))
+
+  @property
+  def fold_roles(self) -> np.ndarray:
+    """[N, len(fold_names)] 'train', 'test', 'valid' or '' (not in that fold)."""
+    rows = [row["splits"].split() if self.fold_names else [] for row in self.manifest]
+    return np.array([[_role(r) for r in row] for row in rows], dtype=object).reshape(len(self.manifest), len(self.fold_names))
+
   def __len__(self) -> int:
     return len(self.labels)
 
 
 def store_key(corpus: Corpus, params: FeatureParams) -> str:
-  """Hash of the listing (ids, paths, labels, speakers, file sizes) and feature parameters."""
+  """Hash of the listing (ids, paths, labels, speakers, file sizes, fold roles) and feature
+  parameters. Fold roles count only for corpora with folds, so other keys are as before."""
   listing = []
   for u in corpus.utterances:
     try:
@@ -151,16 +170,18 @@ def store_key(corpus: Corpus, params: FeatureParams) -> str:
     except OSError:
       size = -1
     listing.append([u.utt_id, u.path, u.label, u.speaker, u.group, size])
-  payload = json.dumps(
-    {
-      "format": STORE_FORMAT,
-      "corpus": corpus.name,
-      "class_names": list(corpus.class_names),
-      "listing": listing,
-      "features": dataclasses.asdict(params),
-    },
-    sort_keys=True,
-  )
+    if corpus.fold_names:
+      listing[-1].append(list(u.splits))
+  contents = {
+    "format": STORE_FORMAT,
+    "corpus": corpus.name,
+    "class_names": list(corpus.class_names),
+    "listing": listing,
+    "features": dataclasses.asdict(params),
+  }
+  if corpus.fold_names:
+    contents["fold_names"] = list(corpus.fold_names)
+  payload = json.dumps(contents, sort_keys=True)
   return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -207,7 +228,9 @@ def build_store(
   lock = final.with_name(final.name + ".lock")
   with io_utils.exclusive_lock(lock, f"feature store {final}", wait=True):
     if (final / "meta.json").exists():  # Finished by another process while we waited.
+      logging.info("Feature store %s was built by another process; using it", final)
       return final
+    logging.info("Building feature store %s (%d clips)", final, len(corpus.utterances))
     partial.mkdir(parents=True, exist_ok=True)
     progress_path = _extract(corpus, params, partial, num_workers, strict, progress)
     _finalise(corpus, params, partial, progress_path)
@@ -342,11 +365,17 @@ def _finalise(corpus: Corpus, params: FeatureParams, partial: pathlib.Path, prog
   valid = np.array([params.valid_frames(int(n_samples[i])) for i in good], dtype=np.int32)
   io_utils.atomic_write_bytes(partial / "labels.npy", _npy_bytes(labels))
   io_utils.atomic_write_bytes(partial / "valid_frames.npy", _npy_bytes(valid))
-  io_utils.atomic_write_csv(
-    partial / "manifest.csv",
-    ("utt_id", "path", "label", "speaker", "group"),
-    [dataclasses.astuple(u) for u in utterances],
-  )
+  columns = ["utt_id", "path", "label", "speaker", "group"]
+  manifest_rows = [[u.utt_id, u.path, u.label, u.speaker, u.group] for u in utterances]
+  if corpus.fold_names:
+    columns.append("splits")
+    for row, u in zip(manifest_rows, utterances, strict=True):
+      row.append(" ".join(role or _NOT_IN_FOLD for role in u.splits))
+  io_utils.atomic_write_csv(partial / "manifest.csv", columns, manifest_rows)
+  if corpus.notes:
+    io_utils.atomic_write_csv(
+      partial / "notes.csv", ("path", "note"), [(n.path, n.reason) for n in corpus.notes]
+    )
   skipped_rows = [(s.path, s.reason) for s in corpus.skipped]
   skipped_rows += [
     (corpus.utterances[i].path, reasons.get(int(i), "unreadable audio"))
@@ -372,6 +401,7 @@ def _meta(corpus: Corpus, params: FeatureParams, n_clips: int, n_skipped: int) -
     "format": STORE_FORMAT,
     "corpus": corpus.name,
     "class_names": list(corpus.class_names),
+    **({"fold_names": list(corpus.fold_names)} if corpus.fold_names else {}),
     "n_clips": n_clips,
     "n_skipped": n_skipped,
     "features": dataclasses.asdict(params),
@@ -380,6 +410,13 @@ def _meta(corpus: Corpus, params: FeatureParams, n_clips: int, n_skipped: int) -
     "db_reference": "ref=1.0 (absolute), top_db=80",
     "versions": versions,
   }
+
+
+_NOT_IN_FOLD = "-"
+
+
+def _role(text: str) -> str:
+  return "" if text == _NOT_IN_FOLD else text
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -15,7 +15,11 @@ away from ser_jax's defaults (or names on the command line), then the corpus, th
 setting's overrides. With cv.scheme='speaker' a corpus gets min(cv.n_folds, its speakers)
 folds. A rerun reads finished runs (their files untouched), resumes unfinished ones from
 their checkpoints, and retries failed ones. A corpus that cannot be read fails alone, with
-one line, and the table says so. The study runs in one process.
+one line, and the table says so.
+
+The study runs in one process, or as one job per run: `--list_runs` prints them, `--run=PATH`
+or `--task_index=I` (a SLURM array's $SLURM_ARRAY_TASK_ID; launch/slurm_study.sbatch) runs
+one, and `--summarise` then writes the table from whatever has finished, running nothing.
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # them (corpora and settings may be added or removed, not redefined).
 _STUDY_NEUTRAL_KEYS = ("study.corpora", "study.settings", "study.cross_corpus", "study.resamples")
 # Keys a study sets itself, per corpus and pair; a setting may not.
-_CORPUS_KEYS = ("data.corpus", "data.root", "data.test_corpus", "data.test_root")
+_CORPUS_KEYS = ("data.corpus", "data.root", "data.audio_root", "data.test_corpus", "data.test_root")
+# Ordinary keys that apply to EmoBox corpora only; a study's other corpora keep the defaults.
+_EMOBOX_KEYS = ("data.audio_root", "data.case_insensitive_paths")
 # What makes one run fail (and, for the reference setting, its corpus) while the study goes on.
 RUN_ERRORS = (
   ConfigError,
@@ -67,7 +73,9 @@ def default_study_config() -> ml_collections.ConfigDict:
   config = default_config()
   config.study = ml_collections.ConfigDict()
   config.study.base = "configs/mfcc_focal.py"  # Config file (path or path:argument).
-  config.study.corpora = ()  # 'NAME=CORPUS:ROOT' (CORPUS a reader; for csv ROOT is the manifest).
+  # 'NAME=CORPUS:ROOT' (CORPUS a reader; for csv ROOT is the manifest), and for EmoBox
+  # 'NAME=emobox:ROOT@AUDIO_ROOT' (ROOT its data/<dataset>/ folder; @AUDIO_ROOT optional).
+  config.study.corpora = ()
   config.study.settings = ()  # 'NAME:key=value,key=value'; the first is the reference.
   config.study.cross_corpus = False  # Also train on each corpus and test on every other.
   config.study.resamples = compare.DEFAULT_RESAMPLES  # Bootstrap resamples and permutations.
@@ -76,11 +84,12 @@ def default_study_config() -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """One corpus of the study: its name, reader and root."""
+  """One corpus of the study: its name, reader and root (and an EmoBox corpus's audio root)."""
 
   name: str
   reader: str
   root: str
+  audio_root: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +120,8 @@ def parse_corpus(text: str) -> Corpus:
   if not (equals and colon and _NAME.fullmatch(name)):
     raise ConfigError(
       f"study.corpora entry {text!r} is not NAME=CORPUS:ROOT (NAME of letters, digits and _), "
-      "e.g. 'emodb=emodb:/data/emodb' or 'casia=csv:/data/casia/manifest.csv'"
+      "e.g. 'emodb=emodb:/data/emodb', 'casia=csv:/data/casia/manifest.csv' or "
+      "'emodb=emobox:/EmoBox/data/emodb@/data/emodb'"
     )
   if reader not in corpora.CORPORA:
     raise ConfigError(
@@ -120,7 +130,15 @@ def parse_corpus(text: str) -> Corpus:
     )
   if not root and reader != "demo":
     raise ConfigError(f"study.corpora entry {text!r} has no ROOT (only 'demo' is built in)")
-  return Corpus(name, reader, os.path.abspath(os.path.expanduser(root)) if root else "")
+  audio_root = ""
+  if reader == "emobox":
+    root, _, audio_root = root.partition("@")
+    audio_root = _absolute(audio_root.strip())
+  return Corpus(name, reader, _absolute(root.strip()), audio_root)
+
+
+def _absolute(path: str) -> str:
+  return os.path.abspath(os.path.expanduser(path)) if path else ""
 
 
 def parse_setting(text: str) -> Setting:
@@ -240,6 +258,12 @@ def run_config(
       _set(run, key, value, "study config")
   _set(run, "data.corpus", corpus.reader, f"corpus '{corpus.name}'")
   _set(run, "data.root", corpus.root, f"corpus '{corpus.name}'")
+  if corpus.reader == "emobox":
+    if corpus.audio_root:  # Else the study's data.audio_root, or the default.
+      _set(run, "data.audio_root", corpus.audio_root, f"corpus '{corpus.name}'")
+  else:
+    for key in _EMOBOX_KEYS:
+      _set(run, key, defaults[key], f"corpus '{corpus.name}'")
   for key, value in setting.overrides:
     _set(run, key, value, f"setting '{setting.name}'")
   if run.sweep.gammas or run.sweep.alphas:
@@ -401,14 +425,33 @@ def execute(run: Run, workdir: pathlib.Path) -> tuple[dict | None, str | None]:
 # The study ---------------------------------------------------------------------------------------
 
 
+def run_paths(study_corpora: Sequence[Corpus], settings: Sequence[Setting], cross: bool):
+  """Every run of the study in the order it runs them: `<corpus>/<setting>` for each corpus
+  and setting, then `<train>-to-<test>/<setting>` for each setting and pair of corpora. Task
+  i of a SLURM array (`--task_index`) is the i-th."""
+  paths = [f"{c.name}/{s.name}" for c in study_corpora for s in settings]
+  if cross:
+    paths += [
+      f"{train.name}-to-{test.name}/{s.name}"
+      for s in settings
+      for train in study_corpora
+      for test in study_corpora
+      if train.name != test.name
+    ]
+  return paths
+
+
 def run_study(
   config: ml_collections.ConfigDict,
   workdir: str | os.PathLike,
   *,
   fresh: bool = False,
   explicit_keys: Iterable[str] = (),
+  summarise_only: bool = False,
 ) -> dict:
-  """Runs (or resumes) every run of the study; writes and returns its results."""
+  """Runs (or resumes) every run of the study; writes and returns its results. With
+  `summarise_only`, runs nothing: the table holds the runs that have finished (those that
+  have not are failures of the table, each naming how to run it)."""
   start = time.time()
   study_corpora, settings = study_parts(config)
   # Every run's config is checked before anything runs: a bad key fails the study at once.
@@ -419,7 +462,12 @@ def run_study(
   if fresh and workdir.exists():
     shutil.rmtree(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  with io_utils.exclusive_lock(workdir / "study.lock", f"study workdir {workdir}"):
+  act = read_finished if summarise_only else execute
+  # A summary waits for a whole study running in the same workdir; a second whole study is
+  # refused. Single runs (run_one) only check the config under this lock.
+  with io_utils.exclusive_lock(
+    workdir / "study.lock", f"study workdir {workdir}", wait=summarise_only
+  ):
     check_same_study(config, workdir)
     failures: dict[str, str] = {}  # Corpus -> why it failed.
     classes: dict[str, tuple[str, ...]] = {}
@@ -432,7 +480,7 @@ def run_study(
         logging.error("Corpus %s failed: %s; the study goes on without it", corpus.name, error)
         continue
       for run in runs:
-        outcomes[run.path] = Outcome(*execute(run, workdir))
+        outcomes[run.path] = Outcome(*act(run, workdir))
         if outcomes[run.path].error and run.setting == settings[0].name:
           failures[corpus.name] = f"its {run.setting} run failed: {outcomes[run.path].error}"
           logging.error("Corpus %s failed; the study goes on without it", corpus.name)
@@ -450,11 +498,56 @@ def run_study(
                 logging.error("Run %s failed: %s", path, error)
                 outcomes[path] = Outcome(None, str(error))
                 continue
-              outcomes[path] = Outcome(*execute(run, workdir))
+              outcomes[path] = Outcome(*act(run, workdir))
     summary = summarise(config, workdir, study_corpora, settings, failures, outcomes)
     summary["wall_seconds"] = time.time() - start
     write_study(workdir, summary)
   return summary
+
+
+def run_one(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  path: str,
+  *,
+  explicit_keys: Iterable[str] = (),
+) -> Outcome:
+  """Runs (or resumes, or reads) the one run `path` of the study (see run_paths), so that
+  runs can be separate jobs; `run_study(..., summarise_only=True)` then makes the table.
+  Jobs started together are safe: each run has its own workdir lock, and runs that share a
+  feature store wait for the one that builds it."""
+  study_corpora, settings = study_parts(config)
+  paths = run_paths(study_corpora, settings, config.study.cross_corpus)
+  if path not in paths:
+    raise ConfigError(f"study has no run {path!r}; its runs: {', '.join(paths)}")
+  folder, setting_name = path.rsplit("/", 1)
+  by_name = {c.name: c for c in study_corpora}
+  setting = next(s for s in settings if s.name == setting_name)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with io_utils.exclusive_lock(workdir / "study.lock", f"study workdir {workdir}", wait=True):
+    check_same_study(config, workdir)
+  try:
+    if folder in by_name:
+      (run,), _ = within_runs(config, by_name[folder], [setting], explicit_keys)
+    else:
+      train, test = (by_name[name] for name in folder.split("-to-"))
+      _, test_classes = within_runs(config, test, settings[:1], explicit_keys)
+      run = cross_run(config, train, test, setting, test_classes, explicit_keys)
+  except RUN_ERRORS as error:
+    logging.error("Run %s failed: %s", path, error)
+    return Outcome(None, str(error))
+  return Outcome(*execute(run, workdir))
+
+
+def read_finished(run: Run, workdir: pathlib.Path) -> tuple[dict | None, str | None]:
+  """(results.json, None) of a finished run; (None, why not) of one that has not finished."""
+  run_dir = workdir / run.path
+  if not _finished(run_dir):
+    return None, f"not finished (python -m ser_jax.study ... --run={run.path} runs it)"
+  _check_finished_run(run, run_dir)
+  logging.info("Run %s already finished; reading its results", run.path)
+  return json.loads((run_dir / "results.json").read_text()), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -562,7 +655,10 @@ def summarise(config, workdir, study_corpora, settings, failures, outcomes) -> d
       "base": config.study.base,
       "reference": reference,
       "settings": {s.name: s.describe() for s in settings},
-      "corpora": {c.name: f"{c.reader}:{c.root}" for c in study_corpora},
+      "corpora": {
+        c.name: f"{c.reader}:{c.root}" + (f"@{c.audio_root}" if c.audio_root else "")
+        for c in study_corpora
+      },
       "cross_corpus": bool(config.study.cross_corpus),
       "resamples": n_resamples,
       "meta_analysis": meta.METHOD,
@@ -855,17 +951,56 @@ def main() -> None:
   config_flag = cli.config_flag()
   workdir_flag = cli.workdir_flag()
   fresh_flag = flags.DEFINE_bool("fresh", False, "Discard the whole study and start again.")
+  run_flag = flags.DEFINE_string(
+    "run", None, "Run only this run, e.g. emodb/focal or emodb-to-casia/focal (--list_runs)."
+  )
+  task_flag = flags.DEFINE_integer(
+    "task_index",
+    None,
+    "Run only the run of this index in --list_runs (0 first), e.g. $SLURM_ARRAY_TASK_ID.",
+  )
+  list_flag = flags.DEFINE_bool("list_runs", False, "Print the study's runs, one a line, and exit.")
+  summarise_flag = flags.DEFINE_bool(
+    "summarise", False, "Run nothing: write the table of the runs that have finished."
+  )
   flags.mark_flags_as_required(["config", "workdir"])
 
   def run(argv) -> int:
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    modes = [run_flag.value is not None, task_flag.value is not None, summarise_flag.value]
+    if sum(modes) > 1 or (fresh_flag.value and any(modes)):
+      raise app.UsageError("give at most one of --run, --task_index and --summarise, no --fresh")
     cli.setup_logging()
     cli.use_compilation_cache()
     explicit = [key for key in override_keys(sys.argv) if not key.startswith("study.")]
     with cli.clear_errors():
+      study_corpora, settings = study_parts(config_flag.value)
+      paths = run_paths(study_corpora, settings, config_flag.value.study.cross_corpus)
+      if list_flag.value:
+        print("\n".join(f"{i}\t{path}" for i, path in enumerate(paths)))
+        return 0
+      only = run_flag.value
+      if task_flag.value is not None:
+        if not 0 <= task_flag.value < len(paths):
+          raise app.UsageError(
+            f"--task_index={task_flag.value}; the study has runs 0..{len(paths) - 1} "
+            "(--list_runs); a SLURM array of them is --array=0-" + str(len(paths) - 1)
+          )
+        only = paths[task_flag.value]
+      if only is not None:
+        outcome = run_one(config_flag.value, workdir_flag.value, only, explicit_keys=explicit)
+        if outcome.error:
+          print(f"failed: run {only}: {outcome.error}", file=sys.stderr)
+          return 1
+        print(f"finished {pathlib.Path(workdir_flag.value) / only}", file=sys.stderr)
+        return 0
       summary = run_study(
-        config_flag.value, workdir_flag.value, fresh=fresh_flag.value, explicit_keys=explicit
+        config_flag.value,
+        workdir_flag.value,
+        fresh=fresh_flag.value,
+        explicit_keys=explicit,
+        summarise_only=summarise_flag.value,
       )
     for line in summary["failures"]:
       print(f"failed: {line}", file=sys.stderr)

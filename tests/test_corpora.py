@@ -417,7 +417,16 @@ def test_demo_reads_manifest_with_paper_classes(tmp_path):
 
 
 def test_registry():
-  assert set(CORPORA) == {"crema_d", "csv", "demo", "emodb", "iemocap", "ravdess", "tess"}
+  assert set(CORPORA) == {
+    "crema_d",
+    "csv",
+    "demo",
+    "emobox",
+    "emodb",
+    "iemocap",
+    "ravdess",
+    "tess",
+  }
   assert available_classes("emodb") == (
     "neutral",
     "happiness",
@@ -429,7 +438,7 @@ def test_registry():
   )
   assert "calm" in available_classes("ravdess")
   assert "surprise" in available_classes("tess")
-  assert available_classes("csv") == ()
+  assert available_classes("csv") == available_classes("emobox") == ()
   for name in ["crema_d", "emodb", "iemocap", "ravdess", "tess"]:
     assert set(DEFAULT_CLASSES) <= set(available_classes(name))
   with pytest.raises(

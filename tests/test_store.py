@@ -92,8 +92,9 @@ def test_store_rows_equal_features_of_each_loaded_file(corpus, reference_build):
 
 def test_store_manifest_and_meta(corpus, reference_build):
   opened = store.open_store(reference_build)
+  # A corpus without folds of its own has no splits column.
   assert [tuple(row.values()) for row in opened.manifest] == [
-    dataclasses.astuple(u) for u in corpus.utterances
+    dataclasses.astuple(u)[:5] for u in corpus.utterances
   ]
   assert list(opened.manifest[0]) == ["utt_id", "path", "label", "speaker", "group"]
   np.testing.assert_array_equal(opened.speakers, [u.speaker for u in corpus.utterances])

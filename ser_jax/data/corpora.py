@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
+import logging
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
+
+import soundfile
 
 from ser_jax.data.corpus import Corpus, CorpusError, Skipped, Utterance
 
@@ -34,10 +39,24 @@ class _Options:
 
   include_scripted: bool = False
   merge_excited: bool = False
+  audio_root: str = ""
+  case_insensitive_paths: bool = False
 
 
-# A lister returns every parseable utterance with its class, and the files it left out.
-_Lister = Callable[[Path, _Options], tuple[list[Utterance], list[Skipped]]]
+class Listing(NamedTuple):
+  """What a lister found: every parseable utterance with its class, the files it left out,
+  the corpus's own folds (`Corpus.fold_names`), notes on files whose metadata disagrees, and
+  the corpus's name where it is not the reader's (EmoBox's 'emobox_<dataset>')."""
+
+  utterances: list[Utterance]
+  skipped: list[Skipped]
+  fold_names: tuple[str, ...] = ()
+  notes: Sequence[Skipped] = ()
+  name: str = ""
+
+
+# A lister returns a Listing, or (utterances, skipped) for a corpus without folds or notes.
+_Lister = Callable[[Path, _Options], Listing | tuple[list[Utterance], list[Skipped]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +83,11 @@ class Reader:
     self,
     root: str | os.PathLike,
     classes: Sequence[str] = (),
-    *,
-    include_scripted: bool = False,
-    merge_excited: bool = False,
+    **options,
   ) -> Corpus:
-    """Lists the corpus at `root`, keeping the utterances of `classes`."""
-    options = _Options(include_scripted=include_scripted, merge_excited=merge_excited)
+    """Lists the corpus at `root`, keeping the utterances of `classes`; `options` are
+    `_Options` fields (include_scripted, merge_excited, audio_root, case_insensitive_paths)."""
+    options = _Options(**options)
     for field in dataclasses.fields(options):
       if getattr(options, field.name) and field.name not in self.options:
         owners = ", ".join(r.name for r in CORPORA.values() if field.name in r.options)
@@ -80,7 +98,8 @@ class Reader:
     if not path.exists():
       raise CorpusError(f"data.root '{path}' does not exist")
 
-    candidates, skipped = self.lister(path, options)
+    candidates, skipped, fold_names, notes, name = Listing(*self.lister(path, options))
+    name = name or self.name
     if not candidates:
       detail = (
         f"; {len(skipped)} files did not parse, e.g. {_describe(skipped[0])}" if skipped else ""
@@ -89,36 +108,41 @@ class Reader:
     _check_unique_ids(candidates)
 
     available = self.classes or tuple(sorted({u.label for u in candidates}))
-    chosen = _choose_classes(
-      self.name, tuple(classes) or self.default_classes or available, available
-    )
+    chosen = _choose_classes(name, tuple(classes) or self.default_classes or available, available)
     if options.merge_excited and "excitement" in chosen:
       raise CorpusError(
         "class 'excitement' cannot be chosen with merge_excited, which relabels it happiness"
       )
 
     selected = []
+    folders: dict[Path, list[str]] = {}
     for utt in candidates:
       if utt.label not in chosen:
         continue
-      problem = _audio_problem(Path(utt.path))
+      problem = _audio_problem(Path(utt.path), folders, "case_insensitive_paths" in self.options)
       if problem:
         skipped.append(Skipped(utt.path, problem))
       else:
         selected.append(utt)
     skipped.sort(key=lambda s: (s.path, s.reason))
+    used = {u.path for u in selected}
+    notes = tuple(sorted((n for n in notes if n.path in used), key=lambda n: n.path))
+    if notes:
+      logging.warning("%s", _notes_line(name, notes, len(selected)))
     corpus = Corpus(
-      name=self.name,
+      name=name,
       class_names=chosen,
       utterances=tuple(sorted(selected, key=lambda u: u.utt_id)),
       skipped=tuple(skipped),
+      fold_names=fold_names,
+      notes=notes,
     )
     empty = [name for name, count in corpus.class_counts().items() if count == 0]
     if empty:
       detail = (
         f"; {len(skipped)} files were skipped, e.g. {_describe(skipped[0])}" if skipped else ""
       )
-      raise CorpusError(f"class '{empty[0]}' has no utterances in {self.name} at '{path}'{detail}")
+      raise CorpusError(f"class '{empty[0]}' has no utterances in {name} at '{path}'{detail}")
     return corpus
 
 
@@ -150,13 +174,53 @@ def _choose_classes(
   return requested
 
 
-def _audio_problem(path: Path) -> str | None:
-  """Why an audio file cannot be used, or None if it can."""
+def _audio_problem(path: Path, folders: dict[Path, list[str]], hint: bool) -> str | None:
+  """Why an audio file cannot be used, or None if it can; a missing file whose name differs
+  from one that exists only in letter case says so (with `hint`, how to use it)."""
   if not path.is_file():
-    return "audio file missing"
+    variant = case_variant(path, folders)
+    if variant is None:
+      return "audio file missing"
+    way_out = " (data.case_insensitive_paths=True reads it)" if hint else ""
+    return f"audio file missing; a file that differs only in letter case exists: {variant}{way_out}"
   if path.stat().st_size == 0:
     return "empty file (0 bytes)"
   return None
+
+
+def case_variant(path: Path, folders: dict[Path, list[str]]) -> Path | None:
+  """The one existing file whose path differs from `path` only in letter case, or None.
+
+  folders: a cache of folder listings, shared by the calls of one listing.
+  """
+  found = Path(path.anchor)
+  for part in path.parts[1:]:
+    if (found / part).exists():
+      found = found / part
+      continue
+    if found not in folders:
+      folders[found] = os.listdir(found) if found.is_dir() else []
+    matches = [name for name in folders[found] if name.lower() == part.lower()]
+    if len(matches) != 1:
+      return None
+    found = found / matches[0]
+  return found if found.is_file() and found != path else None
+
+
+def _notes_line(corpus: str, notes: Sequence[Skipped], n_used: int) -> str:
+  """One line for every file whose metadata disagrees: counts per kind and an example each."""
+  examples: dict[str, str] = {}
+  counts: dict[str, int] = {}
+  for note in notes:
+    for part in note.reason.split("; "):
+      kind = part.split(":", 1)[0]
+      counts[kind] = counts.get(kind, 0) + 1
+      examples.setdefault(kind, f"{Path(note.path).name}: {part.split(':', 1)[1].strip()}")
+  kinds = "; ".join(f"{kind} {counts[kind]}, e.g. {examples[kind]}" for kind in counts)
+  return (
+    f"{corpus}: the metadata of {len(notes)} of {n_used} files disagrees with the file ({kinds}); "
+    "used as the files are, each listed in the feature store's notes.csv"
+  )
 
 
 def _wav_files(folder: Path, *, recursive: bool) -> list[Path]:
@@ -416,7 +480,7 @@ def _list_csv(root: Path, options: _Options) -> tuple[list[Utterance], list[Skip
       f"'{root}' is not a manifest: expected a CSV file or a folder containing {_CSV_MANIFEST}"
     )
   folder = manifest.parent
-  utterances, skipped = [], []
+  utterances, skipped, test_folds = [], [], []
   with open(manifest, newline="", encoding="utf-8") as f:
     rows = csv.DictReader(f)
     columns = rows.fieldnames or []
@@ -436,7 +500,249 @@ def _list_csv(root: Path, options: _Options) -> tuple[list[Utterance], list[Skip
       group = (row.get("group") or "").strip() or speaker
       utt_id = (row.get("utt_id") or "").strip() or os.path.splitext(rel)[0]
       utterances.append(Utterance(utt_id, path, label, speaker, group))
-  return utterances, skipped
+      test_folds.append((row.get("fold") or "").strip())
+  if "fold" not in columns:
+    return utterances, skipped
+  fold_names = _natural_order({fold for fold in test_folds if fold})
+  return Listing(
+    [
+      dataclasses.replace(utt, splits=tuple("test" if f == fold else "train" for f in fold_names))
+      for utt, fold in zip(utterances, test_folds, strict=True)
+    ],
+    skipped,
+    fold_names,
+  )
+
+
+def _natural_order(names: Iterable[str]) -> tuple[str, ...]:
+  """Names sorted with their digits as numbers: fold_2 before fold_10."""
+  return tuple(
+    sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+  )
+
+
+# EmoBox (emo-box/EmoBox, data/<dataset>/): <dataset>.jsonl with one utterance a line,
+# label_map.json (raw label -> the benchmark's class) where there is one, and its folds as
+# fold_<k>/<dataset>_{train,test,valid}_fold_<k>.jsonl.
+_EMOBOX_FOLD_FILE = re.compile(
+  r"^(?P<dataset>.+)_(?P<role>train|test|valid)_fold_(?P<fold>\d+)\.jsonl$"
+)
+_EMOBOX_ROW_KEYS = ("key", "wav", "emo")
+# The benchmark's class names (and a few spellings corpora use) in ser_jax's names; others
+# are kept, lower-cased.
+_EMOBOX_CLASSES = {
+  "angry": "anger",
+  "anger": "anger",
+  "happy": "happiness",
+  "happiness": "happiness",
+  "sad": "sadness",
+  "sadness": "sadness",
+  "neutral": "neutral",
+  "fear": "fear",
+  "fearful": "fear",
+  "disgust": "disgust",
+  "disgusted": "disgust",
+  "surprise": "surprise",
+  "surprised": "surprise",
+  "boredom": "boredom",
+  "calm": "calm",
+  "excited": "excitement",
+  "excitement": "excitement",
+  "frustration": "frustration",
+  "other": "other",
+}
+# Metadata lengths within this of the file's are taken to agree.
+_EMOBOX_LENGTH_TOLERANCE_SECONDS = 0.01
+
+
+def emobox_class(name: str) -> str:
+  """The benchmark's class name (e.g. 'Angry') in ser_jax's names (e.g. 'anger')."""
+  lowered = name.strip().lower()
+  return _EMOBOX_CLASSES.get(lowered, lowered.replace(" ", "_"))
+
+
+def _emobox_speaker(dataset: str, wav: str) -> tuple[str, str] | None:
+  """(speaker, group) from the corpus's own naming, for corpora ser_jax has a reader for."""
+  stem, parts = Path(wav).stem, Path(wav).parts
+  if dataset == "emodb" and (match := _EMODB_NAME.match(stem)):
+    return match.group(1), match.group(1)
+  if dataset == "ravdess" and (match := _RAVDESS_NAME.match(stem)):
+    return f"Actor_{match.group(7)}", f"Actor_{match.group(7)}"
+  if dataset == "cremad" and (match := _CREMA_D_NAME.match(stem)):
+    return match.group(1), match.group(1)
+  if dataset == "tess" and stem.split("_")[0].upper() in _TESS_SPEAKERS:
+    return stem.split("_")[0].upper(), stem.split("_")[0].upper()
+  if dataset == "iemocap" and (match := _IEMOCAP_TURN.match(stem)):
+    return f"Ses{match.group(1)}_{match.group(2)}", f"Session{int(match.group(1))}"
+  if dataset == "casia" and len(parts) >= 3:  # <speaker>/<emotion folder>/<id>.wav
+    return parts[-3], parts[-3]
+  return None
+
+
+def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[Skipped]]:
+  """(line number, object) of each line of a JSON-lines file, and the lines that are not."""
+  rows, skipped = [], []
+  for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as error:
+      skipped.append(Skipped(str(path), f"{path.name}:{lineno}: not JSON ({error.msg})"))
+      continue
+    if not isinstance(row, dict) or any(not row.get(k) for k in _EMOBOX_ROW_KEYS):
+      skipped.append(
+        Skipped(str(path), f"{path.name}:{lineno}: needs {', '.join(_EMOBOX_ROW_KEYS)}")
+      )
+      continue
+    rows.append((lineno, row))
+  return rows, skipped
+
+
+def _emobox_label_map(root: Path) -> dict[str, str]:
+  """label_map.json with lower-cased keys ({} where there is none); keys that differ only
+  in case must agree."""
+  path = root / "label_map.json"
+  if not path.is_file():
+    return {}
+  mapping: dict[str, str] = {}
+  for raw, name in json.loads(path.read_text(encoding="utf-8")).items():
+    if mapping.setdefault(raw.lower(), name) != name:
+      raise CorpusError(
+        f"{path}: keys that differ only in case map to different classes: '{raw}' -> "
+        f"'{name}' and '{mapping[raw.lower()]}'"
+      )
+  return mapping
+
+
+def _emobox_folds(root: Path, dataset: str) -> tuple[tuple[str, ...], dict[str, dict[str, str]]]:
+  """The fold names (fold_<k>, in k order) and each fold's {key: role}."""
+  roles: dict[str, dict[str, str]] = {}
+  for folder in root.glob("fold_*"):
+    for path in sorted(folder.glob("*.jsonl")):
+      match = _EMOBOX_FOLD_FILE.match(path.name)
+      # EmoDB's second set of files (emodb_test_fold1.jsonl) is not what EmoBox's recipe reads.
+      if not match or match["dataset"] != dataset or f"fold_{match['fold']}" != folder.name:
+        continue
+      fold = roles.setdefault(folder.name, {})
+      for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+          continue
+        try:
+          key = json.loads(line)["key"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+          raise CorpusError(f"{path}:{lineno}: not a JSON object with a key ({error})") from None
+        if fold.setdefault(key, match["role"]) != match["role"]:
+          raise CorpusError(
+            f"{path}:{lineno}: '{key}' is in both the {fold[key]} and the {match['role']} "
+            f"files of {folder.name}"
+          )
+  for name, fold in roles.items():
+    if "test" not in fold.values():
+      raise CorpusError(f"{root / name} has no {dataset}_test_{name}.jsonl (or it is empty)")
+  return _natural_order(roles), roles
+
+
+def _emobox_audio(root: Path, options: _Options, dataset: str, rows) -> Callable[[str], Path]:
+  """Where each `wav` path's file is: under data.audio_root (default: two folders above the
+  dataset folder, EmoBox's checkout), or under it less 'downloads/' or 'downloads/<dataset>/',
+  whichever finds the most files."""
+  audio_root = Path(os.path.abspath(os.path.expanduser(options.audio_root or root.parent.parent)))
+  if not audio_root.is_dir():
+    raise CorpusError(f"data.audio_root '{audio_root}' is not a folder")
+  prefixes = ("", "downloads/", f"downloads/{dataset}/")
+
+  def under(prefix: str) -> Callable[[str], Path]:
+    return lambda wav: audio_root / (wav[len(prefix) :] if wav.startswith(prefix) else wav)
+
+  hits = [sum(under(p)(row["wav"]).is_file() for _, row in rows) for p in prefixes]
+  best = prefixes[hits.index(max(hits))]
+  if best:
+    logging.info("%s: wav paths read under %s less their '%s'", dataset, audio_root, best)
+  return under(best)
+
+
+def _emobox_note(row: dict, path: Path) -> str | None:
+  """What the row says of the file that the file's header does not ('; '-separated)."""
+  try:
+    info = soundfile.info(str(path))
+  except Exception:  # Unreadable: the store skips it, naming why.
+    return None
+  problems = []
+  listed_rate = row.get("sample_rate")
+  if listed_rate and int(listed_rate) != info.samplerate:
+    problems.append(f"sample rate: {int(listed_rate)} Hz listed, {info.samplerate} Hz in the file")
+  if row.get("channel") and int(row["channel"]) != info.channels:
+    problems.append(f"channels: {int(row['channel'])} listed, {info.channels} in the file")
+  if row.get("length") is not None:
+    actual = info.frames / info.samplerate
+    if abs(float(row["length"]) - actual) > _EMOBOX_LENGTH_TOLERANCE_SECONDS:
+      problems.append(f"length: {float(row['length']):.3f} s listed, {actual:.3f} s in the file")
+  return "; ".join(problems) or None
+
+
+def _list_emobox(root: Path, options: _Options) -> Listing:
+  dataset = root.name
+  metadata = root / f"{dataset}.jsonl"
+  if not metadata.is_file():
+    found = sorted(p.name for p in root.glob("*.jsonl"))
+    raise CorpusError(
+      f"no {metadata.name} in '{root}' (data.root is an EmoBox dataset folder, data/<dataset>/"
+      f"{'; found ' + ', '.join(found) if found else ''})"
+    )
+  rows, skipped = _read_jsonl(metadata)
+  label_map = _emobox_label_map(root)
+  fold_names, roles = _emobox_folds(root, dataset)
+  audio_path = _emobox_audio(root, options, dataset, rows)
+  utterances, notes, folders, resolved = [], [], {}, 0
+  speakerless = 0
+  for lineno, row in rows:
+    raw = str(row["emo"])
+    if label_map and raw.lower() not in label_map:
+      reason = f"{metadata.name}:{lineno}: label '{raw}' is not in label_map.json"
+      skipped.append(Skipped(str(metadata), f"{reason} (keys: {', '.join(sorted(label_map))})"))
+      continue
+    path = audio_path(row["wav"])
+    if options.case_insensitive_paths and not path.is_file():
+      variant = case_variant(path, folders)
+      if variant is not None:
+        path, resolved = variant, resolved + 1
+    key = str(row["key"])
+    speaker = _emobox_speaker(dataset, row["wav"])
+    if speaker is None:
+      speakerless += 1
+      utt = key.removeprefix(f"{dataset}-")
+      speaker = (utt, utt)
+    label = emobox_class(label_map.get(raw.lower(), raw))
+    splits = tuple(roles[fold].get(key, "") for fold in fold_names)
+    utterances.append(Utterance(key, str(path), label, *speaker, splits))
+    if path.is_file() and (note := _emobox_note(row, path)):
+      notes.append(Skipped(str(path), note))
+  unknown = sorted(
+    {key for fold in roles.values() for key in fold} - {str(r["key"]) for _, r in rows}
+  )
+  if unknown:
+    logging.warning(
+      "%s: %d keys of the fold files are not in %s, e.g. %s; they are left out",
+      dataset,
+      len(unknown),
+      metadata.name,
+      unknown[0],
+    )
+  if resolved:
+    logging.warning(
+      "%s: %d wav paths name no file but one that differs only in letter case "
+      "(data.case_insensitive_paths=True): read that one",
+      dataset,
+      resolved,
+    )
+  if speakerless:
+    logging.info(
+      "%s: ser_jax knows no speaker naming for it; each utterance's speaker is its key "
+      "(folds by cv.scheme='speaker' are then not speaker-independent)",
+      dataset,
+    )
+  return Listing(utterances, skipped, fold_names, notes, f"emobox_{dataset}")
 
 
 CORPORA: Mapping[str, Reader] = {
@@ -462,6 +768,17 @@ CORPORA: Mapping[str, Reader] = {
       classes=(),
       default_classes=DEFAULT_CLASSES,
       lister=_list_csv,
+    ),
+    Reader(
+      name="emobox",
+      layout=(
+        "an EmoBox dataset folder data/<dataset>/ with <dataset>.jsonl, label_map.json and "
+        "fold_<k>/<dataset>_{train,test}_fold_<k>.jsonl"
+      ),
+      classes=(),
+      default_classes=(),
+      lister=_list_emobox,
+      options=("audio_root", "case_insensitive_paths"),
     ),
     Reader(
       name="emodb",
@@ -514,11 +831,9 @@ def read_corpus(
   name: str,
   root: str | os.PathLike,
   classes: Sequence[str] = (),
-  *,
-  include_scripted: bool = False,
-  merge_excited: bool = False,
+  **options,
 ) -> Corpus:
-  """Lists corpus `name` at `root`, keeping `classes` (the corpus's defaults if empty)."""
-  return _reader(name)(
-    root, classes, include_scripted=include_scripted, merge_excited=merge_excited
-  )
+  """Lists corpus `name` at `root`, keeping `classes` (the corpus's defaults if empty);
+  `options`: include_scripted, merge_excited (IEMOCAP), audio_root, case_insensitive_paths
+  (EmoBox)."""
+  return _reader(name)(root, classes, **options)

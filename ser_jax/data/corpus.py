@@ -21,6 +21,8 @@ class Utterance:
     label: class name (one of `Corpus.class_names`).
     speaker: speaker id, unique across the corpus (e.g. 'Ses01_M').
     group: a coarser grouping for held-out folds (e.g. 'Session1'); the speaker if none.
+    splits: its role in each of the corpus's own folds (`Corpus.fold_names` order): 'train',
+      'test', 'valid', or '' where a fold does not list it; empty for corpora without folds.
   """
 
   utt_id: str
@@ -28,6 +30,7 @@ class Utterance:
   label: str
   speaker: str
   group: str
+  splits: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +43,19 @@ class Skipped:
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-  """A corpus listing: utterances sorted by `utt_id`, class names in label-index order."""
+  """A corpus listing: utterances sorted by `utt_id`, class names in label-index order.
+
+  fold_names: the corpus's own folds (EmoBox's fold_<k> files, a manifest's fold column),
+  which `Utterance.splits` refer to; empty where it has none.
+  notes: files used as they are, with what their metadata says that the file does not.
+  """
 
   name: str
   class_names: tuple[str, ...]
   utterances: tuple[Utterance, ...]
   skipped: tuple[Skipped, ...] = ()
+  fold_names: tuple[str, ...] = ()
+  notes: tuple[Skipped, ...] = ()
 
   def label_indices(self) -> list[int]:
     index = {name: i for i, name in enumerate(self.class_names)}

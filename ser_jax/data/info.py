@@ -26,6 +26,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
   return "\n".join(lines)
 
 
+_ROLES = ("train", "test", "valid")
+
+
 def format_summary(corpus: Corpus) -> str:
   """The report `main` prints for one corpus listing."""
   counts = corpus.class_counts()
@@ -56,6 +59,14 @@ def format_summary(corpus: Corpus) -> str:
     _table(("speaker", "group", *corpus.class_names, "total"), speaker_rows),
     "",
     f"{len(per_speaker)} speakers, {len(set(group_of.values()))} groups",
+  ]
+  if corpus.fold_names:
+    fold_rows = [
+      (name, *(sum(u.splits[k] == role for u in corpus.utterances) for role in _ROLES))
+      for k, name in enumerate(corpus.fold_names)
+    ]
+    parts += ["", _table(("given fold", *_ROLES), fold_rows), ""]
+  parts += [
     f"{len(corpus.skipped)} files skipped" + (":" if corpus.skipped else ""),
   ]
   parts += [f"  {s.path}: {s.reason}" for s in corpus.skipped]
@@ -74,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
     "--merge_excited", action="store_true", help="iemocap: relabel excitement as happiness"
   )
+  parser.add_argument(
+    "--audio_root", default="", help="emobox: the folder its wav paths are relative to"
+  )
+  parser.add_argument(
+    "--case_insensitive_paths",
+    action="store_true",
+    help="emobox: read a file whose path differs only in letter case",
+  )
   args = parser.parse_args(argv)
   classes = [c.strip() for c in args.classes.split(",") if c.strip()]
   try:
@@ -83,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       classes,
       include_scripted=args.include_scripted,
       merge_excited=args.merge_excited,
+      audio_root=args.audio_root,
+      case_insensitive_paths=args.case_insensitive_paths,
     )
   except CorpusError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,51 @@
+"""The focal-loss claim on every EmoBox corpus at hand, on EmoBox's own folds.
+
+python -m ser_jax.study --config=configs/emobox_study.py:/path/to/EmoBox --workdir=runs/emobox
+
+Focal loss (gamma 2, the paper's) against softmax cross entropy (the reference), MFCC input,
+the paper's four classes, on EmoBox's folds (cv.scheme='given'), each (corpus, setting) an
+ordinary run. The corpora: every data/<dataset>/ of the EmoBox checkout whose audio is in its
+downloads/<dataset>/ (EmoBox's own layout). Without an argument: the EmoBox metadata of
+EmoDB and CASIA in $SER_JAX_DATA/emobox (default ../shared/data), with their audio in
+$SER_JAX_DATA/emodb and $SER_JAX_DATA/casia/wav. A corpus without one of the four classes
+fails alone; give others with --config.study.corpora='("name=emobox:ROOT@AUDIO_ROOT",)'.
+As separate jobs: --list_runs, --task_index=I (launch/slurm_study.sbatch), --summarise.
+"""
+
+import os
+import pathlib
+
+from ser_jax.study import default_study_config
+
+DATA = pathlib.Path(
+  os.environ.get("SER_JAX_DATA")
+  or pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+)
+
+
+def emobox_corpora(checkout: pathlib.Path) -> tuple[str, ...]:
+  """'name=emobox:ROOT@AUDIO_ROOT' of each dataset of the checkout whose audio it has."""
+  return tuple(
+    f"{root.name}=emobox:{root}@{checkout}"
+    for root in sorted((checkout / "data").glob("*/"))
+    if (root / f"{root.name}.jsonl").is_file() and (checkout / "downloads" / root.name).is_dir()
+  )
+
+
+def get_config(checkout: str = ""):
+  config = default_study_config()
+  config.study.base = "configs/mfcc_focal.py"
+  if checkout:
+    config.study.corpora = emobox_corpora(pathlib.Path(checkout).expanduser().resolve())
+  else:
+    config.study.corpora = (
+      f"emodb=emobox:{DATA / 'emobox' / 'emodb'}@{DATA / 'emodb'}",
+      f"casia=emobox:{DATA / 'emobox' / 'casia'}@{DATA / 'casia' / 'wav'}",
+    )
+  config.study.settings = ("softmax:loss.name=softmax", "focal:loss.name=focal,loss.gamma=2.0")
+  config.data.corpus = "emobox"  # Each corpus's run sets its own; this validates the keys below.
+  config.cv.scheme = "given"
+  # EmoBox's metadata was made from the original releases: CASIA's paths differ in letter
+  # case from its folders (each is logged; without this they are skips naming the file).
+  config.data.case_insensitive_paths = True
+  return config
