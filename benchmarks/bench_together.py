@@ -20,7 +20,7 @@ import common
 import jax
 import numpy as np
 
-from ser_jax import cpu, experiment, memory, models, programs, train
+from ser_jax import cpu, engine, memory, models, programs, train
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 
@@ -45,11 +45,11 @@ def _build(args, config, backend, model, n_models: int, stacking: str, topology)
     weight_decay=config.train.weight_decay,
     augmentation=train.Augmentation.from_config(config.train),
     shard_params=False,
-    compiler_options=experiment.deterministic_options(config),
+    compiler_options=engine.deterministic_options(config),
     topology=topology,
   )
-  members = [experiment.Member(float(g), 0, 1e-3) for g in np.linspace(0, 5, n_models)]
-  hparams = experiment.stacked_hparams(config, members, None, 0, args.steps, tuple("abcd"))
+  members = [engine.Member(float(g), 0, 1e-3) for g in np.linspace(0, 5, n_models)]
+  hparams = engine.stacked_hparams(config, members, None, 0, args.steps, tuple("abcd"))
   start = time.perf_counter()
   compiled = made.compile(jax.eval_shape(lambda: hparams), topology)
   return compiled, jax.device_put(hparams, topology.replicated), time.perf_counter() - start

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ser_jax import cpu, experiment, models, programs, train
+from ser_jax import cpu, engine, models, programs, train
 from ser_jax.config import default_config
 from ser_jax.cpu import onednn
 from ser_jax.sharding import Topology
@@ -192,14 +192,14 @@ def build_steps(
     weight_decay=config.train.weight_decay,
     augmentation=train.Augmentation.from_config(config.train),
     shard_params=config.model.shard_params,
-    compiler_options=experiment.deterministic_options(config),
+    compiler_options=engine.deterministic_options(config),
     topology=topology,
   )
   steps_per_epoch = n_train // config.train.batch_size
   state = made.init(jnp.array([config.seed], jnp.uint32), jnp.array([fold], jnp.int32))
-  members = experiment.members_of(config)
+  members = engine.members_of(config)
   classes = tuple(config.data.classes)
-  hparams = experiment.stacked_hparams(config, members, None, fold, steps_per_epoch, classes)
+  hparams = engine.stacked_hparams(config, members, None, fold, steps_per_epoch, classes)
   return Steps(
     state=state,
     hparams=jax.device_put(hparams, topology.replicated),

@@ -4,7 +4,7 @@ The reference that ser_jax's whole run is timed against (benchmarks/side_by_side
 reads the config file ser_jax reads (configs/mfcc_focal.py by default, `--set key=value`
 as `--config.key=value`), and takes from ser_jax only what makes both see the same data:
 the feature store (built if missing), the folds, each fold's normalisation and each
-epoch's batch order (ser_jax.experiment, ser_jax.input_pipeline), and the metrics'
+epoch's batch order (ser_jax.run_data, ser_jax.input_pipeline), and the metrics'
 definitions. Training is PyTorch alone: benchmarks/torch_resnet.py's ResNet-18
 (channels-last, Flax's initialisers), focal loss, AdamW (weight decay decoupled, scaled by
 the rate, as optax.adamw) with linear warm-up then cosine decay per step, ser_jax's time
@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch_resnet  # noqa: E402
 
-from ser_jax import experiment, input_pipeline, metrics  # noqa: E402
+from ser_jax import input_pipeline, metrics, run_data  # noqa: E402
 from ser_jax.config import validate_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -242,9 +242,9 @@ def main() -> None:
     f"mode {args.mode}, deterministic {deterministic}"
   )
 
-  store = experiment.prepare_store(config)
-  kept = experiment.utterances(config, store)
-  folds = experiment.cross_validation_folds(config, store, kept)
+  store = run_data.prepare_store(config)
+  kept = run_data.utterances(config, store)
+  folds = run_data.cross_validation_folds(config, store, kept)
   n_classes = len(store.class_names)
   print(f"store {store.path}: {len(kept)} utterances, features {store.features.shape[1:]}")
   workdir = pathlib.Path(args.workdir)

@@ -13,7 +13,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from ser_jax import audio, io_utils, memory
+from ser_jax import audio, io_utils, memory, trainer
 from ser_jax.cache import default_cache_dir
 from ser_jax.config import ConfigError
 from ser_jax.data.corpus import CorpusError
@@ -160,6 +160,6 @@ def clear_errors():
 
   try:
     yield
-  except (*USER_ERRORS, experiment.ConfigMismatchError, experiment.NonFiniteLossError) as error:
+  except (*USER_ERRORS, experiment.ConfigMismatchError, trainer.NonFiniteLossError) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

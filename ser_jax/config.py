@@ -241,7 +241,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   allowed("cv.scheme", config.cv.scheme, CV_SCHEMES)
   at_least("cv.n_folds", config.cv.n_folds, 2)
   for fold in config.cv.folds:
-    # Given folds are counted when the corpus is read (experiment.cross_validation_folds).
+    # Given folds are counted when the corpus is read (run_data.cross_validation_folds).
     if fold < 0 or (config.cv.scheme != "given" and fold >= config.cv.n_folds):
       raise ConfigError(f"cv.folds contains {fold}; folds are 0..{config.cv.n_folds - 1}")
 

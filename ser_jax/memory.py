@@ -5,15 +5,18 @@ A run's models are its folds times its sweep members. `train.models_per_program=
 bytes it needs (`compiled_bytes`), asks the machine how many it can spare
 (`available_bytes`), `plan_chunks` splits the models into even chunks, and `group_cells`
 lays the chunks out as (fold, members) cells, each checkpointed in its own folder.
+`plan_models_per_program` runs that loop, and `rows_on_device` decides whether the
+features live on the device.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 
@@ -250,6 +253,63 @@ def plan_chunks(
     available=max(available, 0),
     limited_by=limited_by,
   )
+
+
+def plan_models_per_program(
+  n_models: int,
+  at_most: int,
+  program_bytes: Callable[[int], int],
+  reserved_bytes: int = 0,
+  platform: str | None = None,
+) -> tuple[int, ChunkPlan]:
+  """(models per program, the plan): as many of `n_models` as fit, read from the largest
+  program, which the run then calls; a smaller one is measured only where it does not fit.
+
+  at_most: train.models_per_program's bound (1 for one model at a time); 0: none.
+  program_bytes: k -> bytes a program of k models needs (compiling it on demand).
+  reserved_bytes: memory the run holds apart from the programs (features on the device).
+  """
+  largest = min(at_most or n_models, n_models)
+  per_program = math.ceil(n_models / math.ceil(n_models / largest))  # Even chunks.
+  while True:
+    plan = plan_chunks(
+      n_models,
+      math.ceil(program_bytes(per_program) / per_program),
+      max(available_bytes() - reserved_bytes, 0),
+      platform or jax.default_backend(),
+      at_most=at_most,
+    )
+    if plan.models_per_chunk >= per_program:
+      return per_program, plan
+    per_program = plan.models_per_chunk  # The larger program did not fit.
+
+
+# Share of the memory the run can use that the features may take on the device; with no
+# figure for it, features up to this many bytes go there.
+DEVICE_ROWS_SHARE = 0.5
+DEVICE_ROWS_UNKNOWN_BUDGET = 2 * GiB
+
+
+def rows_on_device(setting: str, n_rows: int, feature_shape) -> int | None:
+  """How many rows the features take on the device (data.on_device: 'auto', 'always' or
+  'never'), or None: batches stream from the store."""
+  n_bytes = n_rows * math.prod(feature_shape) * 4
+  if setting == "never":
+    return None
+  if jax.process_count() > 1:  # Each process reads its share of every batch from disk.
+    if setting == "always":
+      logging.warning("data.on_device='always' ignored: batches stream in multi-process runs")
+    return None
+  available = available_bytes()
+  budget = DEVICE_ROWS_SHARE * available if available else DEVICE_ROWS_UNKNOWN_BUDGET
+  if setting == "auto" and n_bytes > budget:
+    logging.info(
+      "Features stream from the store: %s exceed the device budget of %s",
+      describe_bytes(n_bytes),
+      describe_bytes(budget),
+    )
+    return None
+  return n_rows
 
 
 def group_cells(folds: Sequence[int], n_members: int, models_per_program: int):

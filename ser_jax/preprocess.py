@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from ser_jax import cli, experiment
+from ser_jax import cli, run_data
 from ser_jax.config import validate_config
 
 _CONFIG = cli.config_flag()
@@ -21,7 +21,7 @@ def main(argv) -> None:
   cli.setup_logging()
   with cli.clear_errors():
     validate_config(_CONFIG.value)
-    store = experiment.prepare_store(_CONFIG.value)
+    store = run_data.prepare_store(_CONFIG.value)
   counts = np.bincount(store.labels, minlength=len(store.class_names))
   print(store.path)
   for name, count in zip(store.class_names, counts, strict=True):

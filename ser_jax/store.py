@@ -154,7 +154,9 @@ class FeatureStore:
   def fold_roles(self) -> np.ndarray:
     """[N, len(fold_names)] 'train', 'test', 'valid' or '' (not in that fold)."""
     rows = [row["splits"].split() if self.fold_names else [] for row in self.manifest]
-    return np.array([[_role(r) for r in row] for row in rows], dtype=object).reshape(len(self.manifest), len(self.fold_names))
+    return np.array([[_role(r) for r in row] for row in rows], dtype=object).reshape(
+      len(self.manifest), len(self.fold_names)
+    )
 
   def __len__(self) -> int:
     return len(self.labels)

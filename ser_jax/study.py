@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 
-from ser_jax import compare, experiment, io_utils, meta, plots
+from ser_jax import compare, experiment, io_utils, meta, plots, run_data, trainer
 from ser_jax.audio import AudioError
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data import corpora
@@ -61,7 +61,7 @@ RUN_ERRORS = (
   FoldError,
   AudioError,
   FileNotFoundError,
-  experiment.NonFiniteLossError,
+  trainer.NonFiniteLossError,
 )
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")
 # A setting's overrides are split at the commas that start the next `key=`.
@@ -285,7 +285,7 @@ def within_runs(
   runs, classes = [], None
   for setting in settings:
     run = run_config(config, corpus, setting, explicit_keys)
-    listed = experiment.load_corpus(run)
+    listed = run_data.load_corpus(run)
     classes = classes or tuple(listed.class_names)
     if run.cv.scheme == "speaker":
       speakers = sorted({u.speaker for u in listed.utterances})
@@ -319,7 +319,7 @@ def cross_run(
   """`setting` trained on every kept utterance of `train` and tested on `test`, on the
   classes both have (data.class_shares restricted to them)."""
   run = run_config(config, train, setting, explicit_keys)
-  train_classes = experiment.load_corpus(run).class_names
+  train_classes = run_data.load_corpus(run).class_names
   shared = [name for name in train_classes if name in test_classes]
   if len(shared) < 2:
     raise ConfigError(

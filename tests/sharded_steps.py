@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ser_jax import cpu, evaluation, experiment, input_pipeline, models, programs, train
+from ser_jax import cpu, engine, evaluation, input_pipeline, models, programs, train
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 from ser_jax.store import FeatureStore
@@ -43,7 +43,7 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
   topology = Topology.create()
   eval_batch_size = topology.num_devices * -(-eval_batch_size // topology.num_devices)
   gammas = (0.0, 2.0, 5.0) if layout in ("sweep", "folds") else (2.0,)
-  members = [experiment.Member(gamma, 0, 1e-2) for gamma in gammas]
+  members = [engine.Member(gamma, 0, 1e-2) for gamma in gammas]
   k = len(members)
   # The same lowering on any number of devices, so that only the sharding differs.
   backend = cpu.backend("cpu")
@@ -75,7 +75,7 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
   state = made.init(np.zeros(k, np.uint32), folds)
   if layout == "fsdp":  # Large enough leaves are split over the data axis.
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
-  hparams = experiment.stacked_hparams(config, members, None, 0, n_steps, tuple("abcd"))
+  hparams = engine.stacked_hparams(config, members, None, 0, n_steps, tuple("abcd"))
   hparams = jax.device_put(hparams, topology.replicated)
   mean = np.zeros(n_bins, np.float32)
   std = np.ones_like(mean)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ser_jax import experiment
+from ser_jax import run_data
 from ser_jax.config import default_config
 from ser_jax.data.demo import DEMO_CLASSES, is_demo_corpus, write_demo_corpus
 
@@ -153,5 +153,5 @@ def test_a_demo_corpus_of_another_size_at_data_root_is_read_as_it_is(tmp_path):
   config.data.corpus = "demo"
   config.data.root = str(root)
   config.data.cache_dir = str(tmp_path / "cache")
-  corpus = experiment.load_corpus(config)
+  corpus = run_data.load_corpus(config)
   assert len(corpus.utterances) == 40  # Not replaced by the default 320-clip corpus.

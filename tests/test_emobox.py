@@ -18,7 +18,7 @@ import soundfile as sf
 from helpers import REPO, run_module, start_module
 from sklearn import metrics as sk
 
-from ser_jax import experiment, folds, study
+from ser_jax import experiment, folds, run_data, study
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data.corpora import emobox_class, read_corpus
 from ser_jax.data.corpus import CorpusError
@@ -257,10 +257,10 @@ def _config(root, cache, **overrides):
 def test_each_folds_test_utterances_are_exactly_emoboxs(emobox, tmp_path, caplog):
   root, _ = emobox
   config = _config(root, tmp_path)
-  store = experiment.prepare_store(config)
-  kept = experiment.utterances(config, store)
+  store = run_data.prepare_store(config)
+  kept = run_data.utterances(config, store)
   with caplog.at_level(logging.INFO):
-    made = experiment.cross_validation_folds(config, store, kept)
+    made = run_data.cross_validation_folds(config, store, kept)
   ids = np.array([row["utt_id"] for row in store.manifest])
   unusable = UNUSABLE
   for (train, test), listed_test, listed_train in zip(
@@ -268,7 +268,7 @@ def test_each_folds_test_utterances_are_exactly_emoboxs(emobox, tmp_path, caplog
   ):
     assert sorted(ids[test]) == sorted(listed_test - unusable)
     assert sorted(ids[train]) == sorted(listed_train - unusable)
-  valid = experiment.given_folds(store, kept)[0].valid
+  valid = run_data.given_folds(store, kept)[0].valid
   assert sorted(ids[valid]) == sorted(f"emodb-{v}" for v in VALID)
   line = next(r.getMessage() for r in caplog.records if "given folds" in r.getMessage())
   assert line == (
@@ -277,14 +277,14 @@ def test_each_folds_test_utterances_are_exactly_emoboxs(emobox, tmp_path, caplog
     "1 are in no fold at all"
   )
   # The folds survive the store: its key changes when one utterance moves between folds.
-  corpus = experiment.load_corpus(config)
+  corpus = run_data.load_corpus(config)
   moved = dataclasses.replace(corpus.utterances[0], splits=("test", "test", "train"))
   other = dataclasses.replace(corpus, utterances=(moved, *corpus.utterances[1:]))
   params = experiment.FeatureParams.from_config(config.features)
   assert store_key(other, params) != store_key(corpus, params) == store.path.name.split("-")[-1]
   with pytest.raises(FoldError, match="cv.folds contains 3; emobox_emodb has 3 given folds"):
     config.cv.folds = (3,)
-    experiment.cross_validation_folds(config, store, kept)
+    run_data.cross_validation_folds(config, store, kept)
 
 
 def test_a_manifest_fold_column_and_iemocap_sessions_are_given_folds(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from ser_jax import checkpoints, cpu, experiment, models, programs, train
+from ser_jax import checkpoints, cpu, engine, experiment, models, programs, run_data, train, trainer
 from ser_jax.config import default_config
 from ser_jax.cpu import onednn
 from ser_jax.data.demo import write_demo_corpus
@@ -59,8 +59,8 @@ def _programs(lowering: str, n_models: int, stacking: str) -> programs.Programs:
 
 def _hparams(n_models: int, steps_per_epoch: int = 3):
   config = default_config()
-  members = [experiment.Member(float(k), k, 1e-3) for k in range(n_models)]
-  return experiment.stacked_hparams(config, members, None, 0, steps_per_epoch, tuple("abcd"))
+  members = [engine.Member(float(k), k, 1e-3) for k in range(n_models)]
+  return engine.stacked_hparams(config, members, None, 0, steps_per_epoch, tuple("abcd"))
 
 
 def _loops_without_trip_count(hlo: str) -> list[str]:
@@ -109,23 +109,23 @@ def test_an_epoch_moves_nothing_between_host_and_device_but_its_inputs_and_metri
   }
   config = default_config()
   config.train.batch_size, config.train.num_epochs = 8, 2
-  settings = experiment.Settings.from_config(config, topology)
+  settings = engine.Settings.from_config(config, topology)
   n_bins = SHAPES.feature_shape[0]
   folds = [
-    experiment.Fold(k, np.arange(n), np.arange(24, 30), np.zeros(n_bins), np.ones(n_bins))
+    trainer.Fold(k, np.arange(n), np.arange(24, 30), np.zeros(n_bins), np.ones(n_bins))
     for k, n in enumerate((24, 16))  # 3 and 2 steps of 8.
   ]
-  cells = [experiment.Cell(fold, range(1)) for fold in folds]
-  fields = dict.fromkeys(experiment.Run.__dataclass_fields__)
+  cells = [trainer.Cell(fold, range(1)) for fold in folds]
+  fields = dict.fromkeys(trainer.Run.__dataclass_fields__)
   fields.update(
     settings=settings, topology=topology, device_rows=jax.device_put(rows, topology.replicated)
   )
-  run = experiment.Run(**fields)
+  run = trainer.Run(**fields)
   seeds = jax.device_put(np.arange(2, dtype=np.uint32))
   state = made.init(seeds, jax.device_put(np.arange(2, dtype=np.int32)))
   hparams = jax.device_put(_hparams(2))
   with jax.transfer_guard("disallow"):
-    state, metrics = experiment._train_epoch(run, made, cells, state, hparams, [0, 1], [3, 2])
+    state, metrics = trainer._train_epoch(run, made, cells, state, hparams, [0, 1], [3, 2])
     with pytest.raises(Exception, match="[Dd]isallowed"):  # The guard does catch transfers.
       jax.jit(lambda x: x + 1)(np.zeros(3))
   assert isinstance(metrics["loss"], np.ndarray) and metrics["loss"].shape == (2, 3)
@@ -254,7 +254,7 @@ def test_a_folds_test_utterances_do_not_reach_its_training(tmp_path, monkeypatch
   test_0 = np.arange(0, 48, 3)  # Fold 0 tests every third clip, fold 1 the rest.
   train_0 = np.setdiff1d(np.arange(48), test_0)
   fixed = [(train_0, test_0), (test_0, train_0)]
-  monkeypatch.setattr(experiment, "cross_validation_folds", lambda *args: fixed)
+  monkeypatch.setattr(run_data, "cross_validation_folds", lambda *args: fixed)
   changed = tmp_path / "changed"
   _swap_test_utterances(original, other, changed, {ids[i] for i in test_0})
   params = {}

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ser_jax import audio, checkpoints, experiment, metrics
+from ser_jax import audio, checkpoints, experiment, metrics, run_data
 from ser_jax.folds import make_folds
 from ser_jax.predict import Predictor, PredictorError, main, window_starts
 
@@ -147,7 +147,7 @@ def test_reproduces_fold_test_results(run) -> None:
   """Fold 0's model on its test files' first max_seconds (what training saw) gives its counts."""
   config = tiny_config()
   config.data.cache_dir = str(_RUNS["cache"])
-  store = experiment.prepare_store(config, progress=False)
+  store = run_data.prepare_store(config, progress=False)
   _, test_idx = make_folds(
     store.labels,
     store.speakers,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from helpers import REPO, result_metrics, run_module, start_module, tiny_args
 
-from ser_jax import io_utils
+from ser_jax import io_utils, trainer
 
 EPOCHS = 4
 
@@ -148,7 +148,7 @@ def test_nan_loss_stops_with_fold_and_step_and_keeps_last_checkpoint(tmp_path, m
   config.train.num_epochs = 4
   config.train.checkpoint_every_epochs = 1
   config.cv.n_folds = 2
-  with pytest.raises(experiment.NonFiniteLossError, match=r"fold 0, epoch 3, step 11,"):
+  with pytest.raises(trainer.NonFiniteLossError, match=r"fold 0, epoch 3, step 11,"):
     experiment.train_and_evaluate(config, str(tmp_path / "run"))
   # 160 clips train each fold: 5 steps an epoch, so step 11 is in epoch 3; epochs 1 and 2
   # were checkpointed, epoch 3 was not.
