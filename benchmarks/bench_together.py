@@ -20,7 +20,7 @@ import common
 import jax
 import numpy as np
 
-from ser_jax import cpu, engine, memory, models, programs, train
+from ser_jax import cpu, engine, memory, models, programs
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 
@@ -41,12 +41,8 @@ def _build(args, config, backend, model, n_models: int, stacking: str, topology)
     shapes,
     model,
     backend,
-    stacking=stacking,
-    weight_decay=config.train.weight_decay,
-    augmentation=train.Augmentation.from_config(config.train),
-    shard_params=False,
-    compiler_options=engine.deterministic_options(config),
-    topology=topology,
+    programs.Options.from_config(config, stacking),
+    topology,
   )
   members = [engine.Member(float(g), 0, 1e-3) for g in np.linspace(0, 5, n_models)]
   hparams = engine.stacked_hparams(config, members, None, 0, args.steps, tuple("abcd"))

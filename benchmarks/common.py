@@ -188,12 +188,8 @@ def build_steps(
     ),
     model,
     backend,
-    stacking="vmap",
-    weight_decay=config.train.weight_decay,
-    augmentation=train.Augmentation.from_config(config.train),
-    shard_params=config.model.shard_params,
-    compiler_options=engine.deterministic_options(config),
-    topology=topology,
+    programs.Options.from_config(config),
+    topology,
   )
   steps_per_epoch = n_train // config.train.batch_size
   state = made.init(jnp.array([config.seed], jnp.uint32), jnp.array([fold], jnp.int32))

@@ -63,10 +63,7 @@ class Settings:
   models_together: str  # 'vmap', 'map' or 'none' (never 'auto').
   models_per_program: int  # 0: as many as fit.
   on_device: str
-  weight_decay: float
-  augmentation: train.Augmentation
-  shard_params: bool
-  compiler_options: dict
+  options: programs.Options  # Its stacking is models_together's.
 
   @classmethod
   def from_config(cls, config, topology: Topology) -> Settings:
@@ -87,10 +84,7 @@ class Settings:
       models_together=together,
       models_per_program=config.train.models_per_program,
       on_device=config.data.on_device,
-      weight_decay=config.train.weight_decay,
-      augmentation=train.Augmentation.from_config(config.train),
-      shard_params=config.model.shard_params,
-      compiler_options=deterministic_options(config),
+      options=programs.Options.from_config(config, together),
     )
 
 
@@ -101,14 +95,6 @@ def models_together(setting: str, platform: str | None = None) -> str:
   if setting != "auto":
     return setting
   return "none" if (platform or jax.default_backend()) == "cpu" else "vmap"
-
-
-def deterministic_options(config) -> dict:
-  """XLA options that make the run's programs give the same numbers every time: on a GPU,
-  deterministic reductions and scatters (train.deterministic); CPUs and TPUs need none."""
-  if config.train.deterministic and jax.default_backend() == "gpu":
-    return {"xla_gpu_deterministic_ops": True}
-  return {}
 
 
 def stacked_hparams(
@@ -205,12 +191,9 @@ def build_engine(config, settings: Settings, members, shapes: programs.Shapes, f
         dataclasses.replace(shapes, n_models=k, n_members=m),
         model,
         backend,
-        stacking=settings.models_together if k > 1 else "vmap",
-        weight_decay=settings.weight_decay,
-        augmentation=settings.augmentation,
-        shard_params=settings.shard_params,
-        compiler_options=settings.compiler_options,
-        topology=topology,
+        # One model compiles the plain function (train.over_models), whatever the stacking.
+        settings.options if k > 1 else dataclasses.replace(settings.options, stacking="vmap"),
+        topology,
       )
       hparams = jax.eval_shape(
         lambda: stacked_hparams(

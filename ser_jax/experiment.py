@@ -192,7 +192,7 @@ def _summarise(run: Run, kept, fold_indices, fold_results, wall_seconds: float) 
       {
         **run.engine.backend.provenance(),
         "deterministic": bool(config.train.deterministic),
-        "xla_options": run.settings.compiler_options,
+        "xla_options": run.settings.options.compiler_options,
         "features_on_device": run.device_rows is not None,
         "models_together": run.settings.models_together,
       }

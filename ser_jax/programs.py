@@ -64,6 +64,35 @@ class Shapes:
 
 
 @dataclasses.dataclass(frozen=True)
+class Options:
+  """How the programs train and compile."""
+
+  stacking: str = "vmap"  # How a program stacks its models (train.over_models).
+  weight_decay: float = 0.0
+  augmentation: train.Augmentation = train.Augmentation()
+  shard_params: bool = False  # FSDP: large parameters split over the data axis.
+  compiler_options: dict = dataclasses.field(default_factory=dict)  # XLA options.
+
+  @classmethod
+  def from_config(cls, config, stacking: str = "vmap") -> Options:
+    return cls(
+      stacking=stacking,
+      weight_decay=config.train.weight_decay,
+      augmentation=train.Augmentation.from_config(config.train),
+      shard_params=config.model.shard_params,
+      compiler_options=deterministic_options(config),
+    )
+
+
+def deterministic_options(config) -> dict:
+  """XLA options that make the run's programs give the same numbers every time: on a GPU,
+  deterministic reductions and scatters (train.deterministic); CPUs and TPUs need none."""
+  if config.train.deterministic and jax.default_backend() == "gpu":
+    return {"xla_gpu_deterministic_ops": True}
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
 class Programs:
   """The jitted functions of a run for `Shapes`; `compile` swaps in compiled ones."""
 
@@ -89,16 +118,12 @@ class Programs:
     shapes: Shapes,
     model,
     backend,
-    *,
-    stacking: str,
-    weight_decay: float,
-    augmentation: train.Augmentation,
-    shard_params: bool,
-    compiler_options: dict,
+    options: Options,
     topology: Topology,
   ) -> Programs:
     """backend: a ser_jax.cpu.Backend (its optimiser transformation, evaluation, donation)."""
-    tx = train.make_optimizer(weight_decay, backend.before_update)
+    compiler_options = options.compiler_options
+    tx = train.make_optimizer(options.weight_decay, backend.before_update)
     input_shape = (1, *shapes.feature_shape, 1)
     jit = functools.partial(jax.jit, compiler_options=compiler_options or None)
 
@@ -116,7 +141,7 @@ class Programs:
     cell_abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct((m, *x.shape[1:]), x.dtype), abstract
     )
-    if shard_params:
+    if options.shard_params:
       state_sharding, cell_sharding = topology.fsdp(abstract), topology.fsdp(cell_abstract)
     else:
       state_sharding = jax.tree.map(lambda _: topology.replicated, abstract)
@@ -130,19 +155,20 @@ class Programs:
         lambda x, c: jax.lax.dynamic_update_slice_in_dim(x, c, first, 0), state, cell
       )
 
-    step = functools.partial(train.train_step, augmentation=augmentation)
+    def train_step(state, batch, hparams):
+      return train.train_step(state, batch, hparams, augmentation=options.augmentation)
 
-    def model_epoch(state, rows, order, n_steps, mean, std, hparams):
+    def train_epoch(state, rows, order, n_steps, mean, std, hparams):
       def batch_at(i):
         batch = input_pipeline.device_batch(rows, order[i], mean, std)
         return jax.lax.with_sharding_constraint(batch, topology.batch)
 
-      return train.epoch_loop(step, state, hparams, batch_at, n_steps, shapes.max_steps)
+      return train.epoch_loop(train_step, state, hparams, batch_at, n_steps, shapes.max_steps)
 
-    def cell_evaluation(state, features):
+    def evaluate(state, features):
       return backend.evaluate(state.apply_fn, train.state_variables(state), features)
 
-    stack = functools.partial(train.over_models, stacking=stacking, shared_args=1)
+    stack = functools.partial(train.over_models, stacking=options.stacking, shared_args=1)
     donate = (0,) if backend.donate_state else ()
     # Init runs once per model, and XLA's optimisations cost it seconds to minutes of
     # compiling (Flax's random initialisers unroll into long integer programs).
@@ -150,9 +176,9 @@ class Programs:
     return cls(
       shapes=shapes,
       init=jax.jit(init, out_shardings=state_sharding, compiler_options=quick),
-      train_epoch=jit(stack(model_epoch, shapes.n_models), donate_argnums=donate),
-      train_step=jit(stack(step, shapes.n_models), donate_argnums=donate),
-      evaluate=jit(stack(cell_evaluation, m)),
+      train_epoch=jit(stack(train_epoch, shapes.n_models), donate_argnums=donate),
+      train_step=jit(stack(train_step, shapes.n_models), donate_argnums=donate),
+      evaluate=jit(stack(evaluate, m)),
       state_sharding=state_sharding,
       take_cell=jit(take_cell, out_shardings=cell_sharding),
       put_cell=jit(put_cell, out_shardings=state_sharding),

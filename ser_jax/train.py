@@ -237,10 +237,12 @@ def over_models(fn, n_models: int, stacking: str = "vmap", shared_args: int = 0)
   stacking: 'vmap', one batched program (convolutions become grouped ones); or 'map',
   `lax.map` over the models, a loop with a known trip count inside the program that runs
   each model's plain convolutions. With one model the axis is squeezed instead, so a
-  single model compiles the plain function.
+  single model compiles the plain function. The result takes `fn`'s name (the program's
+  name in XLA's dumps and profiles).
   """
   if n_models == 1:
 
+    @functools.wraps(fn)
     def single(model, *args):
       squeeze = functools.partial(jax.tree.map, lambda x: x[0])
       shared, own = args[:shared_args], args[shared_args:]
@@ -250,6 +252,7 @@ def over_models(fn, n_models: int, stacking: str = "vmap", shared_args: int = 0)
     return single
   if stacking == "vmap":
 
+    @functools.wraps(fn)
     def vmapped(model, *args):
       in_axes = (0,) + (None,) * shared_args + (0,) * (len(args) - shared_args)
       return jax.vmap(fn, in_axes=in_axes)(model, *args)
@@ -257,6 +260,7 @@ def over_models(fn, n_models: int, stacking: str = "vmap", shared_args: int = 0)
     return vmapped
   if stacking == "map":
 
+    @functools.wraps(fn)
     def mapped(model, *args):
       shared, own = args[:shared_args], args[shared_args:]
       return jax.lax.map(lambda xs: fn(xs[0], *shared, *xs[1]), (model, tuple(own)))

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ser_jax import cpu, engine, evaluation, input_pipeline, models, programs, train
+from ser_jax import cpu, engine, evaluation, input_pipeline, models, programs
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 from ser_jax.store import FeatureStore
@@ -64,12 +64,8 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
     shapes,
     model,
     backend,
-    stacking="vmap",
-    weight_decay=config.train.weight_decay,
-    augmentation=train.Augmentation.from_config(config.train),
-    shard_params=config.model.shard_params,
-    compiler_options={},
-    topology=topology,
+    programs.Options.from_config(config),
+    topology,
   )
   folds = np.arange(k, dtype=np.int32) if layout == "folds" else np.zeros(k, np.int32)
   state = made.init(np.zeros(k, np.uint32), folds)

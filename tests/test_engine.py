@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from ser_jax import checkpoints, cpu, engine, experiment, models, programs, run_data, train, trainer
+from ser_jax import checkpoints, cpu, engine, experiment, models, programs, run_data, trainer
 from ser_jax.config import default_config
 from ser_jax.cpu import onednn
 from ser_jax.data.demo import write_demo_corpus
@@ -48,12 +48,8 @@ def _programs(lowering: str, n_models: int, stacking: str) -> programs.Programs:
     shapes,
     model,
     backend,
-    stacking=stacking,
-    weight_decay=1e-2,
-    augmentation=train.Augmentation(),
-    shard_params=False,
-    compiler_options={},
-    topology=Topology.create(),
+    programs.Options(stacking=stacking, weight_decay=1e-2),
+    Topology.create(),
   )
 
 
@@ -94,6 +90,8 @@ def test_every_loop_of_the_train_and_eval_programs_has_a_known_trip_count(
     hlo = getattr(made, name).as_text()
     assert "while(" in hlo, name  # The epoch's steps and the evaluation's batches loop.
     assert _loops_without_trip_count(hlo) == [], name
+    # Named as the function it compiles, in dumps and profiles alike.
+    assert hlo.startswith(f"HloModule jit_{name},"), hlo[:80]
 
 
 def test_an_epoch_moves_nothing_between_host_and_device_but_its_inputs_and_metrics():
