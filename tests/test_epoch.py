@@ -125,6 +125,7 @@ def test_the_epoch_loop_trains_exactly_n_steps_and_one_program_serves_every_leng
   assert epoch._cache_size() == 1  # Folds whose epochs differ in length share the program.
 
 
+@pytest.mark.slow  # The default run compares them within 1e-6: test_config.py, data.on_device.
 def test_a_run_on_the_device_gives_the_bits_of_a_streamed_run(tmp_path):
   """data.on_device only moves where batches are made: predictions.csv and every epoch's
   loss come out the same, bit for bit, as XLA compiles for users (the other tests' -O0

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(
   reason=f"oneDNN unavailable here: {onednn.unavailable_reason() or platform.machine()}",
 )
 
-ISAS = ["SSE41", "AVX2", None]  # None: whatever this CPU has.
+# None: whatever this CPU has. SSE4.1 machines (no AVX) run with -m slow.
+ISAS = [pytest.param("SSE41", marks=pytest.mark.slow), "AVX2", None]
 SHAPES = ["mfcc", "logmel", "demo", "narrow"]
 
 

@@ -77,6 +77,7 @@ def _assert_member_equals_single(sweep, member: int, single) -> None:
     assert counts[member] == want_counts[0]
 
 
+@pytest.mark.slow  # Stacked models equal lone ones in the default run: test_engine.py.
 def test_chunked_sweep_members_equal_separate_runs(tmp_path, cache, singles):
   """Members 0-1 train as one vmapped program, member 2 alone; each equals its own run."""
   sweep = run_module(
