@@ -10,9 +10,9 @@ and `report` read as any run; the study then writes one table and its figures:
                                     the reference setting; pooled over corpora (ser_jax.meta)
 <W>/forest.png, cross_corpus.png    the UA differences per corpus and pooled; the UA matrices
 
-Each run's config is `study.base`'s, then every ordinary key that the study config sets
-away from ser_jax's defaults (or names on the command line), then the corpus, then the
-setting's overrides. With cv.scheme='speaker' a corpus gets min(cv.n_folds, its speakers)
+Each run's config is, in this order of precedence (later wins): `study.base`'s, on which
+the study config is built (default_study_config(base)); every key the study config sets,
+default or not; the corpus; the setting's overrides; the command line's `--config.` keys. With cv.scheme='speaker' a corpus gets min(cv.n_folds, its speakers)
 folds. A rerun reads finished runs (their files untouched), resumes unfinished ones from
 their checkpoints, and retries failed ones. A corpus that cannot be read fails alone, with
 one line, and the table says so.
@@ -68,11 +68,12 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")
 _NEXT_OVERRIDE = re.compile(r",(?=\s*[A-Za-z_][\w.]*\s*=)")
 
 
-def default_study_config() -> ml_collections.ConfigDict:
-  """Every ordinary key (ser_jax.config) and the `study` group."""
-  config = default_config()
+def default_study_config(base: str = "configs/mfcc_focal.py") -> ml_collections.ConfigDict:
+  """The config of the `base` file (path or path:argument), with the `study` group: a
+  study config sets its ordinary keys over the base's, and each applies to every run."""
+  config = load_config_file(base)
   config.study = ml_collections.ConfigDict()
-  config.study.base = "configs/mfcc_focal.py"  # Config file (path or path:argument).
+  config.study.base = base  # The config file the study config was built on.
   # 'NAME=CORPUS:ROOT' (CORPUS a reader; for csv ROOT is the manifest), and for EmoBox
   # 'NAME=emobox:ROOT@AUDIO_ROOT' (ROOT its data/<dataset>/ folder; @AUDIO_ROOT optional).
   config.study.corpora = ()
@@ -181,7 +182,10 @@ def _unique(kind: str, names: Sequence[str]) -> None:
 def study_parts(config: ml_collections.ConfigDict) -> tuple[list[Corpus], list[Setting]]:
   """The study's corpora and settings, checked; ConfigError names the bad entry."""
   if not config.study.corpora:
-    raise ConfigError("study.corpora is empty; give at least one 'NAME=CORPUS:ROOT'")
+    raise ConfigError(
+      "study.corpora is empty: give --config.study.corpora='(\"NAME=CORPUS:ROOT\",)', or set "
+      "SER_JAX_DATA to the folder the study config reads its corpora from"
+    )
   if not config.study.settings:
     raise ConfigError("study.settings is empty; give at least one 'NAME:key=value,...'")
   if config.study.resamples < 2:
@@ -249,13 +253,14 @@ def run_config(
   setting: Setting,
   explicit_keys: Iterable[str] = (),
 ) -> ml_collections.ConfigDict:
-  """The config of `setting` on `corpus` (before the corpus's fold count; see the module)."""
-  run = load_config_file(config.study.base)
-  defaults = _flat(default_config())
-  explicit = set(explicit_keys)
-  for key, value in _flat(config, skip=("study",)).items():
-    if key in explicit or value != defaults.get(key):
-      _set(run, key, value, "study config")
+  """The config of `setting` on `corpus` (before the corpus's fold count; see the module):
+  the study config's ordinary keys (the base's and its own), then the corpus, the setting
+  and the command line's `explicit_keys`."""
+  run = default_config()
+  defaults = _flat(run)
+  study_keys = _flat(config, skip=("study",))
+  for key, value in study_keys.items():
+    _set(run, key, value, "study config")
   _set(run, "data.corpus", corpus.reader, f"corpus '{corpus.name}'")
   _set(run, "data.root", corpus.root, f"corpus '{corpus.name}'")
   if corpus.reader == "emobox":
@@ -266,6 +271,9 @@ def run_config(
       _set(run, key, defaults[key], f"corpus '{corpus.name}'")
   for key, value in setting.overrides:
     _set(run, key, value, f"setting '{setting.name}'")
+  for key in explicit_keys:
+    if key not in _CORPUS_KEYS:
+      _set(run, key, study_keys[key], "command line")
   if run.sweep.gammas or run.sweep.alphas:
     raise ConfigError(
       f"setting '{setting.name}': a study's runs are single models; leave sweep.gammas and "
@@ -974,6 +982,11 @@ def main() -> None:
     cli.setup_logging()
     cli.use_compilation_cache()
     explicit = [key for key in override_keys(sys.argv) if not key.startswith("study.")]
+    if "study.base" in override_keys(sys.argv):
+      raise app.UsageError(
+        "study.base is the config the study config is built on (default_study_config(base)); "
+        "give a study config built on another base instead"
+      )
     with cli.clear_errors():
       study_corpora, settings = study_parts(config_flag.value)
       paths = run_paths(study_corpora, settings, config_flag.value.study.cross_corpus)

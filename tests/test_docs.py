@@ -62,4 +62,6 @@ def test_the_readme_is_short_and_its_test_command_is_what_ci_runs():
   assert "python -m ser_jax.main --config=configs/demo.py" in demo
   ci = (REPO / ".ci" / "run").read_text()
   assert tests.endswith("python -m pytest -q")
-  assert "pip install --quiet -e '.[cpu,test]'" in ci and ci.rstrip().endswith("python -m pytest -q")
+  assert "pip install --quiet -e '.[cpu,test]'" in ci and ci.rstrip().endswith(
+    "python -m pytest -q"
+  )

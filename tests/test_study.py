@@ -282,22 +282,52 @@ def test_study_check_allows_new_corpora_and_settings_not_redefined_ones(tmp_path
     study.check_same_study(config, tmp_path)
 
 
-def test_run_configs_layer_base_study_keys_corpus_and_setting(corpora):
-  config = _study_config(corpora)
-  config.study.base = "configs/demo.py"  # Width 16, 3 s clips, 12 epochs.
-  config.features.max_seconds = 6.0  # ser_jax's default: the base's 3 s stays unless named.
+BASE_THAT_DISAGREES = """
+from ser_jax.config import default_config
+
+def get_config():
+  config = default_config()
+  config.cv.n_folds = 10
   config.train.num_epochs = 7
+  config.features.kind = "logmel"
+  config.loss.gamma = 1.0
+  return config
+"""
+
+
+def test_run_configs_take_base_then_study_then_corpus_then_setting_then_command_line(
+  corpora, tmp_path
+):
+  base = tmp_path / "base.py"
+  base.write_text(BASE_THAT_DISAGREES)
+  config = study.default_study_config(str(base))
+  config.cv.n_folds = 5  # ser_jax's default, set by the study config: it applies.
+  config.loss.gamma = 3.0
+  config.data.root = "/nowhere"  # The corpus's root wins.
   corpus = study.parse_corpus(f"a=csv:{corpora['a']}")
   setting = study.parse_setting("s:loss.alpha=(1.0, 2.0, 1.0, 2.0),loss.gamma=0.5")
   run = study.run_config(config, corpus, setting)
-  assert run.model.width == 16 and run.features.max_seconds == 3.0  # From the base.
-  assert run.train.num_epochs == 7 and run.cv.scheme == "speaker"  # The study's keys.
-  assert run.data.class_shares == (1099, 284, 608, 289)
-  assert (run.data.corpus, run.data.root) == ("csv", str(corpora["a"]))
+  assert run.cv.n_folds == 5  # The study config's, default or not.
+  assert run.train.num_epochs == 7 and run.features.kind == "logmel"  # The base's.
+  assert (run.data.corpus, run.data.root) == ("csv", str(corpora["a"]))  # The corpus's.
   assert run.loss.alpha == (1.0, 2.0, 1.0, 2.0) and run.loss.gamma == 0.5  # The setting's.
-  explicit = study.run_config(config, corpus, setting, explicit_keys=["features.max_seconds"])
-  assert explicit.features.max_seconds == 6.0
+  config.loss.gamma = 4.0  # As --config.loss.gamma=4.0 would set it.
+  explicit = study.run_config(config, corpus, setting, explicit_keys=["loss.gamma"])
+  assert explicit.loss.gamma == 4.0  # The command line's, over the setting's.
   validate_config(run)
+
+
+def test_the_shipped_study_config_names_no_folder_without_ser_jax_data(monkeypatch):
+  monkeypatch.delenv("SER_JAX_DATA", raising=False)
+  config = study.load_config_file(str(REPO / "configs" / "focal_study.py"))
+  with pytest.raises(ConfigError, match="study.corpora is empty: give --config.study.corpora"):
+    study.study_parts(config)
+  monkeypatch.setenv("SER_JAX_DATA", "/data/corpora")
+  config = study.load_config_file(str(REPO / "configs" / "focal_study.py"))
+  assert [c.root for c in study.study_parts(config)[0]] == [
+    "/data/corpora/emodb",
+    "/data/corpora/casia/manifest.csv",
+  ]
 
 
 def test_speaker_folds_are_capped_at_the_speakers(corpora):
