@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-from collections.abc import Sequence
 
 PREDICTIONS = "predictions.csv"
 _FOLD = re.compile(r"fold_(\d+)")
@@ -87,7 +86,3 @@ def split_members(n_members: int, members_per_chunk: int) -> list[range]:
   n_chunks = -(-n_members // max(1, min(members_per_chunk, n_members)))
   size = -(-n_members // n_chunks)
   return [range(start, min(start + size, n_members)) for start in range(0, n_members, size)]
-
-
-def chunk_of(member: int, chunks: Sequence[range]) -> range:
-  return next(chunk for chunk in chunks if member in chunk)

@@ -266,6 +266,8 @@ def test_bootstrap_spread_is_the_stratified_standard_error() -> None:
     (np.sum(folds == f) / n) ** 2 * gap[folds == f].var() / np.sum(folds == f) for f in range(3)
   )
   assert wa.std() == pytest.approx(math.sqrt(variance), rel=0.05)
+  result = compare.compare_paired(labels, predictions_a, predictions_b, folds, seed=0)
+  assert result["wa_standard_error"] == pytest.approx(math.sqrt(variance), rel=0.05)
 
 
 def test_bootstrap_is_seeded() -> None:

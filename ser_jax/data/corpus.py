@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 
 
 class CorpusError(ValueError):
@@ -66,9 +64,3 @@ class Corpus:
     for u in self.utterances:
       counts[u.label] += 1
     return counts
-
-  def fingerprint(self) -> str:
-    """Hash of the listing (ids, paths, labels, speakers, file sizes are not read)."""
-    listing = [dataclasses.astuple(u) for u in self.utterances]
-    payload = json.dumps([self.name, list(self.class_names), listing])
-    return hashlib.sha256(payload.encode()).hexdigest()
