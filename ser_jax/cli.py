@@ -43,26 +43,21 @@ def workdir_flag():
   return flags.DEFINE_string("workdir", None, "Folder for checkpoints and results.")
 
 
-def check_override_keys(argv: list[str]) -> None:
-  """Exits with one line when a `--config.<key>=` override names no config key.
-
-  ml_collections would raise an AttributeError traceback from inside flag parsing.
-  """
+def check_override_keys(argv: list[str], reference=None) -> None:
+  """Exits with one line when a `--config.<key>=` override names no key of `reference`
+  (default: ser_jax's config), with the nearest keys; ml_collections would raise an
+  AttributeError traceback from inside flag parsing."""
+  from ser_jax import config_tree
   from ser_jax.config import default_config
 
-  reference = default_config()
+  reference = default_config() if reference is None else reference
   for arg in argv[1:]:
-    if not arg.startswith("--config."):
-      continue
-    key = arg[len("--config.") :].split("=", 1)[0]
-    node = reference
-    for depth, part in enumerate(key.split(".")):
-      if not hasattr(node, "keys") or part not in node:
-        prefix = ".".join(key.split(".")[:depth])
-        known = ", ".join(sorted(f"{prefix + '.' if prefix else ''}{k}" for k in node.keys()))
-        print(f"error: unknown config key '{key}'; known keys here: {known}", file=sys.stderr)
+    if arg.startswith("--config."):
+      try:
+        config_tree.check_key(reference, arg[len("--config.") :].split("=", 1)[0], "--config")
+      except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-      node = node[part]
 
 
 def define_distributed_flags() -> None:

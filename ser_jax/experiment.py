@@ -20,7 +20,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ser_jax import evaluation, input_pipeline, io_utils, layout, memory, metrics, plots, results
+from ser_jax import (
+  config_tree,
+  evaluation,
+  input_pipeline,
+  io_utils,
+  layout,
+  memory,
+  metrics,
+  plots,
+  results,
+)
 from ser_jax import run_data as data
 from ser_jax.config import validate_config
 from ser_jax.engine import Engine, Settings, build_engine, members_of, program_shapes
@@ -285,34 +295,16 @@ def _count_params(model, feature_shape) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
 
 
-def _comparable(config_json: dict) -> dict:
-  """The config without its result-neutral keys."""
-  flat = json.loads(json.dumps(config_json))
-  for key in RESULT_NEUTRAL_KEYS:
-    group, name = key.split(".")
-    flat.get(group, {}).pop(name, None)
-  return flat
-
-
 def _check_same_config(config, workdir: pathlib.Path) -> None:
   """config.json holds the whole config; a rerun must match it up to RESULT_NEUTRAL_KEYS."""
   path = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
   if path.exists():
-    previous, now = _comparable(json.loads(path.read_text())), _comparable(current)
-    if previous != now:
-      changed = sorted(
-        f"{group}.{key}"
-        for group in set(previous) | set(now)
-        for key in set(_as_dict(previous.get(group))) | set(_as_dict(now.get(group)))
-        if _as_dict(previous.get(group)).get(key) != _as_dict(now.get(group)).get(key)
-      )
+    previous = json.loads(path.read_text())
+    changed = config_tree.changed_keys(previous, current, ignore=RESULT_NEUTRAL_KEYS)
+    if changed:
       raise ConfigMismatchError(
         f"workdir {workdir} holds a run with a different config (changed: "
-        f"{', '.join(changed) or 'unknown'}); use another --workdir, or --fresh to discard it"
+        f"{', '.join(changed)}); use another --workdir, or --fresh to discard it"
       )
   io_utils.atomic_write_json(path, current)
-
-
-def _as_dict(value) -> dict:
-  return value if isinstance(value, dict) else {"": value}

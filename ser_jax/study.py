@@ -39,7 +39,7 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 
-from ser_jax import compare, experiment, io_utils, meta, plots, run_data, trainer
+from ser_jax import compare, config_tree, experiment, io_utils, meta, plots, run_data, trainer
 from ser_jax.audio import AudioError
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data import corpora
@@ -215,38 +215,6 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(argument) if argument else module.get_config()
 
 
-def _flat(config: ml_collections.ConfigDict, skip: Iterable[str] = ()) -> dict:
-  """{'group.key': value} of the config's keys, lists as tuples."""
-  out = {}
-  for group, value in config.items():
-    if group in skip:
-      continue
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update({f"{group}.{key}": _tuples(v) for key, v in value.items()})
-    else:
-      out[group] = _tuples(value)
-  return out
-
-
-def _tuples(value):
-  return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
-
-
-def _set(config: ml_collections.ConfigDict, key: str, value, where: str) -> None:
-  *groups, name = key.split(".")
-  node = config
-  for group in groups:
-    if group not in node or not isinstance(node[group], ml_collections.ConfigDict):
-      raise ConfigError(f"{where}: unknown config key '{key}'")
-    node = node[group]
-  if name not in node:
-    raise ConfigError(f"{where}: unknown config key '{key}'")
-  try:
-    node[name] = value
-  except (TypeError, ValueError) as error:
-    raise ConfigError(f"{where}: {key}={value!r} is not allowed ({error})") from None
-
-
 def run_config(
   config: ml_collections.ConfigDict,
   corpus: Corpus,
@@ -257,23 +225,23 @@ def run_config(
   the study config's ordinary keys (the base's and its own), then the corpus, the setting
   and the command line's `explicit_keys`."""
   run = default_config()
-  defaults = _flat(run)
-  study_keys = _flat(config, skip=("study",))
+  defaults = config_tree.flatten(run)
+  study_keys = config_tree.flatten(config, skip=("study",))
   for key, value in study_keys.items():
-    _set(run, key, value, "study config")
-  _set(run, "data.corpus", corpus.reader, f"corpus '{corpus.name}'")
-  _set(run, "data.root", corpus.root, f"corpus '{corpus.name}'")
+    config_tree.set_key(run, key, value, "study config")
+  config_tree.set_key(run, "data.corpus", corpus.reader, f"corpus '{corpus.name}'")
+  config_tree.set_key(run, "data.root", corpus.root, f"corpus '{corpus.name}'")
   if corpus.reader == "emobox":
     if corpus.audio_root:  # Else the study's data.audio_root, or the default.
-      _set(run, "data.audio_root", corpus.audio_root, f"corpus '{corpus.name}'")
+      config_tree.set_key(run, "data.audio_root", corpus.audio_root, f"corpus '{corpus.name}'")
   else:
     for key in _EMOBOX_KEYS:
-      _set(run, key, defaults[key], f"corpus '{corpus.name}'")
+      config_tree.set_key(run, key, defaults[key], f"corpus '{corpus.name}'")
   for key, value in setting.overrides:
-    _set(run, key, value, f"setting '{setting.name}'")
+    config_tree.set_key(run, key, value, f"setting '{setting.name}'")
   for key in explicit_keys:
     if key not in _CORPUS_KEYS:
-      _set(run, key, study_keys[key], "command line")
+      config_tree.set_key(run, key, study_keys[key], "command line")
   if run.sweep.gammas or run.sweep.alphas:
     raise ConfigError(
       f"setting '{setting.name}': a study's runs are single models; leave sweep.gammas and "
@@ -348,26 +316,6 @@ def cross_run(
 # Rerunning ---------------------------------------------------------------------------------------
 
 
-def _changed_keys(previous: dict, current: dict, neutral: Iterable[str]) -> list[str]:
-  """Dotted keys whose values differ between two configs as JSON, apart from `neutral`."""
-  flat_previous, flat_current = _flat_json(previous), _flat_json(current)
-  return sorted(
-    key
-    for key in set(flat_previous) | set(flat_current)
-    if key not in neutral and flat_previous.get(key) != flat_current.get(key)
-  )
-
-
-def _flat_json(values: dict) -> dict:
-  out = {}
-  for group, value in values.items():
-    if isinstance(value, dict):
-      out.update({f"{group}.{key}": v for key, v in value.items()})
-    else:
-      out[group] = value
-  return out
-
-
 def check_same_study(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """Refuses a study config that would mix results with what `workdir` holds: a changed
   ordinary key or base, or a corpus or setting whose name now means something else."""
@@ -375,8 +323,8 @@ def check_same_study(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
   current = json.loads(config.to_json_best_effort())
   if path.exists():
     previous = json.loads(path.read_text())
-    changed = _changed_keys(
-      previous, current, (*experiment.RESULT_NEUTRAL_KEYS, *_STUDY_NEUTRAL_KEYS)
+    changed = config_tree.changed_keys(
+      previous, current, ignore=(*experiment.RESULT_NEUTRAL_KEYS, *_STUDY_NEUTRAL_KEYS)
     )
     for kind in ("corpora", "settings"):
       before = _entries(previous["study"][kind])
@@ -405,8 +353,8 @@ def _finished(run_dir: pathlib.Path) -> bool:
 def _check_finished_run(run: Run, run_dir: pathlib.Path) -> None:
   """A finished run is read only if its config.json is the run's config (as `main` checks)."""
   previous = json.loads((run_dir / "config.json").read_text())
-  changed = _changed_keys(
-    previous, json.loads(run.config.to_json_best_effort()), experiment.RESULT_NEUTRAL_KEYS
+  changed = config_tree.changed_keys(
+    previous, json.loads(run.config.to_json_best_effort()), ignore=experiment.RESULT_NEUTRAL_KEYS
   )
   if changed:
     raise experiment.ConfigMismatchError(
@@ -934,18 +882,6 @@ def override_keys(argv: Sequence[str]) -> list[str]:
   return [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
 
 
-def check_override_keys(argv: Sequence[str]) -> None:
-  """Exits with one line when an override names no key of a study config."""
-  reference = default_study_config()
-  for key in override_keys(argv):
-    node = reference
-    for part in key.split("."):
-      if not hasattr(node, "keys") or part not in node:
-        print(f"error: unknown config key '{key}' of a study config", file=sys.stderr)
-        sys.exit(2)
-      node = node[part]
-
-
 def main() -> None:
   """The command line: flags are defined here, so that importing this module defines none."""
   from absl import app, flags
@@ -1020,8 +956,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from ser_jax import cpu
+  from ser_jax import cli, cpu
 
   cpu.tune_process()
-  check_override_keys(sys.argv)
+  cli.check_override_keys(sys.argv, default_study_config())
   main()

@@ -87,7 +87,8 @@ def test_default_config_validates(config):
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
-def test_every_config_file_validates(path):
+def test_every_config_file_validates(path, monkeypatch):
+  monkeypatch.setenv("SER_JAX_DATA", "/data/corpora")  # Where the study configs look.
   config = _load(path)
   if "study" in config:  # A study: its corpora and settings parse; the rest is a run's config.
     from ser_jax import study
