@@ -99,7 +99,7 @@ def test_empty_classes_mean_the_readers_default_classes(finished_run, tmp_path):
   assert header[-len(defaults) :] == [f"p_{name}" for name in defaults]
 
 
-@pytest.mark.slow  # Run with -m slow (README: tests).
+@pytest.mark.slow  # Run with -m slow (docs/testing.md).
 def test_compiled_programs_are_kept_under_the_cache_folder(tmp_path):
   # XLA's lowering: the fresh cache folder would otherwise first compile the oneDNN library.
   overrides = {"cv.folds": "(0,)", "train.num_epochs": 1, "model.lowering": "cpu"}

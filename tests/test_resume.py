@@ -95,7 +95,7 @@ def test_preprocess_sigkill_then_rerun_gives_identical_store(tmp_path):
   assert not list(cache.glob("*.partial"))
 
 
-@pytest.mark.slow  # Run with -m slow (README: tests).
+@pytest.mark.slow  # Run with -m slow (docs/testing.md).
 def test_second_process_on_the_same_workdir_is_refused(tmp_path, reference):
   cache, _ = reference
   args = tiny_args(tmp_path / "run", cache, **{"train.num_epochs": 50})

@@ -68,12 +68,12 @@ def test_eight_devices_train_like_one(tmp_path):
   _assert_same_training(_run_steps(tmp_path, 1, 16), _run_steps(tmp_path, 8, 16))
 
 
-@pytest.mark.slow  # Run with -m slow (README: tests).
+@pytest.mark.slow  # Run with -m slow (docs/testing.md).
 def test_fsdp_layout_trains_like_replicated(tmp_path):
   _assert_same_training(_run_steps(tmp_path, 1, 16), _run_steps(tmp_path, 8, 16, "fsdp"))
 
 
-@pytest.mark.slow  # Run with -m slow (README: tests).
+@pytest.mark.slow  # Run with -m slow (docs/testing.md).
 def test_vmapped_sweep_on_eight_devices_trains_like_one(tmp_path):
   one, many = _run_steps(tmp_path, 1, 16, "sweep"), _run_steps(tmp_path, 8, 16, "sweep")
   assert one["losses"].shape == (3, 3)  # [steps, members]
@@ -131,7 +131,7 @@ def one_device_run(tmp_path_factory):
   return workdir, cache
 
 
-@pytest.mark.slow  # Run with -m slow (README: tests).
+@pytest.mark.slow  # Run with -m slow (docs/testing.md).
 def test_main_on_eight_devices_gives_the_results_of_one(tmp_path, one_device_run):
   one, cache = one_device_run
   workdir = tmp_path / "run_8"
