@@ -101,7 +101,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_epochs = 5
   config.train.eval_batch_size = 64
   # The same numbers from the same config and seed, run after run: on a GPU, XLA's
-  # deterministic ops (slower; docs/gpus.md). CPUs and TPUs are so already.
+  # deterministic ops (slower; docs/gpus.md, "Reproducibility"). CPUs and TPUs are so already.
   config.train.deterministic = True
   # How a run's models (its folds times its sweep members) train together: 'vmap' (one
   # batched program), 'map' (lax.map over them in one program), 'none' (one at a time);
