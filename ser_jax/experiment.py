@@ -1002,29 +1002,23 @@ def _alpha_json(alpha):
 
 def _comparable(config_json: dict) -> dict:
   """The config without its result-neutral keys."""
-  flat = json.loads(json.dumps(config_json))
-  for key in RESULT_NEUTRAL_KEYS:
-    group, name = key.split(".")
-    flat.get(group, {}).pop(name, None)
-  return flat
+  from ser_jax import config_tree
+
+  return config_tree.without(config_json, RESULT_NEUTRAL_KEYS)
 
 
 def _check_same_config(config, workdir: pathlib.Path) -> None:
   """config.json holds the whole config; a rerun must match it up to RESULT_NEUTRAL_KEYS."""
+  from ser_jax import config_tree
+
   path = workdir / "config.json"
   current = json.loads(config.to_json_best_effort())
   if path.exists():
-    previous, now = _comparable(json.loads(path.read_text())), _comparable(current)
-    if previous != now:
-      changed = sorted(
-        f"{group}.{key}"
-        for group in set(previous) | set(now)
-        for key in set(_as_dict(previous.get(group))) | set(_as_dict(now.get(group)))
-        if _as_dict(previous.get(group)).get(key) != _as_dict(now.get(group)).get(key)
-      )
+    changed = config_tree.diff(_comparable(json.loads(path.read_text())), _comparable(current))
+    if changed:
       raise ConfigMismatchError(
         f"workdir {workdir} holds a run with a different config (changed: "
-        f"{', '.join(changed) or 'unknown'}); use another --workdir, or --fresh to discard it"
+        f"{', '.join(changed)}); use another --workdir, or --fresh to discard it"
       )
   io_utils.atomic_write_json(path, current)
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ser_jax import audio, checkpoints, cli, cpu, input_pipeline, layout, models
+from ser_jax import audio, checkpoints, cli, config_tree, cpu, input_pipeline, layout, models
 from ser_jax.config import default_config
 from ser_jax.features import FeatureParams, compute_features
 
@@ -38,19 +38,7 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     raise PredictorError(f"{workdir} holds no config.json; is it a training workdir?")
-  config = default_config()
-  with config.unlocked():
-    _overlay(config, json.loads(path.read_text()))
-  return config
-
-
-def _overlay(config: ml_collections.ConfigDict, values: dict) -> None:
-  for key, value in values.items():
-    if isinstance(value, dict) and isinstance(config.get(key), ml_collections.ConfigDict):
-      _overlay(config[key], value)
-    else:
-      # JSON has no tuples; the config's sequence keys are tuples.
-      config[key] = tuple(value) if isinstance(value, list) else value
+  return config_tree.read_config(path, default_config())
 
 
 def window_starts(n_samples: int, window: int) -> list[int]:
