@@ -220,6 +220,8 @@ def compare_paired(
     result[f"{name}_b"] = metric(labels, predictions_b)
     result[f"{name}_difference"] = result[f"{name}_b"] - result[f"{name}_a"]
     result[f"{name}_difference_ci95"] = list(percentile_interval(draws))
+    # The sd of the same draws: the variance a meta-analysis weights this difference by.
+    result[f"{name}_standard_error"] = float(np.std(draws, ddof=1))
   result["wa_p_value"] = wa_p
   result["wa_test"] = "exact McNemar"
   result["only_a_correct"], result["only_b_correct"] = only_a, only_b
@@ -655,22 +657,3 @@ def json_ready(value):
   if isinstance(value, np.generic):
     return value.item()
   return value
-
-
-def bootstrap_standard_errors(
-  paired: Paired, *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0
-) -> dict[str, float]:
-  """Standard errors of the WA and UA differences B - A: the sd of the bootstrap draws that
-  `compare_paired` (same n_resamples and seed) takes its intervals from."""
-  wa, ua = bootstrap_differences(
-    paired.label,
-    paired.predicted_a,
-    paired.predicted_b,
-    paired.fold,
-    n_resamples=n_resamples,
-    seed=seed,
-  )
-  return {
-    "wa_standard_error": float(np.std(wa, ddof=1)),
-    "ua_standard_error": float(np.std(ua, ddof=1)),
-  }

@@ -562,15 +562,13 @@ class Outcome:
 
 
 def paired_difference(run_a: pathlib.Path, run_b: pathlib.Path, n_resamples: int) -> dict:
-  """`report --compare run_a run_b` (B - A) with the bootstrap standard errors of its
-  differences, from the draws that give its intervals."""
+  """`report --compare run_a run_b` (B - A), whose standard errors come from the draws that
+  give its intervals."""
   predictions_a, predictions_b = compare.load_predictions(run_a), compare.load_predictions(run_b)
   summaries = [json.loads((run / "results.json").read_text()) for run in (run_a, run_b)]
-  result = compare.compare_runs(predictions_a, predictions_b, *summaries, n_resamples=n_resamples)
-  errors = compare.bootstrap_standard_errors(
-    compare.align(predictions_a, predictions_b), n_resamples=n_resamples
+  return compare.json_ready(
+    compare.compare_runs(predictions_a, predictions_b, *summaries, n_resamples=n_resamples)
   )
-  return compare.json_ready({**result, **errors})
 
 
 def _corpus_facts(run_dir: pathlib.Path, summary: dict) -> dict:
