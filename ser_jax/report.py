@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ser_jax import compare, metrics, plots, results
+from ser_jax import compare, metrics, plots, render, results
 
 _INPUT_ORDER = ("MFCC", "Log-mel")
 
@@ -119,15 +119,11 @@ def markdown_table(table_rows: Sequence[dict]) -> str:
     table_rows,
     key=lambda r: (_INPUT_ORDER.index(r["input"]), r["gamma"], r["learning_rate"], r["run"]),
   )
-  lines = [
-    "| Input | Loss | WA (%) | UA (%) | Macro F1 (%) | Folds | Corpus | Run |",
-    "|---|---|---|---|---|---|---|---|",
-  ]
-  for r in ordered:
-    lines.append(
-      f"| {r['input']} | {r['loss']} | {r['wa']} | {r['ua']} | {r['f1']} | {r['folds']} | "
-      f"{r['corpus']} | {r['run']} |"
-    )
+  columns = ("input", "loss", "wa", "ua", "f1", "folds", "corpus", "run")
+  lines = render.markdown_table(
+    ("Input", "Loss", "WA (%)", "UA (%)", "Macro F1 (%)", "Folds", "Corpus", "Run"),
+    [[r[c] for c in columns] for r in ordered],
+  )
   return "\n".join(lines) + "\n"
 
 
@@ -155,17 +151,27 @@ def emobox_row(run: str, summary: dict) -> dict:
 
 def emobox_table(table_rows: Sequence[dict]) -> str:
   """EmoBox's intra-corpus leaderboard shape, rows by corpus then model."""
-  lines = [
-    "| Corpus | Folds | Model | UA (%) | WA (%) | Macro F1 (%) | Pooled UA | Pooled WA | "
-    "Pooled macro F1 | Run |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+  scores = [
+    f"{name}_{over}" for over in ("fold_mean", "pooled") for name in ("ua", "wa", "macro_f1")
   ]
-  for r in sorted(table_rows, key=lambda r: (r["corpus"], r["model"], r["run"])):
-    lines.append(
-      f"| {r['corpus']} | {r['folds']} | {r['model']} | {r['ua_fold_mean']:.2f} | "
-      f"{r['wa_fold_mean']:.2f} | {r['macro_f1_fold_mean']:.2f} | {r['ua_pooled']:.2f} | "
-      f"{r['wa_pooled']:.2f} | {r['macro_f1_pooled']:.2f} | {r['run']} |"
-    )
+  lines = render.markdown_table(
+    (
+      "Corpus",
+      "Folds",
+      "Model",
+      "UA (%)",
+      "WA (%)",
+      "Macro F1 (%)",
+      "Pooled UA",
+      "Pooled WA",
+      "Pooled macro F1",
+      "Run",
+    ),
+    [
+      [r["corpus"], r["folds"], r["model"], *(f"{r[k]:.2f}" for k in scores), r["run"]]
+      for r in sorted(table_rows, key=lambda r: (r["corpus"], r["model"], r["run"]))
+    ],
+  )
   lines += [
     "",
     "UA, WA, macro F1: scikit-learn's balanced accuracy, accuracy and macro F1 of each fold's "
@@ -185,10 +191,7 @@ def _value(value) -> str:
 
 def comparison_text(result: dict) -> str:
   """The statistics table, how they were computed, and the per-fold table of one comparison."""
-  lines = [
-    "| | A (%) | B (%) | B - A | 95% CI | p | test |",
-    "|---|---|---|---|---|---|---|",
-  ]
+  statistics = []
   for name, test in (
     (
       "wa",
@@ -198,26 +201,37 @@ def comparison_text(result: dict) -> str:
     ("ua", f"paired permutation, {result['n_resamples']} resamples"),
   ):
     low, high = result[f"{name}_difference_ci95"]
-    lines.append(
-      f"| {name.upper()} | {result[f'{name}_a']:.2f} | {result[f'{name}_b']:.2f} | "
-      f"{_signed(result[f'{name}_difference'])} | [{_signed(low)}, {_signed(high)}] | "
-      f"{result[f'{name}_p_value']:.3g} | {test} |"
+    statistics.append(
+      [
+        name.upper(),
+        f"{result[f'{name}_a']:.2f}",
+        f"{result[f'{name}_b']:.2f}",
+        _signed(result[f"{name}_difference"]),
+        f"[{_signed(low)}, {_signed(high)}]",
+        f"{result[f'{name}_p_value']:.3g}",
+        test,
+      ]
     )
-  lines += [
+  lines = [
+    *render.markdown_table(("", "A (%)", "B (%)", "B - A", "95% CI", "p", "test"), statistics),
     "",
     f"WA and UA pool the test utterances of every fold; CIs: {result['interval_method']}, "
     f"{result['n_resamples']} resamples, seed {result['seed']}.",
     "",
-    "| Fold | Test | WA A | WA B | WA B - A | UA A | UA B | UA B - A |",
-    "|---|---|---|---|---|---|---|---|",
+    *render.markdown_table(
+      ("Fold", "Test", "WA A", "WA B", "WA B - A", "UA A", "UA B", "UA B - A"),
+      [_fold_cells(fold) for fold in result["per_fold"]],
+    ),
   ]
-  for fold in result["per_fold"]:
-    lines.append(
-      f"| {fold['fold']} | {fold['n_test']} | {fold['wa_a']:.2f} | {fold['wa_b']:.2f} | "
-      f"{_signed(fold['wa_difference'])} | {fold['ua_a']:.2f} | {fold['ua_b']:.2f} | "
-      f"{_signed(fold['ua_difference'])} |"
-    )
   return "\n".join(lines) + "\n"
+
+
+def _fold_cells(fold: dict) -> list:
+  cells = [fold["fold"], fold["n_test"]]
+  for name in ("wa", "ua"):
+    cells += [f"{fold[f'{name}_a']:.2f}", f"{fold[f'{name}_b']:.2f}"]
+    cells.append(_signed(fold[f"{name}_difference"]))
+  return cells
 
 
 def provenance_text(result: dict) -> str:
