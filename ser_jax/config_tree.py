@@ -101,6 +101,15 @@ def check_key(config: Tree, key: str, where: str = "") -> None:
     node = node[part]
 
 
+def value(config: Tree, key: str):
+  """The value of dotted `key` in `config`; unknown_key_error if it has none."""
+  check_key(config, key)
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
 def overlay(
   config: ml_collections.ConfigDict,
   overrides: Mapping[str, Any],
