@@ -505,7 +505,16 @@ def test_cli_sweep_pools_seeds(tmp_path, capsys) -> None:
 
 def test_cli_two_members_of_one_run(tmp_path, capsys) -> None:
   run, _, labels, predictions = _sweep_run(tmp_path, (0.0, 2.0))
-  argv = ["--compare", str(run), str(run), "--member", "1", "3", "--json", "--resamples", "100"]
+  argv = [
+    "--compare",
+    str(run),
+    str(run),
+    "--member=1",
+    "--member=3",
+    "--json",
+    "--resamples",
+    "100",
+  ]
   assert main(argv) == 0
   out = capsys.readouterr().out
   result = _json_line(out)
