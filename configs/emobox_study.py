@@ -6,16 +6,17 @@ Focal loss (gamma 2, the paper's) against softmax cross entropy (the reference),
 the paper's four classes, on EmoBox's folds (cv.scheme='given'), each (corpus, setting) an
 ordinary run. The corpora: every data/<dataset>/ of the EmoBox checkout whose audio is in its
 downloads/<dataset>/ (EmoBox's own layout). Without an argument: the EmoBox metadata of
-EmoDB and CASIA in $SER_JAX_DATA/emobox, with their audio in
-$SER_JAX_DATA/emodb and $SER_JAX_DATA/casia/wav. A corpus without one of the four classes
-fails alone; give others with --config.study.corpora='("name=emobox:ROOT@AUDIO_ROOT",)'.
-As separate jobs: --list_runs, --task_index=I (launch/slurm_study.sbatch), --summarise.
+EmoDB and CASIA in $SER_JAX_DATA/emobox, with their audio in $SER_JAX_DATA/emodb and
+$SER_JAX_DATA/casia/wav. Without either, give the corpora with
+--config.study.corpora='("name=emobox:ROOT@AUDIO_ROOT",)'. A corpus without one of the four
+classes fails alone. As separate jobs: --list_runs, --task_index=I
+(launch/slurm_study.sbatch), --summarise.
 """
 
 import os
 import pathlib
 
-from ser_jax.study import default_study_config
+from ser_jax.study.compose import study_config
 
 
 def emobox_corpora(checkout: pathlib.Path) -> tuple[str, ...]:
@@ -28,7 +29,7 @@ def emobox_corpora(checkout: pathlib.Path) -> tuple[str, ...]:
 
 
 def get_config(checkout: str = ""):
-  config = default_study_config("configs/mfcc_focal.py")
+  config = study_config("configs/mfcc_focal.py")
   if checkout:
     config.study.corpora = emobox_corpora(pathlib.Path(checkout).expanduser().resolve())
   elif data := os.environ.get("SER_JAX_DATA"):
@@ -37,7 +38,11 @@ def get_config(checkout: str = ""):
       f"emodb=emobox:{data / 'emobox' / 'emodb'}@{data / 'emodb'}",
       f"casia=emobox:{data / 'emobox' / 'casia'}@{data / 'casia' / 'wav'}",
     )
-  config.study.settings = ("softmax:loss.name=softmax", "focal:loss.name=focal,loss.gamma=2.0")
+  config.study.settings = {
+    "softmax": {"loss": {"name": "softmax"}},
+    "focal": {"loss": {"name": "focal", "gamma": 2.0}},
+  }
+  config.study.reference = "softmax"
   config.data.corpus = "emobox"  # Each corpus's run sets its own; this validates the keys below.
   config.cv.scheme = "given"
   # EmoBox's metadata was made from the original releases: CASIA's paths differ in letter

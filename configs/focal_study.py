@@ -7,32 +7,34 @@ Focal loss (gamma 2, the paper's) against softmax cross entropy (the reference) 
 inverse-frequency weighted cross entropy, MFCC input, on each corpus resampled to IEMOCAP
 improvised's class shares, with speaker-independent folds (min(5, speakers) per corpus),
 then trained on each corpus and tested on every other. The corpora are read from
-$SER_JAX_DATA: EmoDB in emodb/, CASIA's four classes through casia/manifest.csv. Without
-it, give them with --config.study.corpora, e.g.
+$SER_JAX_DATA: EmoDB in emodb/, CASIA's four classes through casia/manifest.csv. Without it,
+give them with --config.study.corpora, e.g.
 '("emodb=emodb:/data/emodb", "casia=csv:/data/casia/manifest.csv")'.
 """
 
 import os
 import pathlib
 
-from ser_jax.study import default_study_config
+from ser_jax.study.compose import study_config
 
 # IEMOCAP improvised, four classes: utterances per class (neutral, happiness, sadness, anger).
 IEMOCAP_IMPROVISED_COUNTS = (1099, 284, 608, 289)
 
 
 def get_config():
-  config = default_study_config("configs/mfcc_focal.py")
+  config = study_config("configs/mfcc_focal.py")
   if data := os.environ.get("SER_JAX_DATA"):
+    data = pathlib.Path(data)
     config.study.corpora = (
-      f"emodb=emodb:{pathlib.Path(data) / 'emodb'}",
-      f"casia=csv:{pathlib.Path(data) / 'casia' / 'manifest.csv'}",
+      f"emodb=emodb:{data / 'emodb'}",
+      f"casia=csv:{data / 'casia' / 'manifest.csv'}",
     )
-  config.study.settings = (
-    "softmax:loss.name=softmax",
-    "focal:loss.name=focal,loss.gamma=2.0",
-    "weighted_ce:loss.name=softmax,loss.alpha=inverse_frequency",
-  )
+  config.study.settings = {
+    "softmax": {"loss": {"name": "softmax"}},
+    "focal": {"loss": {"name": "focal", "gamma": 2.0}},
+    "weighted_ce": {"loss": {"name": "softmax", "alpha": "inverse_frequency"}},
+  }
+  config.study.reference = "softmax"
   config.study.cross_corpus = True
   config.data.class_shares = IEMOCAP_IMPROVISED_COUNTS
   config.cv.scheme = "speaker"

@@ -8,12 +8,14 @@ import functools
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 import jax
+import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from ser_jax import audio, io_utils, memory, trainer
+from ser_jax import audio, config_tree, io_utils, memory, trainer
 from ser_jax.cache import default_cache_dir
 from ser_jax.config import ConfigError
 from ser_jax.data.corpus import CorpusError
@@ -43,21 +45,28 @@ def workdir_flag():
   return flags.DEFINE_string("workdir", None, "Folder for checkpoints and results.")
 
 
-def check_override_keys(argv: list[str], reference=None) -> None:
+def override_keys(argv: Sequence[str]) -> list[str]:
+  """The dotted keys of the `--config.<key>=value` overrides on a command line."""
+  return [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+
+
+def check_override_keys(
+  argv: Sequence[str], reference: ml_collections.ConfigDict | None = None
+) -> None:
   """Exits with one line when a `--config.<key>=` override names no key of `reference`
-  (default: ser_jax's config), with the nearest keys; ml_collections would raise an
-  AttributeError traceback from inside flag parsing."""
-  from ser_jax import config_tree
+  (default: ser_jax.config's), naming the nearest key.
+
+  ml_collections would raise an AttributeError traceback from inside flag parsing.
+  """
   from ser_jax.config import default_config
 
   reference = default_config() if reference is None else reference
-  for arg in argv[1:]:
-    if arg.startswith("--config."):
-      try:
-        config_tree.check_key(reference, arg[len("--config.") :].split("=", 1)[0], "--config")
-      except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+  for key in override_keys(argv):
+    try:
+      config_tree.check_key(reference, key)
+    except ConfigError as error:
+      print(f"error: {error}", file=sys.stderr)
+      sys.exit(2)
 
 
 def define_distributed_flags() -> None:

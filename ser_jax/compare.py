@@ -220,7 +220,7 @@ def compare_paired(
     result[f"{name}_b"] = metric(labels, predictions_b)
     result[f"{name}_difference"] = result[f"{name}_b"] - result[f"{name}_a"]
     result[f"{name}_difference_ci95"] = list(percentile_interval(draws))
-    # The sd of the same draws: the difference's standard error, for pooling (ser_jax.meta).
+    # The sd of the same draws: the variance a meta-analysis weights this difference by.
     result[f"{name}_standard_error"] = float(np.std(draws, ddof=1))
   result["wa_p_value"] = wa_p
   result["wa_test"] = "exact McNemar"

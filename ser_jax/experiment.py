@@ -301,7 +301,7 @@ def _check_same_config(config, workdir: pathlib.Path) -> None:
   current = json.loads(config.to_json_best_effort())
   if path.exists():
     previous = json.loads(path.read_text())
-    changed = config_tree.changed_keys(previous, current, ignore=RESULT_NEUTRAL_KEYS)
+    changed = config_tree.diff(previous, current, ignore=RESULT_NEUTRAL_KEYS)
     if changed:
       raise ConfigMismatchError(
         f"workdir {workdir} holds a run with a different config (changed: "

@@ -209,10 +209,17 @@ def write_figures(
 
 
 def plot_forest(panels: Sequence[dict], path: str | os.PathLike, xlabel: str) -> None:
+  """Writes forest_figure(panels, xlabel)."""
+  _save(forest_figure(panels, xlabel), path)
+
+
+def forest_figure(panels: Sequence[dict], xlabel: str) -> Figure:
   """A forest plot per panel: one row per corpus and a pooled row, difference and interval.
 
   panels: [{"title": str, "rows": [{"label", "estimate", "low", "high", "pooled": bool,
-  "colour"}]}]; pooled rows (last) are drawn as diamonds below a rule; zero is marked.
+  "colour"}]}]; pooled rows (last) are drawn as diamonds below a rule; zero is marked. The
+  x label is the figure's, under every panel: one under each, wider than a panel beside
+  long row labels, ran past the canvas.
   """
   if not panels:
     raise ValueError("no panels to plot")
@@ -238,13 +245,18 @@ def plot_forest(panels: Sequence[dict], path: str | os.PathLike, xlabel: str) ->
     axes.axvline(0.0, color="grey", linestyle="--", linewidth=1)
     axes.set_yticks(positions, [row["label"] for row in rows])
     axes.set_ylim(-0.7, len(rows) - 0.3)
-    axes.set_xlabel(xlabel)
     axes.set_title(panel["title"], fontsize=10)
     axes.grid(axis="x", alpha=0.3)
-  _save(figure, path)
+  figure.supxlabel(xlabel, fontsize=10)
+  return figure
 
 
 def plot_cross_corpus(matrices: Sequence[dict], path: str | os.PathLike) -> None:
+  """Writes cross_corpus_figure(matrices)."""
+  _save(cross_corpus_figure(matrices), path)
+
+
+def cross_corpus_figure(matrices: Sequence[dict]) -> Figure:
   """One heat map per setting of UA (%) by training corpus (rows) and test corpus (columns).
 
   matrices: [{"title": str, "corpora": [names], "ua": [[float or None]]}]; None cells (failed
@@ -271,4 +283,4 @@ def plot_cross_corpus(matrices: Sequence[dict], path: str | os.PathLike) -> None
     axes.set_ylabel("Trained on")
     axes.set_title(matrix["title"], fontsize=10)
   figure.colorbar(image, ax=list(panels), label="UA (%); diagonal: within-corpus CV")
-  _save(figure, path)
+  return figure

@@ -8,7 +8,6 @@ windows whose probabilities are averaged.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -20,8 +19,19 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import app, flags
 
-from ser_jax import audio, checkpoints, cli, config_tree, cpu, input_pipeline, layout, models
+from ser_jax import (
+  audio,
+  checkpoints,
+  cli,
+  command_line,
+  config_tree,
+  cpu,
+  input_pipeline,
+  layout,
+  models,
+)
 from ser_jax.config import default_config
 from ser_jax.features import FeatureParams, compute_features
 
@@ -38,7 +48,7 @@ def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   path = pathlib.Path(workdir) / "config.json"
   if not path.exists():
     raise PredictorError(f"{workdir} holds no config.json; is it a training workdir?")
-  return config_tree.from_json(path, default_config())
+  return config_tree.read_config(path, default_config())
 
 
 def window_starts(n_samples: int, window: int) -> list[int]:
@@ -229,35 +239,47 @@ def audio_files(paths: Sequence[str]) -> Iterator[str]:
       yield path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-    prog="python -m ser_jax.predict", description=__doc__.splitlines()[0]
+def define_flags(values: flags.FlagValues) -> None:
+  """The command line's flags; its positional arguments are audio files or folders."""
+  flags.DEFINE_string(
+    "workdir", None, "A trained run's workdir.", flag_values=values, required=True
   )
-  parser.add_argument("--workdir", required=True, help="A trained run's workdir.")
-  parser.add_argument("--fold", type=int, help="Use only this fold's model (default: all folds).")
-  parser.add_argument(
-    "--member",
-    type=int,
-    default=0,
-    help="Sweep member to use: an index into results.json's 'sweep' list (default 0).",
+  flags.DEFINE_integer(
+    "fold", None, "Use only this fold's model (default: all folds).", flag_values=values
   )
-  parser.add_argument("--windows", action="store_true", help="Add per-window scores.")
-  parser.add_argument("paths", nargs="+", metavar="PATH", help="Audio files or folders.")
-  args = parser.parse_args(argv)
+  flags.DEFINE_integer(
+    "member",
+    0,
+    "Sweep member to use: an index into results.json's 'sweep' list.",
+    flag_values=values,
+  )
+  flags.DEFINE_bool("windows", False, "Add per-window scores.", flag_values=values)
+
+
+def predict(values: flags.FlagValues, paths: Sequence[str]) -> int:
+  """Scores `paths` (audio files or folders), one JSON line each; returns the exit status."""
+  if not paths:
+    raise app.UsageError("give the audio files or folders to score: PATH...")
   try:
-    predictor = Predictor.from_workdir(args.workdir, fold=args.fold, member=args.member)
+    predictor = Predictor.from_workdir(values.workdir, fold=values.fold, member=values.member)
   except (PredictorError, FileNotFoundError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   n_scored = 0
-  for path in audio_files(args.paths):
+  for path in audio_files(paths):
     try:
-      result = predictor.predict_file(path, windows=args.windows)
+      result = predictor.predict_file(path, windows=values.windows)
       n_scored += 1
     except audio.AudioError as error:
       result = {"path": path, "error": str(error)}
     print(json.dumps(result), flush=True)
   return 0 if n_scored else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m ser_jax.predict --workdir=RUN PATH...`; `argv` as command_line.run_flags
+  takes it."""
+  return command_line.run_flags(define_flags, predict, argv)
 
 
 if __name__ == "__main__":

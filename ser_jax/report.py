@@ -15,7 +15,6 @@ every test prediction.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
@@ -23,8 +22,9 @@ import sys
 from collections.abc import Sequence
 
 import numpy as np
+from absl import app, flags
 
-from ser_jax import compare, metrics, plots, results
+from ser_jax import command_line, compare, metrics, plots, render, results
 
 _INPUT_ORDER = ("MFCC", "Log-mel")
 
@@ -119,15 +119,11 @@ def markdown_table(table_rows: Sequence[dict]) -> str:
     table_rows,
     key=lambda r: (_INPUT_ORDER.index(r["input"]), r["gamma"], r["learning_rate"], r["run"]),
   )
-  lines = [
-    "| Input | Loss | WA (%) | UA (%) | Macro F1 (%) | Folds | Corpus | Run |",
-    "|---|---|---|---|---|---|---|---|",
-  ]
-  for r in ordered:
-    lines.append(
-      f"| {r['input']} | {r['loss']} | {r['wa']} | {r['ua']} | {r['f1']} | {r['folds']} | "
-      f"{r['corpus']} | {r['run']} |"
-    )
+  columns = ("input", "loss", "wa", "ua", "f1", "folds", "corpus", "run")
+  lines = render.markdown_table(
+    ("Input", "Loss", "WA (%)", "UA (%)", "Macro F1 (%)", "Folds", "Corpus", "Run"),
+    [[r[c] for c in columns] for r in ordered],
+  )
   return "\n".join(lines) + "\n"
 
 
@@ -155,17 +151,27 @@ def emobox_row(run: str, summary: dict) -> dict:
 
 def emobox_table(table_rows: Sequence[dict]) -> str:
   """EmoBox's intra-corpus leaderboard shape, rows by corpus then model."""
-  lines = [
-    "| Corpus | Folds | Model | UA (%) | WA (%) | Macro F1 (%) | Pooled UA | Pooled WA | "
-    "Pooled macro F1 | Run |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+  scores = [
+    f"{name}_{over}" for over in ("fold_mean", "pooled") for name in ("ua", "wa", "macro_f1")
   ]
-  for r in sorted(table_rows, key=lambda r: (r["corpus"], r["model"], r["run"])):
-    lines.append(
-      f"| {r['corpus']} | {r['folds']} | {r['model']} | {r['ua_fold_mean']:.2f} | "
-      f"{r['wa_fold_mean']:.2f} | {r['macro_f1_fold_mean']:.2f} | {r['ua_pooled']:.2f} | "
-      f"{r['wa_pooled']:.2f} | {r['macro_f1_pooled']:.2f} | {r['run']} |"
-    )
+  lines = render.markdown_table(
+    (
+      "Corpus",
+      "Folds",
+      "Model",
+      "UA (%)",
+      "WA (%)",
+      "Macro F1 (%)",
+      "Pooled UA",
+      "Pooled WA",
+      "Pooled macro F1",
+      "Run",
+    ),
+    [
+      [r["corpus"], r["folds"], r["model"], *(f"{r[k]:.2f}" for k in scores), r["run"]]
+      for r in sorted(table_rows, key=lambda r: (r["corpus"], r["model"], r["run"]))
+    ],
+  )
   lines += [
     "",
     "UA, WA, macro F1: scikit-learn's balanced accuracy, accuracy and macro F1 of each fold's "
@@ -185,10 +191,7 @@ def _value(value) -> str:
 
 def comparison_text(result: dict) -> str:
   """The statistics table, how they were computed, and the per-fold table of one comparison."""
-  lines = [
-    "| | A (%) | B (%) | B - A | 95% CI | p | test |",
-    "|---|---|---|---|---|---|---|",
-  ]
+  statistics = []
   for name, test in (
     (
       "wa",
@@ -198,26 +201,37 @@ def comparison_text(result: dict) -> str:
     ("ua", f"paired permutation, {result['n_resamples']} resamples"),
   ):
     low, high = result[f"{name}_difference_ci95"]
-    lines.append(
-      f"| {name.upper()} | {result[f'{name}_a']:.2f} | {result[f'{name}_b']:.2f} | "
-      f"{_signed(result[f'{name}_difference'])} | [{_signed(low)}, {_signed(high)}] | "
-      f"{result[f'{name}_p_value']:.3g} | {test} |"
+    statistics.append(
+      [
+        name.upper(),
+        f"{result[f'{name}_a']:.2f}",
+        f"{result[f'{name}_b']:.2f}",
+        _signed(result[f"{name}_difference"]),
+        f"[{_signed(low)}, {_signed(high)}]",
+        f"{result[f'{name}_p_value']:.3g}",
+        test,
+      ]
     )
-  lines += [
+  lines = [
+    *render.markdown_table(("", "A (%)", "B (%)", "B - A", "95% CI", "p", "test"), statistics),
     "",
     f"WA and UA pool the test utterances of every fold; CIs: {result['interval_method']}, "
     f"{result['n_resamples']} resamples, seed {result['seed']}.",
     "",
-    "| Fold | Test | WA A | WA B | WA B - A | UA A | UA B | UA B - A |",
-    "|---|---|---|---|---|---|---|---|",
+    *render.markdown_table(
+      ("Fold", "Test", "WA A", "WA B", "WA B - A", "UA A", "UA B", "UA B - A"),
+      [_fold_cells(fold) for fold in result["per_fold"]],
+    ),
   ]
-  for fold in result["per_fold"]:
-    lines.append(
-      f"| {fold['fold']} | {fold['n_test']} | {fold['wa_a']:.2f} | {fold['wa_b']:.2f} | "
-      f"{_signed(fold['wa_difference'])} | {fold['ua_a']:.2f} | {fold['ua_b']:.2f} | "
-      f"{_signed(fold['ua_difference'])} |"
-    )
   return "\n".join(lines) + "\n"
+
+
+def _fold_cells(fold: dict) -> list:
+  cells = [fold["fold"], fold["n_test"]]
+  for name in ("wa", "ua"):
+    cells += [f"{fold[f'{name}_a']:.2f}", f"{fold[f'{name}_b']:.2f}"]
+    cells.append(_signed(fold[f"{name}_difference"]))
+  return cells
 
 
 def provenance_text(result: dict) -> str:
@@ -283,119 +297,123 @@ def _reference_label(comparison: dict) -> str:
   return f"gamma=0, alpha={reference['alpha'] or 'none'}"
 
 
-def compare_main(args) -> int:
+def compare_main(values: flags.FlagValues, runs: Sequence[str]) -> int:
   """--compare: one sweep run, or two runs; returns the exit status."""
   try:
-    summaries = [load_summary(run) for run in args.compare]
-    predictions = [compare.load_predictions(run) for run in args.compare]
-    for run in args.compare:
+    summaries = [load_summary(run) for run in runs]
+    predictions = [compare.load_predictions(run) for run in runs]
+    for run in runs:
       _warn_inconsistent(run)
-    options = {"n_resamples": args.resamples, "seed": args.seed}
-    if len(args.compare) == 1:
+    options = {"n_resamples": values.resamples, "seed": values.seed}
+    if len(runs) == 1:
       result = compare.compare_sweep(
-        predictions[0], summaries[0], reference_alpha=args.reference, **options
+        predictions[0], summaries[0], reference_alpha=values.reference, **options
       )
-      result = {"run": args.compare[0], "reference_alpha": args.reference, **result}
-      text = sweep_text(result, args.compare[0])
+      result = {"run": runs[0], "reference_alpha": values.reference, **result}
+      text = sweep_text(result, runs[0])
     else:
-      member_a, member_b = args.member * 2 if len(args.member) == 1 else args.member
+      member_a, member_b = values.member * 2 if len(values.member) == 1 else values.member
       result = compare.compare_runs(
         *predictions, *summaries, member_a=member_a, member_b=member_b, **options
       )
-      result = {"run_a": args.compare[0], "run_b": args.compare[1], **result}
-      text = two_run_text(result, *args.compare)
+      result = {"run_a": runs[0], "run_b": runs[1], **result}
+      text = two_run_text(result, *runs)
   except (ReportError, compare.CompareError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
   print(text, end="")
-  if args.json:
+  if values.json:
     print(json.dumps(compare.json_ready(result)))
   return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-    prog="python -m ser_jax.report", description=__doc__.splitlines()[0]
+def define_flags(values: flags.FlagValues) -> None:
+  """The command line's flags; its positional arguments are the runs."""
+  flags.DEFINE_bool(
+    "figures", False, "(Re)write each run's confusion, curve, sweep PNGs.", flag_values=values
   )
-  parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="Workdirs of finished runs.")
-  parser.add_argument(
-    "--figures", action="store_true", help="(Re)write each run's confusion, curve, sweep PNGs."
+  flags.DEFINE_bool(
+    "compare",
+    False,
+    "Paired comparison of the runs given: RUN_A RUN_B (B - A), or one sweep RUN (each gamma "
+    "vs gamma 0).",
+    flag_values=values,
   )
-  parser.add_argument(
-    "--compare",
-    nargs="+",
-    metavar="RUN",
-    help="Paired comparison: RUN_A RUN_B (B - A), or one sweep RUN (each gamma vs gamma 0).",
+  flags.DEFINE_multi_integer(
+    "member",
+    [0],
+    "With --compare RUN_A RUN_B: the sweep member to use, once for both runs or once per "
+    "run (--member=1 --member=3).",
+    flag_values=values,
   )
-  parser.add_argument(
-    "--member",
-    nargs="+",
-    type=int,
-    default=[0],
-    metavar="K",
-    help="With --compare RUN_A RUN_B: the sweep member to use, for both runs or one per run.",
+  flags.DEFINE_integer(
+    "resamples",
+    compare.DEFAULT_RESAMPLES,
+    "Bootstrap resamples and permutations for --compare.",
+    lower_bound=1,
+    flag_values=values,
   )
-  parser.add_argument(
-    "--resamples",
-    type=int,
-    default=compare.DEFAULT_RESAMPLES,
-    help="Bootstrap resamples and permutations for --compare.",
+  flags.DEFINE_string(
+    "reference",
+    None,
+    "With --compare SWEEP_RUN: compare every setting with the gamma-0 member of this alpha "
+    "('none', 'inverse_frequency' or weights), not the one of its own alpha.",
+    flag_values=values,
   )
-  parser.add_argument(
-    "--reference",
-    metavar="ALPHA",
-    help="With --compare SWEEP_RUN: compare every setting with the gamma-0 member of this "
-    "alpha ('none', 'inverse_frequency' or weights), not the one of its own alpha.",
+  flags.DEFINE_integer("seed", 0, "Seed of the resampling in --compare.", flag_values=values)
+  flags.DEFINE_bool(
+    "json", False, "With --compare: end with the numbers as one JSON line.", flag_values=values
   )
-  parser.add_argument("--seed", type=int, default=0, help="Seed of the resampling in --compare.")
-  parser.add_argument(
-    "--json", action="store_true", help="With --compare: end with the numbers as one JSON line."
+  flags.DEFINE_bool(
+    "emobox",
+    False,
+    "Print the runs as EmoBox's intra-corpus leaderboard: corpus, folds, UA, WA, macro F1 "
+    "(mean over folds), and pooled.",
+    flag_values=values,
   )
-  parser.add_argument(
-    "--emobox",
-    action="store_true",
-    help="Print RUN_DIR... as EmoBox's intra-corpus leaderboard: corpus, folds, UA, WA, "
-    "macro F1 (mean over folds), and pooled.",
-  )
-  args = parser.parse_args(argv)
-  if args.compare is not None:
-    if args.runs or args.figures or args.emobox:
-      parser.error(
-        "--compare takes its runs itself; drop RUN_DIR, --figures and --emobox, or --compare"
-      )
-    if len(args.compare) > 2:
-      parser.error(f"--compare takes one sweep run or two runs, got {len(args.compare)}")
-    if args.reference is not None and len(args.compare) != 1:
-      parser.error("--reference goes with --compare SWEEP_RUN")
-    if len(args.member) > 2 or (args.member != [0] and len(args.compare) == 1):
-      parser.error("--member takes one or two indices, and only with --compare RUN_A RUN_B")
-    if args.resamples < 1:
-      parser.error(f"--resamples {args.resamples} must be at least 1")
-    return compare_main(args)
-  if not args.runs:
-    parser.error("give RUN_DIR... for the table, or --compare RUN_A RUN_B")
-  if args.json:
-    parser.error("--json goes with --compare")
+
+
+def report(values: flags.FlagValues, runs: Sequence[str]) -> int:
+  """The table of `runs` (or their comparison, with --compare); returns the exit status."""
+  if values.compare:
+    if values.figures or values.emobox:
+      raise app.UsageError("--compare goes without --figures and --emobox")
+    if len(runs) not in (1, 2):
+      raise app.UsageError(f"--compare takes one sweep run or two runs, got {len(runs)}")
+    if values.reference is not None and len(runs) != 1:
+      raise app.UsageError("--reference goes with --compare SWEEP_RUN")
+    if len(values.member) > 2 or (values.member != [0] and len(runs) == 1):
+      raise app.UsageError("--member is given once or twice, and only with --compare RUN_A RUN_B")
+    return compare_main(values, runs)
+  if not runs:
+    raise app.UsageError("give RUN_DIR... for the table, or --compare RUN_A RUN_B")
+  if values.json:
+    raise app.UsageError("--json goes with --compare")
   table_rows = []
-  for run in args.runs:
+  for run in runs:
     try:
       summary = load_summary(run)
-      if args.emobox:
+      if values.emobox:
         table_rows.append(_checked(emobox_row, run, summary))
       else:
         table_rows.extend(run_rows(run, summary))
     except ReportError as error:
       print(f"error: {error}; skipped", file=sys.stderr)
       continue
-    if args.figures:
+    if values.figures:
       records = results.MetricsLog(pathlib.Path(run) / "metrics.jsonl").read()
       written = plots.write_figures(run, summary, records)
       print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
   if not table_rows:
     print("error: no readable run; nothing to report", file=sys.stderr)
     return 1
-  print((emobox_table if args.emobox else markdown_table)(table_rows), end="")
+  print((emobox_table if values.emobox else markdown_table)(table_rows), end="")
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m ser_jax.report RUN_DIR...`; `argv` as command_line.run_flags takes it."""
+  return command_line.run_flags(define_flags, report, argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import platform
 
 import numpy as np
 
-from ser_jax import io_utils, metrics
+from ser_jax import io_utils, metrics, render
 
 
 class MetricsLog:
@@ -279,56 +279,65 @@ def results_markdown(summary: dict) -> str:
     f"# {corpus}: {kind}, {loss_label}, {len(summary['folds'])}-fold "
     f"{config['cv']['scheme']} cross-validation",
     "",
-    "| Input | Loss | Overall accuracy (WA) | Class accuracy (UA) | Macro F1 |",
-    "|---|---|---|---|---|",
-    f"| {kind} | {loss_label} | {summary['overall_accuracy']:.2f} +/- "
-    f"{summary['overall_accuracy_std']:.2f} | {summary['class_accuracy']:.2f} +/- "
-    f"{summary['class_accuracy_std']:.2f} | {summary['macro_f1']:.2f} +/- "
-    f"{summary['macro_f1_std']:.2f} |",
+    *render.markdown_table(
+      ("Input", "Loss", "Overall accuracy (WA)", "Class accuracy (UA)", "Macro F1"),
+      [[kind, loss_label, *(_plus_minus(summary, k) for k in _SCORES)]],
+    ),
     "",
     "Confusion matrix (rows: true class, % of the row; summed over folds)",
     "",
-    "| true \\ predicted | " + " | ".join(names) + " |",
-    "|---" * (len(names) + 1) + "|",
+    *render.markdown_table(
+      ("true \\ predicted", *names),
+      [
+        [name, *(f"{v:.1f}" for v in row)]
+        for name, row in zip(names, summary["confusion_matrix"], strict=True)
+      ],
+    ),
   ]
-  for name, row in zip(names, summary["confusion_matrix"], strict=True):
-    lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
   lines += _emobox_markdown(summary)
   given = "given_fold" in summary["folds"][0]
+  fold_rows = []
+  for fold in summary["folds"]:
+    cells = [fold["fold"]]
+    if given:
+      cells += [fold["given_fold"]["name"], fold["given_fold"]["n_valid"]]
+    cells += [fold["n_train"], fold["n_test"]]
+    cells += [f"{fold[k]:.2f}" for k in _SCORES] + [f"{fold['emobox_scores']['micro_f1']:.2f}"]
+    fold_rows.append(cells)
   lines += [
     "",
-    "| Fold | "
-    + ("Given fold | Valid (not used) | " if given else "")
-    + "Train | Test | WA | UA | Macro F1 | Micro F1 |",
-    "|---" * (9 if given else 7) + "|",
+    *render.markdown_table(
+      ("Fold", *(("Given fold", "Valid (not used)") if given else ()), "Train", "Test")
+      + ("WA", "UA", "Macro F1", "Micro F1"),
+      fold_rows,
+    ),
   ]
-  for fold in summary["folds"]:
-    names = f"{fold['given_fold']['name']} | {fold['given_fold']['n_valid']} | " if given else ""
-    lines.append(
-      f"| {fold['fold']} | {names}{fold['n_train']} | {fold['n_test']} | "
-      f"{fold['overall_accuracy']:.2f} | {fold['class_accuracy']:.2f} | {fold['macro_f1']:.2f} | "
-      f"{fold['emobox_scores']['micro_f1']:.2f} |"
-    )
   if "sweep" in summary:
     lines += [
       "",
       "Sweep (mean +/- std over folds)",
       "",
-      "| gamma | seed | learning rate | WA | UA |",
-      "|---|---|---|---|---|",
+      *render.markdown_table(
+        ("gamma", "seed", "learning rate", "WA", "UA"),
+        [
+          [m["gamma"], m["seed"], m["learning_rate"], *(_plus_minus(m, k) for k in _SCORES[:2])]
+          for m in summary["sweep"]
+        ],
+      ),
     ]
-    for m in summary["sweep"]:
-      lines.append(
-        f"| {m['gamma']} | {m['seed']} | {m['learning_rate']} | {m['overall_accuracy']:.2f} +/- "
-        f"{m['overall_accuracy_std']:.2f} | {m['class_accuracy']:.2f} +/- "
-        f"{m['class_accuracy_std']:.2f} |"
-      )
   if summary.get("skipped_files"):
     lines += [
       "",
       f"{len(summary['skipped_files'])} files skipped; see skipped_files in results.json",
     ]
   return "\n".join(lines) + "\n"
+
+
+_SCORES = ("overall_accuracy", "class_accuracy", "macro_f1")
+
+
+def _plus_minus(entry: dict, name: str) -> str:
+  return f"{entry[name]:.2f} +/- {entry[f'{name}_std']:.2f}"
 
 
 def _emobox_markdown(summary: dict) -> list[str]:
@@ -339,16 +348,15 @@ def _emobox_markdown(summary: dict) -> list[str]:
     "",
     "EmoBox's scores (scikit-learn's accuracy, balanced accuracy, micro and macro F1, %)",
     "",
-    "| | " + " | ".join(names.values()) + " |",
-    "|---" * (len(names) + 1) + "|",
-    f"| mean +/- sd over {len(summary['folds'])} folds (`<score>_fold_mean`) | "
-    + " | ".join(
-      f"{summary[f'{k}_fold_mean']:.2f} +/- {summary[f'{k}_fold_std']:.2f}" for k in names
-    )
-    + " |",
-    f"| pooled over all {summary['n_test_pooled']} test predictions (`<score>_pooled`) | "
-    + " | ".join(f"{summary[f'{k}_pooled']:.2f}" for k in names)
-    + " |",
+    *render.markdown_table(
+      ("", *names.values()),
+      [
+        [f"mean +/- sd over {len(summary['folds'])} folds (`<score>_fold_mean`)"]
+        + [f"{summary[f'{k}_fold_mean']:.2f} +/- {summary[f'{k}_fold_std']:.2f}" for k in names],
+        [f"pooled over all {summary['n_test_pooled']} test predictions (`<score>_pooled`)"]
+        + [f"{summary[f'{k}_pooled']:.2f}" for k in names],
+      ],
+    ),
   ]
   return lines
 

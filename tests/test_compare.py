@@ -225,15 +225,21 @@ def test_bootstrap_matches_scipy_with_one_fold() -> None:
 
   options = {"paired": True, "n_resamples": 2000, "method": "percentile", "vectorized": True}
   hits_a, hits_b = (labels == predictions_a).astype(int), (labels == predictions_b).astype(int)
-  for draws, data, statistic in (
-    (wa, (hits_a, hits_b), wa_difference),
-    (ua, (labels, predictions_a, predictions_b), ua_difference),
+  # A comparison's interval and standard error are those of the same draws.
+  result = compare.compare_paired(
+    labels, predictions_a, predictions_b, np.zeros(150), n_resamples=2000, seed=7
+  )
+  for name, draws, data, statistic in (
+    ("wa", wa, (hits_a, hits_b), wa_difference),
+    ("ua", ua, (labels, predictions_a, predictions_b), ua_difference),
   ):
     expected = stats.bootstrap(data, statistic, rng=np.random.default_rng(7), **options)
     np.testing.assert_allclose(draws, expected.bootstrap_distribution)
     np.testing.assert_allclose(
       compare.percentile_interval(draws), tuple(expected.confidence_interval)
     )
+    np.testing.assert_allclose(result[f"{name}_difference_ci95"], expected.confidence_interval)
+    np.testing.assert_allclose(result[f"{name}_standard_error"], expected.standard_error)
 
 
 def test_bootstrap_resamples_within_folds() -> None:
@@ -501,7 +507,16 @@ def test_cli_sweep_pools_seeds(tmp_path, capsys) -> None:
 
 def test_cli_two_members_of_one_run(tmp_path, capsys) -> None:
   run, _, labels, predictions = _sweep_run(tmp_path, (0.0, 2.0))
-  argv = ["--compare", str(run), str(run), "--member", "1", "3", "--json", "--resamples", "100"]
+  argv = [
+    "--compare",
+    str(run),
+    str(run),
+    "--member=1",
+    "--member=3",
+    "--json",
+    "--resamples",
+    "100",
+  ]
   assert main(argv) == 0
   out = capsys.readouterr().out
   result = _json_line(out)

@@ -88,12 +88,12 @@ def test_default_config_validates(config):
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.stem for p in CONFIG_FILES])
 def test_every_config_file_validates(path, monkeypatch):
-  monkeypatch.setenv("SER_JAX_DATA", "/data/corpora")  # Where the study configs look.
+  monkeypatch.setenv("SER_JAX_DATA", "/data")  # Where a study config finds its corpora.
   config = _load(path)
   if "study" in config:  # A study: its corpora and settings parse; the rest is a run's config.
-    from ser_jax import study
+    from ser_jax.study import compose
 
-    study.study_parts(config)
+    compose.study_parts(config)
     config = ml_collections.ConfigDict({k: v for k, v in config.items() if k != "study"})
   validate_config(_with_root(config))
 

@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import run_module
 
 from ser_jax.data import info
 from ser_jax.data.corpora import (
@@ -476,6 +477,14 @@ def test_info_prints_counts(emodb, capsys):
   ]
   assert "2 speakers, 2 groups" in out
   assert "notes.wav: name does not match" in out
+
+
+def test_info_on_the_command_line(emodb):
+  done = run_module("ser_jax.data.info", ["--corpus=emodb", f"--root={emodb}", "--classes=anger"])
+  assert done.returncode == 0, done.stderr
+  assert "corpus emodb: 2 utterances, 1 classes" in done.stdout
+  missing = run_module("ser_jax.data.info", ["--corpus=emodb"])
+  assert missing.returncode == 1 and "--root must have a value" in missing.stderr
 
 
 def test_info_error_exit(emodb, capsys):

@@ -18,13 +18,15 @@ import soundfile as sf
 from helpers import REPO, run_module, start_module
 from sklearn import metrics as sk
 
-from ser_jax import experiment, folds, run_data, study
+from ser_jax import folds, run_data
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data.corpora import emobox_class, read_corpus
 from ser_jax.data.corpus import CorpusError
+from ser_jax.features import FeatureParams
 from ser_jax.folds import FoldError
 from ser_jax.report import main as report
 from ser_jax.store import store_key
+from ser_jax.study import compose
 
 DATA = pathlib.Path(
   os.environ.get("SER_JAX_DATA") or pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -280,7 +282,7 @@ def test_each_folds_test_utterances_are_exactly_emoboxs(emobox, tmp_path, caplog
   corpus = run_data.load_corpus(config)
   moved = dataclasses.replace(corpus.utterances[0], splits=("test", "test", "train"))
   other = dataclasses.replace(corpus, utterances=(moved, *corpus.utterances[1:]))
-  params = experiment.FeatureParams.from_config(config.features)
+  params = FeatureParams.from_config(config.features)
   assert store_key(other, params) != store_key(corpus, params) == store.path.name.split("-")[-1]
   with pytest.raises(FoldError, match="cv.folds contains 3; emobox_emodb has 3 given folds"):
     config.cv.folds = (3,)
@@ -309,12 +311,12 @@ def test_a_manifest_fold_column_and_iemocap_sessions_are_given_folds(tmp_path):
 
 
 def test_emobox_study_entries_take_an_audio_root():
-  corpus = study.parse_corpus("emodb=emobox:/EmoBox/data/emodb@/audio/emodb")
-  assert corpus == study.Corpus("emodb", "emobox", "/EmoBox/data/emodb", "/audio/emodb")
-  assert study.parse_corpus("emodb=emobox:/EmoBox/data/emodb").audio_root == ""
-  corpora = [study.Corpus("a", "emobox", "/a"), study.Corpus("b", "emobox", "/b")]
-  settings = [study.parse_setting("softmax:loss.name=softmax"), study.parse_setting("focal:")]
-  assert study.run_paths(corpora, settings, cross=True) == [
+  corpus = compose.parse_corpus("emodb=emobox:/EmoBox/data/emodb@/audio/emodb")
+  assert corpus == compose.Corpus("emodb", "emobox", "/EmoBox/data/emodb", "/audio/emodb")
+  assert compose.parse_corpus("emodb=emobox:/EmoBox/data/emodb").audio_root == ""
+  corpora = [compose.Corpus("a", "emobox", "/a"), compose.Corpus("b", "emobox", "/b")]
+  settings = [compose.Setting("softmax", (("loss.name", "softmax"),)), compose.Setting("focal", ())]
+  assert compose.run_paths(corpora, settings, cross=True) == [
     "a/softmax",
     "a/focal",
     "b/softmax",
@@ -337,7 +339,8 @@ def jobs(emobox, tmp_path_factory):
     f"--config={REPO / 'configs' / 'focal_study.py'}",
     f"--workdir={workdir}",
     f"--config.study.corpora=('emodb=emobox:{root}@{checkout}',)",
-    "--config.study.settings=('softmax:loss.name=softmax', 'focal:loss.gamma=2.0')",
+    "--settings=softmax:loss.name=softmax",
+    "--settings=focal:loss.gamma=2.0",
     "--config.study.cross_corpus=False",
     "--config.study.resamples=200",
     "--config.data.class_shares=()",
@@ -464,7 +467,7 @@ def test_the_emobox_study_config_finds_the_corpora_a_checkout_has_audio_for(emob
   (checkout / "data" / "casia" / "casia.jsonl").write_text("")
   config = module.get_config(str(checkout))
   assert config.study.corpora == (f"emodb=emobox:{checkout / 'data' / 'emodb'}@{checkout}",)
-  corpora, _ = study.study_parts(config)
+  corpora, _ = compose.study_parts(config)
   assert read_corpus("emobox", corpora[0].root, (), audio_root=corpora[0].audio_root).utterances
 
 

@@ -8,6 +8,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from helpers import run_module
 from matplotlib import image
 from test_predict import trained_run
 
@@ -108,6 +109,28 @@ def _table_rows(text: str) -> list[list[str]]:
   lines = text.strip().splitlines()
   assert lines[0].startswith("| Input | Loss | WA (%) | UA (%) | Macro F1 (%) | Folds | Corpus")
   return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_the_command_line_takes_run_dirs_as_arguments(runs, capsys) -> None:
+  """`python -m ser_jax.report RUN_DIR...` prints what main([RUN_DIR...]) returns."""
+  names = [str(runs["mfcc_focal"]), str(runs["sweep"])]
+  assert main(names) == 0
+  expected = capsys.readouterr().out
+  done = run_module("ser_jax.report", names)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout == expected and expected.startswith("| Input | Loss |")
+  wrong = run_module("ser_jax.report", [*names, "--json"])
+  assert wrong.returncode == 1 and "--json goes with --compare" in wrong.stderr
+
+
+def test_a_usage_error_is_one_line(runs, capsys) -> None:
+  with pytest.raises(SystemExit) as exit_status:
+    main([str(runs["mfcc_focal"]), "--json"])
+  assert exit_status.value.code == 2
+  assert capsys.readouterr().err == "error: --json goes with --compare\n"
+  with pytest.raises(SystemExit):
+    main(["--resamples=0", "--compare", str(runs["sweep"])])
+  assert capsys.readouterr().err.startswith("error: flag --resamples=0: 0 is not a positive")
 
 
 def test_table_rows_sorted_with_numbers(runs, tmp_path, capsys) -> None:

@@ -17,17 +17,10 @@ import pytest
 from helpers import REPO, run_module, start_module
 from scipy import stats
 from statsmodels.stats.meta_analysis import combine_effects
+from test_study_compose import SETTINGS, write_corpora, write_manifest
 
-from ser_jax import compare, experiment, study
-from ser_jax.config import ConfigError, validate_config
-from ser_jax.data.demo import write_demo_corpus
-from ser_jax.folds import FoldError
+from ser_jax import compare
 
-SETTINGS = (
-  "softmax:loss.name=softmax",
-  # Class weights move a tiny model's predictions far enough from softmax's to differ.
-  "focal_weighted:loss.name=focal,loss.gamma=2.0,loss.alpha=inverse_frequency",
-)
 RESAMPLES = 1000
 
 
@@ -35,7 +28,6 @@ def study_args(workdir, corpora, cache, **overrides) -> list[str]:
   """configs/focal_study.py shrunk to seconds: 4-channel ResNet, 1 s MFCCs, 2 epochs, 2 folds."""
   settings = {
     "study.corpora": repr(tuple(corpora)),
-    "study.settings": repr(SETTINGS),
     "study.resamples": RESAMPLES,
     "model.width": 4,
     "features.max_seconds": 1.0,
@@ -55,16 +47,13 @@ def study_args(workdir, corpora, cache, **overrides) -> list[str]:
     f"--config={REPO / 'configs' / 'focal_study.py'}",
     f"--workdir={workdir}",
     *[f"--config.{key}={value}" for key, value in settings.items()],
+    *[f"--settings={setting}" for setting in SETTINGS],
   ]
 
 
 @pytest.fixture(scope="module")
 def corpora(tmp_path_factory) -> dict[str, pathlib.Path]:
-  """Two small synthetic corpora read through csv manifests (4 and 2 speakers)."""
-  root = tmp_path_factory.mktemp("corpora")
-  write_demo_corpus(root / "a", n_utterances=48, n_speakers=4, seed=1)
-  write_demo_corpus(root / "b", n_utterances=40, n_speakers=2, seed=2)
-  return {"a": root / "a" / "manifest.csv", "b": root / "b" / "manifest.csv"}
+  return write_corpora(tmp_path_factory.mktemp("corpora"))
 
 
 def _files(folder: pathlib.Path) -> dict[str, tuple[bytes, int]]:
@@ -241,13 +230,7 @@ def test_predict_applies_a_cross_corpus_run(killed_study, corpora):
 def test_a_corpus_that_cannot_be_read_fails_alone(killed_study, corpora, tmp_path):
   workdir = tmp_path / "study"
   shutil.copytree(killed_study.workdir, workdir)
-  no_happiness = tmp_path / "no_happiness.csv"
-  with open(corpora["a"], newline="") as f:
-    rows = [r for r in csv.DictReader(f) if r["label"] != "happiness"]
-  with open(no_happiness, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows({**r, "path": str(corpora["a"].parent / r["path"])} for r in rows)
+  no_happiness = write_manifest(corpora["a"], tmp_path / "a.csv", without_label="happiness")
   entries = [
     f"a=csv:{corpora['a']}",
     f"gone=csv:{tmp_path / 'gone.csv'}",
@@ -281,183 +264,6 @@ def test_a_config_change_that_would_mix_results_is_refused(killed_study):
   assert done.stderr.strip().splitlines()[-1].startswith("error: study workdir")
   assert "changed: train.num_epochs" in done.stderr
   assert (workdir / "config.json").read_text() == before
-
-
-def _study_config(corpora, **study_keys):
-  config = study.load_config_file(str(REPO / "configs" / "focal_study.py"))
-  config.study.corpora = tuple(f"{name}=csv:{path}" for name, path in corpora.items())
-  config.study.settings = SETTINGS
-  for key, value in study_keys.items():
-    config.study[key] = value
-  return config
-
-
-def test_study_check_allows_new_corpora_and_settings_not_redefined_ones(tmp_path, corpora):
-  config = _study_config(corpora)
-  study.check_same_study(config, tmp_path)
-  config.study.settings = (*SETTINGS, "focal:loss.name=focal")
-  config.study.corpora = config.study.corpora[:1]
-  config.study.cross_corpus = True
-  study.check_same_study(config, tmp_path)  # Added, removed, cross-corpus: nothing mixes.
-  config.study.settings = ("softmax:loss.name=softmax,loss.label_smoothing=0.1",)
-  with pytest.raises(experiment.ConfigMismatchError, match=r"study\.settings\[softmax\]"):
-    study.check_same_study(config, tmp_path)
-  config = _study_config(corpora)
-  config.study.base = "configs/logmel_focal.py"
-  with pytest.raises(experiment.ConfigMismatchError, match="study.base"):
-    study.check_same_study(config, tmp_path)
-
-
-BASE_THAT_DISAGREES = """
-from ser_jax.config import default_config
-
-def get_config():
-  config = default_config()
-  config.cv.n_folds = 10
-  config.train.num_epochs = 7
-  config.features.kind = "logmel"
-  config.loss.gamma = 1.0
-  return config
-"""
-
-
-def test_run_configs_take_base_then_study_then_corpus_then_setting_then_command_line(
-  corpora, tmp_path
-):
-  base = tmp_path / "base.py"
-  base.write_text(BASE_THAT_DISAGREES)
-  config = study.default_study_config(str(base))
-  config.cv.n_folds = 5  # ser_jax's default, set by the study config: it applies.
-  config.loss.gamma = 3.0
-  config.data.root = "/nowhere"  # The corpus's root wins.
-  corpus = study.parse_corpus(f"a=csv:{corpora['a']}")
-  setting = study.parse_setting("s:loss.alpha=(1.0, 2.0, 1.0, 2.0),loss.gamma=0.5")
-  run = study.run_config(config, corpus, setting)
-  assert run.cv.n_folds == 5  # The study config's, default or not.
-  assert run.train.num_epochs == 7 and run.features.kind == "logmel"  # The base's.
-  assert (run.data.corpus, run.data.root) == ("csv", str(corpora["a"]))  # The corpus's.
-  assert run.loss.alpha == (1.0, 2.0, 1.0, 2.0) and run.loss.gamma == 0.5  # The setting's.
-  config.loss.gamma = 4.0  # As --config.loss.gamma=4.0 would set it.
-  explicit = study.run_config(config, corpus, setting, explicit_keys=["loss.gamma"])
-  assert explicit.loss.gamma == 4.0  # The command line's, over the setting's.
-  validate_config(run)
-
-
-def test_the_shipped_study_config_names_no_folder_without_ser_jax_data(monkeypatch):
-  monkeypatch.delenv("SER_JAX_DATA", raising=False)
-  config = study.load_config_file(str(REPO / "configs" / "focal_study.py"))
-  with pytest.raises(ConfigError, match="study.corpora is empty: give --config.study.corpora"):
-    study.study_parts(config)
-  monkeypatch.setenv("SER_JAX_DATA", "/data/corpora")
-  config = study.load_config_file(str(REPO / "configs" / "focal_study.py"))
-  assert [c.root for c in study.study_parts(config)[0]] == [
-    "/data/corpora/emodb",
-    "/data/corpora/casia/manifest.csv",
-  ]
-
-
-def test_speaker_folds_are_capped_at_the_speakers(corpora):
-  config = _study_config(corpora)
-  config.cv.n_folds = 5
-  runs, classes = study.within_runs(
-    config, study.parse_corpus(f"b=csv:{corpora['b']}"), [study.parse_setting(SETTINGS[0])]
-  )
-  assert runs[0].config.cv.n_folds == 2 and classes == ("neutral", "happiness", "sadness", "anger")
-  config.cv.n_folds = 3
-  runs, _ = study.within_runs(
-    config, study.parse_corpus(f"a=csv:{corpora['a']}"), [study.parse_setting(SETTINGS[0])]
-  )
-  assert runs[0].config.cv.n_folds == 3  # Fewer folds than speakers: as asked.
-
-
-def test_speaker_folds_need_speaker_ids(corpora, tmp_path):
-  manifest = tmp_path / "manifest.csv"
-  with open(corpora["a"], newline="") as f:
-    rows = list(csv.DictReader(f))
-  with open(manifest, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=["path", "label"], extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({**r, "path": str(corpora["a"].parent / r["path"])} for r in rows)
-  with pytest.raises(FoldError, match="needs speaker ids.*1 speaker"):
-    study.within_runs(
-      _study_config(corpora),
-      study.parse_corpus(f"x=csv:{manifest}"),
-      [study.parse_setting(SETTINGS[0])],
-    )
-
-
-def test_cross_runs_use_the_shared_classes_and_their_shares(corpora, tmp_path):
-  manifest = tmp_path / "manifest.csv"
-  with open(corpora["b"], newline="") as f:
-    rows = [r for r in csv.DictReader(f) if r["label"] != "sadness"]
-  with open(manifest, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows({**r, "path": str(corpora["b"].parent / r["path"])} for r in rows)
-  config = _study_config(corpora)
-  config.data.classes = ()  # Each corpus's own classes; the run takes those both have.
-  config.data.class_shares = ()
-  train = study.parse_corpus(f"a=csv:{corpora['a']}")
-  test = study.parse_corpus(f"b=csv:{manifest}")
-  setting = study.parse_setting(SETTINGS[0])
-  run = study.cross_run(config, train, test, setting, ("anger", "happiness", "neutral"))
-  assert run.path == "a-to-b/softmax" and run.config.data.test_root == str(manifest)
-  assert run.config.data.classes == ("anger", "happiness", "neutral")
-  config.data.classes = ("neutral", "happiness", "sadness", "anger")
-  config.data.class_shares = (4, 1, 3, 2)
-  run = study.cross_run(config, train, test, setting, ("neutral", "happiness", "anger"))
-  assert run.config.data.classes == ("neutral", "happiness", "anger")
-  assert run.config.data.class_shares == (4, 1, 2)
-  with pytest.raises(ConfigError, match="share 1 class"):
-    study.cross_run(config, train, test, setting, ("anger", "fear"))
-
-
-@pytest.mark.parametrize(
-  "text, message",
-  [
-    ("a=emodb", "NAME=CORPUS:ROOT"),
-    ("a b=emodb:/x", "NAME=CORPUS:ROOT"),
-    ("a=emodbb:/x", "unknown corpus 'emodbb'"),
-    ("a=csv:", "has no ROOT"),
-  ],
-)
-def test_bad_corpus_entries_are_one_line(text, message):
-  with pytest.raises(ConfigError, match=message):
-    study.parse_corpus(text)
-
-
-def test_settings_parse_literals_and_refuse_corpus_keys():
-  setting = study.parse_setting("w:loss.name=softmax,data.classes=('neutral','anger'),seed=3")
-  assert setting.overrides == (
-    ("loss.name", "softmax"),
-    ("data.classes", ("neutral", "anger")),
-    ("seed", 3),
-  )
-  assert study.parse_setting("plain").overrides == ()
-  with pytest.raises(ConfigError, match="sets data.root"):
-    study.parse_setting("x:data.root=/elsewhere")
-  with pytest.raises(ConfigError, match="repeats the name 'x'"):
-    study.study_parts(_study_config({"x": "/data/x.csv"}, settings=("x:", "x:seed=1")))
-
-
-def test_test_corpus_keys_are_checked():
-  config = study.default_study_config()
-  del config["study"]
-  config.data.corpus, config.data.root = "demo", ""
-  config.data.test_corpus = "emodbb"
-  with pytest.raises(ConfigError, match="data.test_corpus='emodbb'"):
-    validate_config(config)
-  config.data.test_corpus = "emodb"
-  with pytest.raises(ConfigError, match="data.test_root is empty"):
-    validate_config(config)
-  config.data.test_root = "/data/emodb"
-  config.cv.folds = (1,)
-  with pytest.raises(ConfigError, match="one fold, 0"):
-    validate_config(config)
-  config.cv.folds = ()
-  config.data.classes = ()
-  with pytest.raises(ConfigError, match="needs data.classes"):
-    validate_config(config)
 
 
 def test_one_discordant_utterance_has_permutation_p_one():

@@ -5,11 +5,13 @@ python -m ser_jax.data.info --corpus=iemocap --root=/data/IEMOCAP_full_release
 
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 from collections.abc import Sequence
 
+from absl import app, flags
+
+from ser_jax import command_line
 from ser_jax.data.corpora import CORPORA, read_corpus
 from ser_jax.data.corpus import Corpus, CorpusError
 
@@ -73,43 +75,58 @@ def format_summary(corpus: Corpus) -> str:
   return "\n".join(parts)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """Parses flags, reads the corpus and prints its summary; returns the exit status."""
-  parser = argparse.ArgumentParser(prog="python -m ser_jax.data.info", description=__doc__)
-  parser.add_argument("--corpus", required=True, help=f"one of: {', '.join(sorted(CORPORA))}")
-  parser.add_argument("--root", required=True, help="corpus folder (or manifest for csv)")
-  parser.add_argument(
-    "--classes", default="", help="comma-separated class names; empty for the corpus defaults"
+def define_flags(values: flags.FlagValues) -> None:
+  """The command line's flags."""
+  flags.DEFINE_string(
+    "corpus", None, f"One of: {', '.join(sorted(CORPORA))}.", flag_values=values, required=True
   )
-  parser.add_argument("--include_scripted", action="store_true", help="iemocap: add scripted")
-  parser.add_argument(
-    "--merge_excited", action="store_true", help="iemocap: relabel excitement as happiness"
+  flags.DEFINE_string(
+    "root", None, "Corpus folder (or manifest for csv).", flag_values=values, required=True
   )
-  parser.add_argument(
-    "--audio_root", default="", help="emobox: the folder its wav paths are relative to"
+  flags.DEFINE_string(
+    "classes", "", "Comma-separated class names; empty for the corpus defaults.", flag_values=values
   )
-  parser.add_argument(
-    "--case_insensitive_paths",
-    action="store_true",
-    help="emobox: read a file whose path differs only in letter case",
+  flags.DEFINE_bool("include_scripted", False, "iemocap: add scripted.", flag_values=values)
+  flags.DEFINE_bool(
+    "merge_excited", False, "iemocap: relabel excitement as happiness.", flag_values=values
   )
-  args = parser.parse_args(argv)
-  classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+  flags.DEFINE_string(
+    "audio_root", "", "emobox: the folder its wav paths are relative to.", flag_values=values
+  )
+  flags.DEFINE_bool(
+    "case_insensitive_paths",
+    False,
+    "emobox: read a file whose path differs only in letter case.",
+    flag_values=values,
+  )
+
+
+def info(values: flags.FlagValues, arguments: Sequence[str]) -> int:
+  """Reads the corpus and prints its summary; returns the exit status."""
+  if arguments:
+    raise app.UsageError(f"unexpected arguments: {' '.join(arguments)}")
+  classes = [c.strip() for c in values.classes.split(",") if c.strip()]
   try:
     corpus = read_corpus(
-      args.corpus,
-      args.root,
+      values.corpus,
+      values.root,
       classes,
-      include_scripted=args.include_scripted,
-      merge_excited=args.merge_excited,
-      audio_root=args.audio_root,
-      case_insensitive_paths=args.case_insensitive_paths,
+      include_scripted=values.include_scripted,
+      merge_excited=values.merge_excited,
+      audio_root=values.audio_root,
+      case_insensitive_paths=values.case_insensitive_paths,
     )
   except CorpusError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_summary(corpus))
   return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """`python -m ser_jax.data.info --corpus=NAME --root=PATH`; `argv` as
+  command_line.run_flags takes it."""
+  return command_line.run_flags(define_flags, info, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,173 @@
+"""The numbers of a study's table: per corpus and setting WA and UA, the paired differences
+from the reference setting (ser_jax.compare, as `report --compare` computes them: one
+bootstrap per difference gives its interval and its standard error), their random-effects
+pool over corpora (ser_jax.meta), and the matrices across corpora."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from ser_jax import compare, meta
+from ser_jax.study.compose import Outcome
+
+
+def paired_difference(run_a: pathlib.Path, run_b: pathlib.Path, n_resamples: int) -> dict:
+  """`report --compare run_a run_b` (B - A), whose standard errors come from the draws that
+  give its intervals."""
+  predictions_a, predictions_b = compare.load_predictions(run_a), compare.load_predictions(run_b)
+  summaries = [json.loads((run / "results.json").read_text()) for run in (run_a, run_b)]
+  return compare.json_ready(
+    compare.compare_runs(predictions_a, predictions_b, *summaries, n_resamples=n_resamples)
+  )
+
+
+def _corpus_facts(run_dir: pathlib.Path, summary: dict) -> dict:
+  """Utterances, speakers and class counts as the run trained on them, and its folds."""
+  predictions = compare.load_predictions(run_dir)
+  first = predictions.member == 0
+  folds = sorted(set(predictions.fold[first].tolist()))
+  used = summary["class_counts"]["used"]
+  return {
+    "utterances": int(sum(used.values())),
+    "speakers": len(set(predictions.speaker[first].tolist())),
+    "class_counts": used,
+    "cv_scheme": summary["config"]["cv"]["scheme"],
+    "n_folds": len(summary["folds"]),
+    "test_speakers_per_fold": [
+      len(set(predictions.speaker[first & (predictions.fold == f)].tolist())) for f in folds
+    ],
+  }
+
+
+def _run_entry(workdir, outcome: Outcome, path: str, reference: str, n_resamples: int) -> dict:
+  """A run's WA and UA (mean +/- sd over folds) and its paired difference from `reference`."""
+  if outcome.result is None:
+    return {"run": path, "status": "failed", "error": outcome.error}
+  entry: dict = {"run": path, "status": "ok"}
+  for name in ("overall_accuracy", "class_accuracy"):
+    entry[name] = outcome.result[name]
+    entry[f"{name}_std"] = outcome.result[f"{name}_std"]
+  if path != reference:
+    entry["difference"] = paired_difference(workdir / reference, workdir / path, n_resamples)
+  return entry
+
+
+_METRICS = {"ua": "class_accuracy", "wa": "overall_accuracy"}
+
+
+def _pool(rows: dict[str, dict], metric: str) -> dict:
+  """The random-effects pool of the corpora's `metric` ('ua' or 'wa') differences."""
+  ok = {name: row["difference"] for name, row in rows.items() if "difference" in row}
+  effects = [d[f"{metric}_difference"] for d in ok.values()]
+  variances = [d[f"{metric}_standard_error"] ** 2 for d in ok.values()]
+  if len(ok) < 2:
+    return {
+      "corpora": list(ok),
+      "not_pooled": f"{len(ok)} corpus with a difference; pooling needs 2",
+    }
+  zero = [name for name, v in zip(ok, variances, strict=True) if not v > 0]
+  if zero:
+    return {
+      "corpora": list(ok),
+      "not_pooled": f"the difference on {', '.join(zero)} has no bootstrap variance (the two "
+      "runs predict alike on every utterance), so inverse-variance weights are undefined",
+    }
+  return {"corpora": list(ok), **meta.random_effects(effects, variances).as_dict()}
+
+
+def summarise(config, workdir, study_corpora, settings, failures, outcomes) -> dict:
+  """The study's results.json: corpora, runs, paired differences, pooled estimates, matrices."""
+  reference = settings[0].name
+  n_resamples = int(config.study.resamples)
+  corpus_rows, within = {}, {}
+  for corpus in study_corpora:
+    row = {"reader": corpus.reader, "root": corpus.root}
+    if corpus.name in failures:
+      corpus_rows[corpus.name] = {**row, "status": "failed", "error": failures[corpus.name]}
+      continue
+    reference_path = f"{corpus.name}/{reference}"
+    facts = _corpus_facts(workdir / reference_path, outcomes[reference_path].result)
+    corpus_rows[corpus.name] = {**row, "status": "ok", **facts}
+    within[corpus.name] = {
+      s.name: _run_entry(
+        workdir,
+        outcomes.get(f"{corpus.name}/{s.name}", Outcome(None, "not run")),
+        f"{corpus.name}/{s.name}",
+        reference_path,
+        n_resamples,
+      )
+      for s in settings
+    }
+  summary = {
+    "study": {
+      "base": config.study.base,
+      "reference": reference,
+      "settings": {s.name: s.describe() for s in settings},
+      "corpora": {
+        c.name: f"{c.reader}:{c.root}" + (f"@{c.audio_root}" if c.audio_root else "")
+        for c in study_corpora
+      },
+      "cross_corpus": bool(config.study.cross_corpus),
+      "resamples": n_resamples,
+      "meta_analysis": meta.METHOD,
+    },
+    "corpora": corpus_rows,
+    "within": within,
+    "pooled": {
+      s.name: {
+        metric: _pool({name: rows[s.name] for name, rows in within.items()}, metric)
+        for metric in _METRICS
+      }
+      for s in settings[1:]
+    },
+  }
+  if config.study.cross_corpus:
+    summary["cross_corpus"] = _cross_summary(
+      workdir,
+      [c.name for c in study_corpora if c.name in within],
+      settings,
+      outcomes,
+      within,
+      n_resamples,
+    )
+  summary["failures"] = [f"corpus {name}: {error}" for name, error in failures.items()] + [
+    f"run {path}: {outcome.error}" for path, outcome in outcomes.items() if outcome.error
+  ]
+  return compare.json_ready(summary)
+
+
+def _cross_summary(workdir, names, settings, outcomes, within, n_resamples) -> dict:
+  """Per setting, the train x test UA matrix (diagonal: within-corpus CV) and, per pair,
+  the paired difference from the reference setting."""
+  reference = settings[0].name
+  matrices, pairs = {}, []
+  for setting in settings:
+    matrix = []
+    for train in names:
+      row = []
+      for test in names:
+        if train == test:
+          entry = within[train][setting.name]
+          row.append(entry.get("class_accuracy"))
+          continue
+        outcome = outcomes.get(f"{train}-to-{test}/{setting.name}", Outcome(None))
+        row.append(outcome.result["class_accuracy"] if outcome.result else None)
+      matrix.append(row)
+    matrices[setting.name] = {"corpora": names, "ua": matrix}
+  for train in names:
+    for test in names:
+      if train == test:
+        continue
+      folder = f"{train}-to-{test}"
+      reference_outcome = outcomes.get(f"{folder}/{reference}", Outcome(None))
+      classes = reference_outcome.result["class_names"] if reference_outcome.result else None
+      for setting in settings[1:]:
+        outcome = outcomes.get(f"{folder}/{setting.name}", Outcome(None))
+        pair = {"train": train, "test": test, "setting": setting.name, "classes": classes}
+        if reference_outcome.result and outcome.result:
+          pair["difference"] = paired_difference(
+            workdir / folder / reference, workdir / folder / setting.name, n_resamples
+          )
+        pairs.append(pair)
+  return {"ua": matrices, "differences": pairs}
