@@ -6,7 +6,7 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ser_jax"
 # The modules that compose a run or a prediction: they ask the backend once and hand it in.
-COMPOSITION_ROOTS = {"engine", "predict", "main", "study"}
+COMPOSITION_ROOTS = {"engine", "predict", "main", "study.__main__"}
 
 
 def _modules():
