@@ -359,6 +359,75 @@ def test_tess(tmp_path):
   }
 
 
+# Each reader of file names on a small tree, every file's fate written out here: (class,
+# speaker) where it is listed, the reason where it is skipped, None where it is left out
+# (another task, or a folder the reader does not search).
+FILE_FATES = {
+  "emodb": {
+    "wav/03a01Fa.wav": ("happiness", "03"),
+    "wav/16b10Tb.wav": ("sadness", "16"),
+    "wav/03a01Xa.wav": "unknown emotion letter 'X'; expected one of: A, E, F, L, N, T, W",
+    "wav/3a01Fa.wav": "name does not match the EmoDB pattern (e.g. 03a01Fa.wav)",
+    "wav/03A01Fa.wav": "name does not match the EmoDB pattern (e.g. 03a01Fa.wav)",
+    "wav/sub/08a01Wa.wav": None,
+  },
+  "ravdess": {
+    "Actor_01/03-01-05-01-01-01-01.wav": ("anger", "Actor_01"),
+    "Actor_12/03-01-02-02-02-02-12.wav": ("calm", "Actor_12"),
+    "Actor_12/more/03-01-08-01-01-01-12.wav": ("surprise", "Actor_12"),
+    "Actor_02/03-02-05-01-01-01-02.wav": None,  # Song.
+    "Actor_02/02-01-05-01-01-01-02.wav": None,  # Video only.
+    "Actor_02/03-01-09-01-01-01-02.wav": (
+      "unknown emotion code '09'; expected one of: 01, 02, 03, 04, 05, 06, 07, 08"
+    ),
+    "Actor_02/03-01-05-01-01-01.wav": (
+      "name does not match the RAVDESS pattern (e.g. 03-01-05-01-02-01-12.wav)"
+    ),
+  },
+  "crema_d": {
+    "AudioWAV/1001_DFA_ANG_XX.wav": ("anger", "1001"),
+    "AudioWAV/1091_ieo_hap_hi.wav": ("happiness", "1091"),
+    "AudioWAV/1002_DFA_bor_XX.wav": (
+      "unknown emotion code 'BOR'; expected one of: ANG, DIS, FEA, HAP, NEU, SAD"
+    ),
+    "AudioWAV/1002_DFA_XX.wav": (
+      "name does not match the CREMA-D pattern (e.g. 1001_DFA_ANG_XX.wav)"
+    ),
+    "AudioWAV/more/1003_DFA_SAD_XX.wav": None,
+  },
+  "tess": {
+    "OAF_angry/OAF_back_angry.wav": ("anger", "OAF"),
+    "yaf_fear/yaf_chalk_Fear.wav": ("fear", "YAF"),
+    "YAF_pleasant_surprised/YAF_a_b_ps.wav": ("surprise", "YAF"),
+    "OAF_sad/OAF_sad.wav": "name does not match the TESS pattern (e.g. OAF_back_angry.wav)",
+    "MAF_angry/MAF_back_angry.wav": (
+      "name does not match the TESS pattern (e.g. OAF_back_angry.wav)"
+    ),
+    "OAF_cross/OAF_back_Cross.wav": (
+      "unknown emotion 'cross'; expected one of: angry, disgust, fear, happy, neutral, ps, sad"
+    ),
+  },
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILE_FATES))
+def test_readers_of_file_names_list_each_file_as_written_here(name, tmp_path):
+  fates = FILE_FATES[name]
+  for rel in fates:
+    _wav(tmp_path / rel)
+  listed = {rel: fate for rel, fate in fates.items() if isinstance(fate, tuple)}
+  corpus = read_corpus(name, tmp_path, sorted({label for label, _ in listed.values()}))
+  assert {
+    os.path.relpath(u.path, tmp_path): (u.label, u.speaker) for u in corpus.utterances
+  } == listed
+  assert all(
+    u.group == u.speaker and u.utt_id == pathlib.Path(u.path).stem for u in corpus.utterances
+  )
+  assert {os.path.relpath(s.path, tmp_path): s.reason for s in corpus.skipped} == {
+    rel: fate for rel, fate in fates.items() if isinstance(fate, str)
+  }
+
+
 # --- csv and demo --------------------------------------------------------------------------------
 
 

@@ -242,138 +242,139 @@ def _unknown_code(kind: str, code: str, allowed: Iterable[str]) -> str:
   return f"unknown {kind} '{code}'; expected one of: {', '.join(sorted(allowed))}"
 
 
-# EmoDB: 03a01Fa.wav = speaker 03, sentence a01, emotion F, version a.
-_EMODB_NAME = re.compile(r"^(\d{2})([a-z]\d{2})([A-Z])([a-z])$")
-_EMODB_EMOTIONS = {
-  "W": "anger",
-  "L": "boredom",
-  "E": "disgust",
-  "A": "fear",
-  "F": "happiness",
-  "T": "sadness",
-  "N": "neutral",
-}
+@dataclasses.dataclass(frozen=True)
+class _FileNames:
+  """A corpus whose wav file names say each utterance's speaker and emotion: one lister
+  for all of them (speaker and group are the named speaker).
+
+  Attributes:
+    corpus: the corpus's name in messages.
+    pattern: matches a file's stem, with groups 'speaker' and 'emotion'.
+    example: a file name of the pattern, quoted when a name does not match it.
+    emotions: emotion code (as `code_case` spells it) -> class.
+    code_kind: what a code is called in messages ('emotion letter').
+    folder: the root's subfolder that holds the files, where it exists.
+    recursive: whether files below the folder's subfolders count too.
+    speaker: the speaker's id from the matched speaker.
+    code_case: the code as `emotions` spells it (CREMA-D's and TESS's names vary in case).
+    keep: whether a matched file is of the corpus's task (others are left out, not skipped).
+  """
+
+  corpus: str
+  pattern: re.Pattern[str]
+  example: str
+  emotions: Mapping[str, str]
+  code_kind: str
+  folder: str = ""
+  recursive: bool = False
+  speaker: Callable[[str], str] = lambda speaker: speaker
+  code_case: Callable[[str], str] = lambda code: code
+  keep: Callable[[re.Match[str]], bool] = lambda match: True
+
+  def speaker_of(self, stem: str) -> str | None:
+    """The speaker a file's stem names, or None where the stem is not of the pattern."""
+    match = self.pattern.match(stem)
+    return None if match is None else self.speaker(match["speaker"])
+
+  def __call__(self, root: Path, options: _Options) -> tuple[list[Utterance], list[Skipped]]:
+    """The corpus's lister: every wav file under the root (or its `folder`)."""
+    del options
+    folder = root / self.folder if self.folder and (root / self.folder).is_dir() else root
+    utterances, skipped = [], []
+    for path in _wav_files(folder, recursive=self.recursive):
+      match = self.pattern.match(path.stem)
+      if not match:
+        reason = f"name does not match the {self.corpus} pattern (e.g. {self.example})"
+        skipped.append(Skipped(str(path), reason))
+        continue
+      if not self.keep(match):
+        continue
+      code = self.code_case(match["emotion"])
+      if code not in self.emotions:
+        skipped.append(Skipped(str(path), _unknown_code(self.code_kind, code, self.emotions)))
+        continue
+      speaker = self.speaker(match["speaker"])
+      utterances.append(Utterance(path.stem, str(path), self.emotions[code], speaker, speaker))
+    return utterances, skipped
 
 
-def _list_emodb(root: Path, options: _Options) -> tuple[list[Utterance], list[Skipped]]:
-  del options
-  folder = root / "wav" if (root / "wav").is_dir() else root
-  utterances, skipped = [], []
-  for path in _wav_files(folder, recursive=False):
-    match = _EMODB_NAME.match(path.stem)
-    if not match:
-      skipped.append(Skipped(str(path), "name does not match the EmoDB pattern (e.g. 03a01Fa.wav)"))
-      continue
-    speaker, _, code, _ = match.groups()
-    if code not in _EMODB_EMOTIONS:
-      skipped.append(Skipped(str(path), _unknown_code("emotion letter", code, _EMODB_EMOTIONS)))
-      continue
-    utterances.append(Utterance(path.stem, str(path), _EMODB_EMOTIONS[code], speaker, speaker))
-  return utterances, skipped
-
-
-# RAVDESS: modality-channel-emotion-intensity-statement-repetition-actor.
-_RAVDESS_NAME = re.compile(r"^(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})$")
-_RAVDESS_AUDIO_ONLY, _RAVDESS_SPEECH = "03", "01"
-_RAVDESS_EMOTIONS = {
-  "01": "neutral",
-  "02": "calm",
-  "03": "happiness",
-  "04": "sadness",
-  "05": "anger",
-  "06": "fear",
-  "07": "disgust",
-  "08": "surprise",
-}
-
-
-def _list_ravdess(root: Path, options: _Options) -> tuple[list[Utterance], list[Skipped]]:
-  del options
-  utterances, skipped = [], []
-  for path in _wav_files(root, recursive=True):
-    match = _RAVDESS_NAME.match(path.stem)
-    if not match:
-      skipped.append(
-        Skipped(
-          str(path), "name does not match the RAVDESS pattern (e.g. 03-01-05-01-02-01-12.wav)"
-        )
-      )
-      continue
-    modality, channel, code, *_, actor = match.groups()
-    # Song and audio-visual recordings are other tasks, not errors.
-    if modality != _RAVDESS_AUDIO_ONLY or channel != _RAVDESS_SPEECH:
-      continue
-    if code not in _RAVDESS_EMOTIONS:
-      skipped.append(Skipped(str(path), _unknown_code("emotion code", code, _RAVDESS_EMOTIONS)))
-      continue
-    speaker = f"Actor_{actor}"
-    utterances.append(Utterance(path.stem, str(path), _RAVDESS_EMOTIONS[code], speaker, speaker))
-  return utterances, skipped
-
-
-# CREMA-D: actor_sentence_emotion_level, e.g. 1001_DFA_ANG_XX.
-_CREMA_D_NAME = re.compile(r"^(\d+)_([A-Z]+)_([A-Z]+)_([A-Z]+)$", re.IGNORECASE)
-_CREMA_D_EMOTIONS = {
-  "ANG": "anger",
-  "DIS": "disgust",
-  "FEA": "fear",
-  "HAP": "happiness",
-  "NEU": "neutral",
-  "SAD": "sadness",
-}
-
-
-def _list_crema_d(root: Path, options: _Options) -> tuple[list[Utterance], list[Skipped]]:
-  del options
-  folder = root / "AudioWAV" if (root / "AudioWAV").is_dir() else root
-  utterances, skipped = [], []
-  for path in _wav_files(folder, recursive=False):
-    match = _CREMA_D_NAME.match(path.stem)
-    if not match:
-      skipped.append(
-        Skipped(str(path), "name does not match the CREMA-D pattern (e.g. 1001_DFA_ANG_XX.wav)")
-      )
-      continue
-    actor, _, code, _ = match.groups()
-    if code.upper() not in _CREMA_D_EMOTIONS:
-      skipped.append(Skipped(str(path), _unknown_code("emotion code", code, _CREMA_D_EMOTIONS)))
-      continue
-    utterances.append(
-      Utterance(path.stem, str(path), _CREMA_D_EMOTIONS[code.upper()], actor, actor)
-    )
-  return utterances, skipped
-
-
-# TESS: <speaker>_<word>_<emotion>.wav; releases differ in letter case.
-_TESS_SPEAKERS = ("OAF", "YAF")
-_TESS_EMOTIONS = {
-  "angry": "anger",
-  "disgust": "disgust",
-  "fear": "fear",
-  "happy": "happiness",
-  "neutral": "neutral",
-  "ps": "surprise",
-  "sad": "sadness",
-}
-
-
-def _list_tess(root: Path, options: _Options) -> tuple[list[Utterance], list[Skipped]]:
-  del options
-  utterances, skipped = [], []
-  for path in _wav_files(root, recursive=True):
-    parts = path.stem.split("_")
-    speaker = parts[0].upper()
-    if len(parts) < 3 or speaker not in _TESS_SPEAKERS:
-      skipped.append(
-        Skipped(str(path), "name does not match the TESS pattern (e.g. OAF_back_angry.wav)")
-      )
-      continue
-    code = parts[-1].lower()
-    if code not in _TESS_EMOTIONS:
-      skipped.append(Skipped(str(path), _unknown_code("emotion", code, _TESS_EMOTIONS)))
-      continue
-    utterances.append(Utterance(path.stem, str(path), _TESS_EMOTIONS[code], speaker, speaker))
-  return utterances, skipped
+_EMODB = _FileNames(
+  corpus="EmoDB",
+  # 03a01Fa = speaker 03, sentence a01, emotion F, version a.
+  pattern=re.compile(r"^(?P<speaker>\d{2})[a-z]\d{2}(?P<emotion>[A-Z])[a-z]$"),
+  example="03a01Fa.wav",
+  emotions={
+    "W": "anger",
+    "L": "boredom",
+    "E": "disgust",
+    "A": "fear",
+    "F": "happiness",
+    "T": "sadness",
+    "N": "neutral",
+  },
+  code_kind="emotion letter",
+  folder="wav",
+)
+_RAVDESS = _FileNames(
+  corpus="RAVDESS",
+  # modality-channel-emotion-intensity-statement-repetition-actor.
+  pattern=re.compile(
+    r"^(?P<modality>\d{2})-(?P<channel>\d{2})-(?P<emotion>\d{2})-\d{2}-\d{2}-\d{2}-"
+    r"(?P<speaker>\d{2})$"
+  ),
+  example="03-01-05-01-02-01-12.wav",
+  emotions={
+    "01": "neutral",
+    "02": "calm",
+    "03": "happiness",
+    "04": "sadness",
+    "05": "anger",
+    "06": "fear",
+    "07": "disgust",
+    "08": "surprise",
+  },
+  code_kind="emotion code",
+  recursive=True,
+  speaker=lambda actor: f"Actor_{actor}",
+  # Song (channel 02) and audio-visual recordings (modality 01, 02) are other tasks.
+  keep=lambda match: match["modality"] == "03" and match["channel"] == "01",
+)
+_CREMA_D = _FileNames(
+  corpus="CREMA-D",
+  # actor_sentence_emotion_level.
+  pattern=re.compile(r"^(?P<speaker>\d+)_[A-Z]+_(?P<emotion>[A-Z]+)_[A-Z]+$", re.IGNORECASE),
+  example="1001_DFA_ANG_XX.wav",
+  emotions={
+    "ANG": "anger",
+    "DIS": "disgust",
+    "FEA": "fear",
+    "HAP": "happiness",
+    "NEU": "neutral",
+    "SAD": "sadness",
+  },
+  code_kind="emotion code",
+  folder="AudioWAV",
+  code_case=str.upper,
+)
+_TESS = _FileNames(
+  corpus="TESS",
+  # <speaker>_<word>_<emotion>; releases differ in letter case.
+  pattern=re.compile(r"^(?P<speaker>OAF|YAF)_.*_(?P<emotion>[^_]*)$", re.IGNORECASE),
+  example="OAF_back_angry.wav",
+  emotions={
+    "angry": "anger",
+    "disgust": "disgust",
+    "fear": "fear",
+    "happy": "happiness",
+    "neutral": "neutral",
+    "ps": "surprise",
+    "sad": "sadness",
+  },
+  code_kind="emotion",
+  recursive=True,
+  speaker=str.upper,
+  code_case=str.lower,
+)
 
 
 # IEMOCAP: evaluators' majority codes on each turn's summary line; xxx means no majority.
@@ -561,17 +562,16 @@ def emobox_class(name: str) -> str:
   return _EMOBOX_CLASSES.get(lowered, lowered.replace(" ", "_"))
 
 
+# EmoBox's dataset names of the corpora whose file names ser_jax reads.
+_EMOBOX_FILE_NAMES = {"emodb": _EMODB, "ravdess": _RAVDESS, "cremad": _CREMA_D, "tess": _TESS}
+
+
 def _emobox_speaker(dataset: str, wav: str) -> tuple[str, str] | None:
   """(speaker, group) from the corpus's own naming, for corpora ser_jax has a reader for."""
   stem, parts = Path(wav).stem, Path(wav).parts
-  if dataset == "emodb" and (match := _EMODB_NAME.match(stem)):
-    return match.group(1), match.group(1)
-  if dataset == "ravdess" and (match := _RAVDESS_NAME.match(stem)):
-    return f"Actor_{match.group(7)}", f"Actor_{match.group(7)}"
-  if dataset == "cremad" and (match := _CREMA_D_NAME.match(stem)):
-    return match.group(1), match.group(1)
-  if dataset == "tess" and stem.split("_")[0].upper() in _TESS_SPEAKERS:
-    return stem.split("_")[0].upper(), stem.split("_")[0].upper()
+  if dataset in _EMOBOX_FILE_NAMES:
+    speaker = _EMOBOX_FILE_NAMES[dataset].speaker_of(stem)
+    return None if speaker is None else (speaker, speaker)
   if dataset == "iemocap" and (match := _IEMOCAP_TURN.match(stem)):
     return f"Ses{match.group(1)}_{match.group(2)}", f"Session{int(match.group(1))}"
   if dataset == "casia" and len(parts) >= 3:  # <speaker>/<emotion folder>/<id>.wav
@@ -751,9 +751,9 @@ CORPORA: Mapping[str, Reader] = {
     Reader(
       name="crema_d",
       layout="AudioWAV/<actor>_<sentence>_<EMO>_<level>.wav files (e.g. 1001_DFA_ANG_XX.wav)",
-      classes=_classes_of(_CREMA_D_EMOTIONS),
+      classes=_classes_of(_CREMA_D.emotions),
       default_classes=DEFAULT_CLASSES,
-      lister=_list_crema_d,
+      lister=_CREMA_D,
     ),
     Reader(
       name="csv",
@@ -783,9 +783,9 @@ CORPORA: Mapping[str, Reader] = {
     Reader(
       name="emodb",
       layout="wav/<speaker><sentence><emotion><version>.wav files (e.g. wav/03a01Fa.wav)",
-      classes=_classes_of(_EMODB_EMOTIONS),
+      classes=_classes_of(_EMODB.emotions),
       default_classes=DEFAULT_CLASSES,
-      lister=_list_emodb,
+      lister=_EMODB,
     ),
     Reader(
       name="iemocap",
@@ -801,16 +801,16 @@ CORPORA: Mapping[str, Reader] = {
     Reader(
       name="ravdess",
       layout="Actor_XX/03-01-EE-II-SS-RR-AA.wav files (audio-only speech)",
-      classes=_classes_of(_RAVDESS_EMOTIONS),
+      classes=_classes_of(_RAVDESS.emotions),
       default_classes=DEFAULT_CLASSES,
-      lister=_list_ravdess,
+      lister=_RAVDESS,
     ),
     Reader(
       name="tess",
       layout="<folder>/<OAF|YAF>_<word>_<emotion>.wav files (e.g. OAF_angry/OAF_back_angry.wav)",
-      classes=_classes_of(_TESS_EMOTIONS),
+      classes=_classes_of(_TESS.emotions),
       default_classes=DEFAULT_CLASSES,
-      lister=_list_tess,
+      lister=_TESS,
     ),
   )
 }
