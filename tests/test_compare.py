@@ -404,8 +404,15 @@ def test_cli_two_runs(tmp_path, capsys) -> None:
   captured = capsys.readouterr()
   assert captured.err == ""
   result = _json_line(captured.out)
+  # The runs' files, rows shuffled, give back the arrays they were written from: the same
+  # statistics, the seeded bootstrap's included, as on the arrays themselves.
   expected = compare.compare_paired(labels, predictions_a, predictions_b, folds, n_resamples=400)
   assert {k: result[k] for k in expected} == json.loads(json.dumps(compare.json_ready(expected)))
+  assert result["wa_a"] == pytest.approx(100 * accuracy_score(labels, predictions_a))
+  assert result["ua_b"] == pytest.approx(100 * balanced_accuracy_score(labels, predictions_b))
+  right_a, right_b = labels == predictions_a, labels == predictions_b
+  assert result["only_a_correct"] == np.sum(right_a & ~right_b)
+  assert result["only_b_correct"] == np.sum(right_b & ~right_a)
   assert result["n_utterances"] == 60
   assert result["run_a"] == str(run_a) and result["member_b"] == 0
   assert [f["n_test"] for f in result["per_fold"]] == [20, 15, 25]

@@ -179,12 +179,16 @@ def test_chunks_are_as_few_and_as_even_as_the_memory_allows(fit, per_chunk, n_ch
   assert (plan.n_chunks - 1) * plan.models_per_chunk < 18 <= plan.n_chunks * plan.models_per_chunk
 
 
-def test_the_default_margins():
-  # 4 GiB per member: 0.9 * 40 GiB holds 9; 0.75 * 40 GiB holds 7.
-  assert plan_chunks(50, 4 * GiB, 40 * GiB, "gpu").models_per_chunk == 9
-  assert plan_chunks(50, 4 * GiB, 40 * GiB, "cpu", margin=memory.CPU_MARGIN) == plan_chunks(
-    50, 4 * GiB, 40 * GiB, "cpu"
-  )
+def test_the_default_margins_are_nine_tenths_on_accelerators_and_three_quarters_on_cpus():
+  # 4 GiB per member: 0.9 * 40 GiB = 36 GiB holds 9; 0.75 * 40 GiB = 30 GiB holds 7.
+  for platform in ("gpu", "tpu"):
+    plan = plan_chunks(50, 4 * GiB, 40 * GiB, platform)
+    assert (plan.models_per_chunk, plan.n_chunks, plan.limited_by) == (9, 6, "memory")
+  plan = plan_chunks(50, 4 * GiB, 40 * GiB, "cpu")
+  assert (plan.models_per_chunk, plan.n_chunks, plan.limited_by) == (7, 8, "memory")
+  # At the edge: 0.75 * 4 GiB holds 3 models of 1 GiB, and not a byte more.
+  assert plan_chunks(18, GiB, 4 * GiB, "cpu").models_per_chunk == 3
+  assert plan_chunks(18, GiB + 1, 4 * GiB, "cpu").models_per_chunk == 2
 
 
 def test_a_set_bound_caps_the_chunks_and_memory_can_bound_them_further():
