@@ -91,11 +91,6 @@ def test_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return copied
 
 
-def prepare_test_store(config: ml_collections.ConfigDict) -> FeatureStore:
-  """The store of data.test_corpus, with the run's classes and features."""
-  return prepare_store(test_config(config))
-
-
 def log_store(store: FeatureStore) -> None:
   """Logs the store's size and classes, and each file it skipped."""
   logging.info(

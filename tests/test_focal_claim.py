@@ -47,6 +47,7 @@ def _permutation_p_value(labels, predictions_a, predictions_b, n_resamples=4000,
   return (as_large + 1) / (n_resamples + 1)
 
 
+@pytest.mark.slow  # The study runs the claim end to end in the default run: test_study.py.
 def test_focal_against_softmax_at_iemocap_shares(tmp_path, capsys):
   cache = tmp_path / "cache"
   runs = {}

@@ -111,6 +111,7 @@ def test_second_process_on_the_same_workdir_is_refused(tmp_path, reference):
     first.wait()
 
 
+@pytest.mark.slow  # The refusal itself, in the default run: test_config.py.
 def test_changed_config_is_refused_unless_fresh(tmp_path, reference):
   cache, _ = reference
   workdir = tmp_path / "run"
