@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from sklearn import model_selection
 
 
 class FoldError(ValueError):
@@ -30,6 +29,10 @@ def make_folds(
   (leave-one-session-out); otherwise speakers are spread over folds with
   StratifiedGroupKFold.
   """
+  # Imported here: scikit-learn takes seconds to import, which predict, report and a run on
+  # the corpus's own folds need not pay.
+  from sklearn import model_selection
+
   labels = np.asarray(labels)
   counts = np.bincount(labels, minlength=len(class_names) or labels.max() + 1)
   if scheme == "stratified":

@@ -1,7 +1,8 @@
 """Figures of a run: confusion matrix, learning curves and the focal-loss gamma sweep.
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so plotting never touches a
-global backend or an interactive session.
+global backend or an interactive session. matplotlib is imported when a figure is drawn, so
+that a process that draws none does not pay for it.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ import io
 import os
 import pathlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from ser_jax import io_utils
+
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
 
 _KINDS = {"mfcc": "MFCC", "logmel": "Log-mel"}
 
@@ -42,6 +44,9 @@ def loss_label(gamma: float) -> str:
 
 
 def _new_figure(width: float, height: float) -> Figure:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
   figure = Figure(figsize=(width, height), layout="constrained")
   FigureCanvasAgg(figure)
   return figure
@@ -105,6 +110,8 @@ def learning_curve_points(records: Sequence[dict], member: int = 0) -> dict[int,
 
 def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike, member: int = 0) -> None:
   """Train loss and train accuracy per epoch, one line per fold (of sweep member `member`)."""
+  from matplotlib.ticker import MaxNLocator
+
   if not records:
     raise ValueError("no metrics records to plot (metrics.jsonl is empty or missing)")
   by_fold = learning_curve_points(records, member)

@@ -18,9 +18,17 @@ TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 TEST_ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": TEST_XLA_FLAGS}
 
 
+def session_demo_corpus() -> pathlib.Path:
+  """Where the test session's demo corpus goes: written once, by the first run that reads it
+  (ser_jax.data.demo.write_demo_corpus is safe for runs that start together)."""
+  return pathlib.Path(os.environ["SER_JAX_TEST_SESSION_FOLDER"]) / "demo_corpus"
+
+
 def tiny_args(workdir, cache_dir, **overrides) -> list[str]:
-  """Flags for a demo run that trains for seconds: a narrow ResNet-18 on 1 s MFCCs."""
+  """Flags for a demo run that trains for seconds: a narrow ResNet-18 on 1 s MFCCs of the
+  session's demo corpus, with its feature stores in `cache_dir`."""
   settings = {
+    "data.root": str(session_demo_corpus()),
     "model.width": 4,
     "features.max_seconds": 1.0,
     "train.num_epochs": 3,

@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from helpers import result_metrics, run_code, run_module, tiny_args
+from helpers import result_metrics, run_code, run_module, session_demo_corpus, tiny_args
 
 from ser_jax.data import corpora
 
@@ -159,7 +159,7 @@ def test_bad_config_is_one_clear_line(tmp_path, override, message):
 def test_broken_files_among_good_ones_are_skipped_and_listed(finished_run, tmp_path):
   """A user's csv corpus: the demo's clips plus files that cannot be audio."""
   _, cache, _ = finished_run
-  demo_root = cache / "demo_corpus"
+  demo_root = session_demo_corpus()
   rows = (demo_root / "manifest.csv").read_text().splitlines()[1:]
   broken = {"empty.wav": b"", "text.wav": b"not audio at all", "truncated.wav": b"RIFF\x00\x00"}
   for name, data in broken.items():

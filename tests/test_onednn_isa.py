@@ -20,23 +20,31 @@ pytestmark = pytest.mark.skipif(
   reason=f"oneDNN unavailable here: {onednn.unavailable_reason() or platform.machine()}",
 )
 
-# None: whatever this CPU has. SSE4.1 machines (no AVX) run with -m slow.
-ISAS = [pytest.param("SSE41", marks=pytest.mark.slow), "AVX2", None]
-SHAPES = ["mfcc", "logmel", "demo", "narrow"]
+# (instruction-set cap, shapes): None is whatever this CPU has. The default run caps oneDNN at
+# AVX2 at the demo's shapes and a width-4 model's; the configs' full-size shapes at AVX2, and
+# SSE4.1 machines (no AVX), run with -m slow.
+WHOLE_MODEL_SHAPES = ["demo", "narrow"]
+CONFIG_SHAPES = ["mfcc", "logmel"]
+CASES = [
+  pytest.param("SSE41", CONFIG_SHAPES + WHOLE_MODEL_SHAPES, marks=pytest.mark.slow, id="SSE41"),
+  pytest.param("AVX2", WHOLE_MODEL_SHAPES, id="AVX2"),
+  pytest.param("AVX2", CONFIG_SHAPES, marks=pytest.mark.slow, id="AVX2-configs"),
+  pytest.param(None, CONFIG_SHAPES + WHOLE_MODEL_SHAPES, id="uncapped"),
+]
 
 
-@pytest.mark.parametrize("isa", ISAS, ids=lambda isa: isa or "uncapped")
-def test_every_call_step_and_evaluation_match_xla(isa):
-  """Every call at the configs' shapes (MFCC and log-mel at batch 32, the demo's width 16)
-  and of a width-4 model (stride-2 1x1 projections with 4 input channels; the one-channel
-  stem); the whole demo and width-4 models' step and evaluation."""
+@pytest.mark.parametrize("isa, shapes", CASES)
+def test_every_call_step_and_evaluation_match_xla(isa, shapes):
+  """Every call at the configs' shapes (MFCC and log-mel at batch 32) or at the demo's (width
+  16) and a width-4 model's (stride-2 1x1 projections with 4 input channels; the one-channel
+  stem), and the whole demo and width-4 models' step and evaluation."""
   if isa is None and "avx512f" not in selftest.cpu_description().split():
     pytest.skip("no AVX-512 here: oneDNN's float32 kernels uncapped are the AVX2 run's")
   done = run_python(
-    [str(REPO / "tests" / "onednn_isa_check.py"), *SHAPES],
+    [str(REPO / "tests" / "onednn_isa_check.py"), *shapes],
     env={"ONEDNN_MAX_CPU_ISA": isa},
     timeout=900,
   )
   assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
   problems = json.loads(done.stdout.strip().splitlines()[-1])
-  assert problems == {name: [] for name in SHAPES}
+  assert problems == {name: [] for name in shapes}

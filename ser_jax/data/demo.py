@@ -20,7 +20,6 @@ import shutil
 
 import numpy as np
 import soundfile as sf
-from scipy import signal
 
 DEMO_CLASSES = ("neutral", "happiness", "sadness", "anger")
 
@@ -193,6 +192,8 @@ def _make_speakers(n_speakers: int, seed: int) -> list[_Speaker]:
 
 def _synthesize(rng: np.random.Generator, speaker: _Speaker, mean: _Prosody, sr: int) -> np.ndarray:
   """One utterance: prosody drawn around the class means, then source-filter synthesis."""
+  from scipy import signal  # Here: it takes seconds to import, and only synthesis needs it.
+
   n = int(rng.uniform(_MIN_SECONDS, _MAX_SECONDS) * sr)
   pitch_st = mean.pitch_st + rng.normal(0.0, 1.2)
   range_st = mean.range_st * np.exp(rng.normal(0.0, 0.35))
@@ -292,6 +293,8 @@ def _add_fricative(
   sr: int,
 ) -> None:
   """Adds an unvoiced noise burst ending at a syllable onset (a consonant)."""
+  from scipy import signal
+
   length = int(rng.uniform(0.03, 0.08) * sr)
   start = max(onset - length, 0)
   length = onset - start
