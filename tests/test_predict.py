@@ -14,18 +14,18 @@ import jax
 import numpy as np
 import pytest
 import soundfile as sf
+from helpers import REPO, session_demo_corpus
 
 from ser_jax import audio, checkpoints, experiment, metrics, run_data
 from ser_jax.folds import make_folds
 from ser_jax.predict import Predictor, PredictorError, main, window_starts
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
 _RUNS: dict[str, pathlib.Path] = {}
 
 
 def tiny_config():
   """The demo config shrunk to seconds: one epoch, two folds, a 4-channel ResNet, 1 s clips."""
-  spec = importlib.util.spec_from_file_location("demo_config", _REPO / "configs" / "demo.py")
+  spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -34,6 +34,7 @@ def tiny_config():
   config.model.width = 4
   config.features.max_seconds = 1.0
   config.data.num_workers = 1
+  config.data.root = str(session_demo_corpus())
   return config
 
 
@@ -42,7 +43,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
   if "run" not in _RUNS:
     base = tmp_path_factory.mktemp("tiny_run")
     config = tiny_config()
-    config.data.cache_dir = str(base / "cache")  # The session's oneDNN library is reused.
+    config.data.cache_dir = str(base / "cache")
     experiment.train_and_evaluate(config, str(base / "run"))
     _RUNS["run"] = base / "run"
     _RUNS["cache"] = base / "cache"
@@ -211,7 +212,7 @@ def test_cli(run, audio_dir) -> None:
     [sys.executable, "-m", "ser_jax.predict", f"--workdir={run}", "--windows", str(audio_dir)],
     capture_output=True,
     text=True,
-    cwd=_REPO,
+    cwd=REPO,
     check=False,
   )
   assert process.returncode == 0, process.stderr

@@ -9,7 +9,7 @@ import time
 
 import jax.numpy as jnp
 import pytest
-from helpers import REPO, result_metrics, run_module, start_module, tiny_args
+from helpers import REPO, result_metrics, run_module, session_demo_corpus, start_module, tiny_args
 
 from ser_jax import io_utils, trainer
 
@@ -69,7 +69,6 @@ def test_preprocess_sigkill_then_rerun_gives_identical_store(tmp_path):
   settings = {
     "features.max_seconds": 6.0,
     "features.kind": "logmel",
-    "data.root": str(tmp_path / "demo_corpus"),  # One corpus, so manifests match byte for byte.
   }
   clean_cache = tmp_path / "clean"
   clean = run_module("ser_jax.preprocess", tiny_args(tmp_path / "w", clean_cache, **settings))
@@ -141,6 +140,7 @@ def test_nan_loss_stops_with_fold_and_step_and_keeps_last_checkpoint(tmp_path, m
   monkeypatch.setattr(train, "train_step", poisoned_step)
   config = config_lib.default_config()
   config.data.corpus = "demo"
+  config.data.root = str(session_demo_corpus())
   config.data.cache_dir = str(tmp_path / "cache")
   config.data.num_workers = 1
   config.features.max_seconds = 1.0

@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from helpers import run_module, start_module, tiny_args
+from helpers import run_module, session_demo_corpus, start_module, tiny_args
 
 from ser_jax import compare
 from ser_jax.predict import Predictor, PredictorError
@@ -151,6 +151,7 @@ def test_a_member_that_cannot_fit_stops_before_training(tmp_path, monkeypatch, c
 
   config = default_config()
   config.data.corpus = "demo"
+  config.data.root = str(session_demo_corpus())
   config.data.cache_dir = str(cache)
   config.data.num_workers = 1
   config.model.lowering = "xla"  # The plan reads any lowering's program; XLA's builds fastest.
