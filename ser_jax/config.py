@@ -198,7 +198,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"features.n_mfcc={config.features.n_mfcc} must be <= features.n_mels="
       f"{config.features.n_mels}"
     )
-  allowed("model.name", config.model.name, ("resnet18", "resnet34"))
+  allowed("model.name", config.model.name, ("resnet10", "resnet18", "resnet34"))
   at_least("model.width", config.model.width, 1)
   allowed("model.compute_dtype", config.model.compute_dtype, COMPUTE_DTYPES)
   allowed("model.lowering", config.model.lowering, ("auto", "xla", "cpu", "onednn"))

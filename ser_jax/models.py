@@ -78,9 +78,10 @@ class ResNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
+ResNet10 = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1))
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2))
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
-MODELS = {"resnet18": ResNet18, "resnet34": ResNet34}
+MODELS = {"resnet10": ResNet10, "resnet18": ResNet18, "resnet34": ResNet34}
 
 
 def create_model(model_config, num_classes: int, parts: dict | None = None) -> ResNet:

@@ -25,10 +25,12 @@ def session_demo_corpus() -> pathlib.Path:
 
 
 def tiny_args(workdir, cache_dir, **overrides) -> list[str]:
-  """Flags for a demo run that trains for seconds: a narrow ResNet-18 on 1 s MFCCs of the
+  """Flags for a demo run that trains for seconds: a narrow ResNet-10 (the paper's ResNet-18
+  with one block a stage, tracing and compiling in about half the time) on 1 s MFCCs of the
   session's demo corpus, with its feature stores in `cache_dir`."""
   settings = {
     "data.root": str(session_demo_corpus()),
+    "model.name": "resnet10",
     "model.width": 4,
     "features.max_seconds": 1.0,
     "train.num_epochs": 3,

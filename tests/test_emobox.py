@@ -346,6 +346,7 @@ def jobs(emobox, tmp_path_factory):
     "--config.data.class_shares=()",
     "--config.data.case_insensitive_paths=True",
     "--config.cv.scheme=given",
+    "--config.model.name=resnet10",
     "--config.model.width=4",
     "--config.model.lowering=xla",
     "--config.features.max_seconds=0.25",

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ser_jax.models import ResNet18
+from ser_jax.models import ResNet10, ResNet18
 
 MFCC_SHAPE = (1, 40, 259, 1)
 SMALL_SHAPE = (2, 16, 32, 1)  # Enough for behaviour that does not depend on the input size.
@@ -66,6 +66,15 @@ def test_parameter_count_is_resnet18_for_one_channel_and_four_classes():
   variables = _abstract_variables(ResNet18(num_classes=4))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
   assert n_params == 11_172_292
+
+
+def test_resnet10_is_resnet18_without_each_stages_second_block():
+  """ResNet-18's count less each stage's second block: two 3x3 convolutions of the stage's
+  width and their BatchNorms' scales and offsets."""
+  second_blocks = sum(2 * (9 * w * w + 2 * w) for w in (64, 128, 256, 512))
+  variables = _abstract_variables(ResNet10(num_classes=4))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables["params"]))
+  assert n_params == 11_172_292 - second_blocks == 4_901_572
 
 
 def test_parameter_shapes_are_stem_four_stages_of_two_blocks_and_head():

@@ -31,6 +31,7 @@ def tiny_config():
   config = module.get_config()
   config.train.num_epochs = 1
   config.cv.n_folds = 2
+  config.model.name = "resnet10"
   config.model.width = 4
   config.features.max_seconds = 1.0
   config.data.num_workers = 1

@@ -144,6 +144,7 @@ def test_nan_loss_stops_with_fold_and_step_and_keeps_last_checkpoint(tmp_path, m
   config.data.cache_dir = str(tmp_path / "cache")
   config.data.num_workers = 1
   config.features.max_seconds = 1.0
+  config.model.name = "resnet10"
   config.model.width = 4
   config.model.lowering = "xla"  # Any lowering's loss is checked alike; XLA's builds fastest.
   config.train.num_epochs = 4

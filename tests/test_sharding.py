@@ -50,6 +50,19 @@ def _run_steps(tmp_path, n_devices: int, batch_size: int, layout: str = "replica
   return result
 
 
+@pytest.fixture(scope="module")
+def run_steps(tmp_path_factory):
+  """_run_steps, each (devices, batch size, layout) run once a module."""
+  folder, done = tmp_path_factory.mktemp("steps"), {}
+
+  def run(n_devices: int, batch_size: int, layout: str = "replicated") -> dict:
+    if (n_devices, batch_size, layout) not in done:
+      done[n_devices, batch_size, layout] = _run_steps(folder, n_devices, batch_size, layout)
+    return done[n_devices, batch_size, layout]
+
+  return run
+
+
 def _assert_same_training(one: dict, many: dict) -> None:
   np.testing.assert_allclose(many["losses"], one["losses"], rtol=1e-5)
   np.testing.assert_allclose(many["probabilities"], one["probabilities"], atol=1e-3)
@@ -64,32 +77,35 @@ def _assert_same_training(one: dict, many: dict) -> None:
       np.testing.assert_allclose(many[key], one[key], atol=1e-2, err_msg=key)
 
 
-def test_eight_devices_train_like_one(tmp_path):
-  _assert_same_training(_run_steps(tmp_path, 1, 16), _run_steps(tmp_path, 8, 16))
+def test_eight_devices_train_like_one(run_steps):
+  _assert_same_training(run_steps(1, 16), run_steps(8, 16))
 
 
 @pytest.mark.slow  # Run with -m slow (docs/testing.md).
-def test_fsdp_layout_trains_like_replicated(tmp_path):
-  _assert_same_training(_run_steps(tmp_path, 1, 16), _run_steps(tmp_path, 8, 16, "fsdp"))
+def test_fsdp_layout_trains_like_replicated(run_steps):
+  _assert_same_training(run_steps(1, 16), run_steps(8, 16, "fsdp"))
 
 
 @pytest.mark.slow  # Run with -m slow (docs/testing.md).
-def test_vmapped_sweep_on_eight_devices_trains_like_one(tmp_path):
-  one, many = _run_steps(tmp_path, 1, 16, "sweep"), _run_steps(tmp_path, 8, 16, "sweep")
+def test_vmapped_sweep_on_eight_devices_trains_like_one(run_steps):
+  one, many = run_steps(1, 16, "sweep"), run_steps(8, 16, "sweep")
   assert one["losses"].shape == (3, 3)  # [steps, members]
   _assert_same_training(one, many)
 
 
-def test_stacked_folds_on_eight_devices_train_like_one(tmp_path):
+def test_stacked_folds_on_eight_devices_train_like_one(run_steps):
   """Three models with their own batches, one masked for its last step, in one program."""
-  one = _run_steps(tmp_path, 1, 8, "folds")
+  one = run_steps(1, 8, "folds")
   assert one["losses"].shape == (3, 3)  # [steps, models]
-  _assert_same_training(one, _run_steps(tmp_path, 8, 8, "folds"))
+  _assert_same_training(one, run_steps(8, 8, "folds"))
 
 
-@pytest.mark.parametrize("n_devices", [1, pytest.param(3, marks=pytest.mark.slow), 8])
-def test_evaluation_counts_every_example_once(tmp_path, n_devices):
-  result = _run_steps(tmp_path, n_devices, 24)
+# Batches of 16 are test_eight_devices_train_like_one's runs; 3 devices take batches of 24.
+@pytest.mark.parametrize(
+  "n_devices, batch_size", [(1, 16), pytest.param(3, 24, marks=pytest.mark.slow), (8, 16)]
+)
+def test_evaluation_counts_every_example_once(run_steps, n_devices, batch_size):
+  result = run_steps(n_devices, batch_size)
   # 37 examples with an evaluation batch of 8 (rounded up to 9 on 3 devices): padded, masked.
   assert result["probabilities"].shape == (1, 37, 4)
   np.testing.assert_allclose(result["probabilities"].sum(-1), 1.0, rtol=1e-5)

@@ -29,6 +29,7 @@ def study_args(workdir, corpora, cache, **overrides) -> list[str]:
   settings = {
     "study.corpora": repr(tuple(corpora)),
     "study.resamples": RESAMPLES,
+    "model.name": "resnet10",
     "model.width": 4,
     "features.max_seconds": 1.0,
     "train.num_epochs": 2,

@@ -34,12 +34,10 @@ def cache(tmp_path_factory):
   return tmp_path_factory.mktemp("sweep_cache")
 
 
-@pytest.fixture(scope="module")
-def singles(tmp_path_factory, cache) -> dict[float, pathlib.Path]:
+def _train_singles(root: pathlib.Path, cache, gammas) -> dict[float, pathlib.Path]:
   """{gamma: workdir} of one-member runs, seed 0, with the sweeps' other settings."""
-  root = tmp_path_factory.mktemp("singles")
   runs = {}
-  for gamma in GAMMAS:
+  for gamma in gammas:
     args = _sweep_args(
       root / f"gamma_{gamma}", cache, **{"loss.gamma": gamma, "sweep.gammas": "()"}
     )
@@ -49,7 +47,13 @@ def singles(tmp_path_factory, cache) -> dict[float, pathlib.Path]:
   for process in runs.values():
     _, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr
-  return {gamma: root / f"gamma_{gamma}" for gamma in GAMMAS}
+  return {gamma: root / f"gamma_{gamma}" for gamma in gammas}
+
+
+@pytest.fixture(scope="module")
+def singles(tmp_path_factory, cache) -> dict[float, pathlib.Path]:
+  """The one-member runs of the two-member sweep's gammas (SWEEP)."""
+  return _train_singles(tmp_path_factory.mktemp("singles"), cache, GAMMAS[:2])
 
 
 def _assert_member_equals_single(sweep, member: int, single) -> None:
@@ -80,6 +84,7 @@ def _assert_member_equals_single(sweep, member: int, single) -> None:
 @pytest.mark.slow  # Stacked models equal lone ones in the default run: test_engine.py.
 def test_chunked_sweep_members_equal_separate_runs(tmp_path, cache, singles):
   """Members 0-1 train as one vmapped program, member 2 alone; each equals its own run."""
+  singles = {**singles, **_train_singles(tmp_path / "singles", cache, GAMMAS[2:])}
   sweep = run_module(
     "ser_jax.main",
     _sweep_args(
@@ -155,6 +160,7 @@ def test_a_member_that_cannot_fit_stops_before_training(tmp_path, monkeypatch, c
   config.data.cache_dir = str(cache)
   config.data.num_workers = 1
   config.model.lowering = "xla"  # The plan reads any lowering's program; XLA's builds fastest.
+  config.model.name = "resnet10"
   config.model.width = 4
   config.features.max_seconds = 1.0
   config.cv.n_folds = 2
