@@ -23,7 +23,6 @@ records it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import subprocess
@@ -32,6 +31,7 @@ import time
 
 import common
 
+from ser_jax import run_results
 from ser_jax.cpu import LOWERINGS
 from ser_jax.data import demo
 
@@ -88,11 +88,10 @@ def main() -> None:
   total = time.perf_counter() - start
   rows = []
   for name in names:
-    results = json.loads((workdirs[name] / "results.json").read_text())
-    lowering = (results.get("provenance") or {}).get("lowering") or "(see its log)"
-    rows.append(
-      (name, walls[name], results["overall_accuracy"], results["class_accuracy"], lowering)
-    )
+    results = run_results.read(workdirs[name])
+    lowering = (results.provenance or {}).get("lowering") or "(see its log)"
+    model = results.members[0]
+    rows.append((name, walls[name], model.wa_fold_mean, model.ua_fold_mean, lowering))
   print(f"\n{'config':16s} {'wall s':>8s} {'WA':>6s} {'UA':>6s}  lowering")
   for name, wall, wa, ua, lowering in rows:
     print(f"{name:16s} {wall:8.0f} {wa:6.2f} {ua:6.2f}  {lowering}")

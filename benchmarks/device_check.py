@@ -42,6 +42,8 @@ import time
 import common
 import numpy as np
 
+from ser_jax import run_results
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 TINY = os.environ.get("DEVICE_CHECK_TINY") == "1"
@@ -118,9 +120,8 @@ class Section:
     return status
 
 
-def read_results(workdir: pathlib.Path) -> dict | None:
-  path = workdir / "results.json"
-  return json.loads(path.read_text()) if path.exists() else None
+def read_results(workdir: pathlib.Path) -> run_results.RunResults | None:
+  return run_results.read(workdir) if (workdir / run_results.RESULTS_JSON).exists() else None
 
 
 def read_records(workdir: pathlib.Path) -> list[dict]:
@@ -155,10 +156,10 @@ def compare_runs(a: pathlib.Path, b: pathlib.Path, folds=None) -> list[dict]:
   if results_a is None or results_b is None:
     return []
   pred_a, pred_b = read_predictions(a), read_predictions(b)
-  folds_b = {f["fold"]: f for f in results_b["folds"]}
+  folds_b = {f.fold: f for f in results_b.members[0].folds}
   rows = []
-  for fold_a in results_a["folds"]:
-    k = fold_a["fold"]
+  for fold_a in results_a.members[0].folds:
+    k = fold_a.fold
     if k not in folds_b or (folds is not None and k not in folds):
       continue
     keys = [key for key in pred_a if key[0] == k and key in pred_b]
@@ -166,12 +167,12 @@ def compare_runs(a: pathlib.Path, b: pathlib.Path, folds=None) -> list[dict]:
     rows.append(
       {
         "fold": k,
-        "same_counts": fold_a["confusion_counts"] == folds_b[k]["confusion_counts"],
+        "same_counts": fold_a.confusion_counts == folds_b[k].confusion_counts,
         "predictions_differing": sum(pred_a[x][0] != pred_b[x][0] for x in keys),
         "utterances": len(keys),
         "max_probability_gap": float(max(gaps, default=float("nan"))),
-        "wa": (fold_a["overall_accuracy"], folds_b[k]["overall_accuracy"]),
-        "ua": (fold_a["class_accuracy"], folds_b[k]["class_accuracy"]),
+        "wa": (fold_a.wa, folds_b[k].wa),
+        "ua": (fold_a.ua, folds_b[k].ua),
       }
     )
   return rows
@@ -220,7 +221,7 @@ def side_by_side(s: Section) -> None:
 def store_shape() -> tuple[int, int]:
   """(n_bins, n_frames) of the feature store the first run used."""
   results = read_results(SBS / "ser_jax_1") or read_results(SBS / "ser_jax_2")
-  features = np.load(pathlib.Path(results["feature_store"]) / "features.npy", mmap_mode="r")
+  features = np.load(pathlib.Path(results.feature_store) / "features.npy", mmap_mode="r")
   return features.shape[1], features.shape[2]
 
 
@@ -429,7 +430,7 @@ def brief(summary: dict) -> dict:
       runs = figures.get("runs", {})
       out[name] = {
         n: {k: r.get(k) for k in ("wall_seconds", "steady_samples_per_second", "status")}
-        | {"wa": r.get("overall_accuracy"), "ua": r.get("class_accuracy")}
+        | {"wa": r.get("wa"), "ua": r.get("ua")}
         for n, r in runs.items()
       }
       out[name] |= {k: v for k, v in figures.items() if k not in ("runs", "same_seed")}

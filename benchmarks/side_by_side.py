@@ -32,6 +32,7 @@ import time
 
 import common
 
+from ser_jax import run_results
 from ser_jax.data import demo
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -54,22 +55,23 @@ def run(name: str, command: list[str], out: pathlib.Path, env: dict, timeout: fl
 
 def read_run(row: dict, workdir: pathlib.Path, batch_size: int) -> dict:
   """Adds WA, UA, per-fold metrics, training seconds and steady samples/s from a workdir."""
-  results_path, metrics_path = workdir / "results.json", workdir / "metrics.jsonl"
-  if not results_path.exists():
+  if not (workdir / run_results.RESULTS_JSON).exists():
     return row
-  results = json.loads(results_path.read_text())
+  results = run_results.read(workdir)
+  model = results.members[0]
+  metrics_path = workdir / "metrics.jsonl"
   records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
   return row | {
     "workdir": str(workdir),
-    "overall_accuracy": results["overall_accuracy"],
-    "class_accuracy": results["class_accuracy"],
+    "wa": model.wa_fold_mean,
+    "ua": model.ua_fold_mean,
     "folds": [
-      {k: f[k] for k in ("fold", "overall_accuracy", "class_accuracy", "confusion_counts")}
-      for f in results["folds"]
+      {"fold": f.fold, "wa": f.wa, "ua": f.ua, "confusion_counts": f.confusion_counts}
+      for f in model.folds
     ],
     "train_seconds": sum(r["seconds"] for r in records),
     "steady_samples_per_second": common.steady_samples_per_second(records, batch_size),
-    "mode": results.get("mode_taken") or (results.get("provenance") or {}).get("lowering"),
+    "mode": (results.provenance or {}).get("lowering"),
   }
 
 
@@ -150,9 +152,8 @@ def print_table(rows: list[dict]) -> None:
   for r in rows:
     print(
       f"{r['name']:18s} {r['wall_seconds']:8.1f} {r.get('train_seconds', nan):8.1f} "
-      f"{r.get('steady_samples_per_second', nan):16.1f} {r.get('overall_accuracy', nan):6.2f} "
-      f"{r.get('class_accuracy', nan):6.2f}  {r['status']}"
-      + (f" ({r['mode']})" if r.get("mode") else "")
+      f"{r.get('steady_samples_per_second', nan):16.1f} {r.get('wa', nan):6.2f} "
+      f"{r.get('ua', nan):6.2f}  {r['status']}" + (f" ({r['mode']})" if r.get("mode") else "")
     )
   by_name = {r["name"]: r for r in rows if r["status"] == "ok"}
   jax_runs = [n for n in by_name if n.startswith("ser_jax_")]

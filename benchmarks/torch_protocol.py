@@ -18,7 +18,8 @@ With train.deterministic in the config (ser_jax's key, where present) set, PyTor
 its deterministic algorithms; otherwise cudnn.benchmark.
 
 Writes <workdir>/metrics.jsonl (ser_jax's fields: fold, epoch, step, train_loss,
-train_accuracy, learning_rate, seconds), results.json and fold_<k>/checkpoint_<epoch>.pt;
+train_accuracy, learning_rate, seconds), results.json (ser_jax.run_results' layout, the
+framework, mode and device as its provenance) and fold_<k>/checkpoint_<epoch>.pt;
 prints the wall, steady training samples/s (every fold's epochs but its first) and WA/UA
 per fold.
 
@@ -50,7 +51,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch_resnet  # noqa: E402
 
-from ser_jax import input_pipeline, metrics, run_data  # noqa: E402
+from ser_jax import input_pipeline, metrics, run_data, run_results  # noqa: E402
 from ser_jax.config import validate_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -259,7 +260,7 @@ def main() -> None:
       f.write(json.dumps(record) + "\n")
 
   protocol = Protocol(config, args.mode, device, n_classes)
-  per_fold = []
+  folds_tested = []
   for k in list(config.cv.folds) or range(len(folds)):
     train_idx, test_idx = folds[k]
     fold_start = time.perf_counter()
@@ -267,40 +268,42 @@ def main() -> None:
     protocol.train_fold(store, k, train_idx, mean, std, workdir, log)
     predicted = protocol.evaluate(store, test_idx, mean, std)
     counts = metrics.confusion_counts(store.labels[test_idx], predicted, n_classes)
-    summary = metrics.summarise(counts)
-    per_fold.append(
-      {"fold": k, "n_train": len(train_idx), "n_test": len(test_idx), **summary}
-      | {"confusion_counts": counts.tolist(), "seconds": time.perf_counter() - fold_start}
-    )
+    folds_tested.append(run_results.FoldResults(k, len(train_idx), len(test_idx), counts))
     print(
-      f"fold {k}: WA {summary['overall_accuracy']:.2f}  UA {summary['class_accuracy']:.2f}  "
-      f"(train {len(train_idx)}, test {len(test_idx)}) {per_fold[-1]['seconds']:.1f} s"
+      f"fold {k}: WA {metrics.wa(counts):.2f}  UA {metrics.ua(counts):.2f}  "
+      f"(train {len(train_idx)}, test {len(test_idx)}) {time.perf_counter() - fold_start:.1f} s"
     )
   wall = time.perf_counter() - start
   rate = common.steady_samples_per_second(records, config.train.batch_size)
-  wa = [f["overall_accuracy"] for f in per_fold]
-  ua = [f["class_accuracy"] for f in per_fold]
-  results = {
-    "framework": f"torch {torch.__version__}",
-    "mode": args.mode,
-    "mode_taken": protocol.mode_taken,
-    "device": name,
-    "deterministic": deterministic,
-    "overall_accuracy": float(np.mean(wa)),
-    "overall_accuracy_std": float(np.std(wa)),
-    "class_accuracy": float(np.mean(ua)),
-    "class_accuracy_std": float(np.std(ua)),
-    "folds": per_fold,
-    "steady_samples_per_second": rate,
-    "train_seconds": sum(r["seconds"] for r in records),
-    "wall_seconds": wall,
-    "config": json.loads(config.to_json_best_effort()),
-  }
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  loss = config.loss
+  model = run_results.MemberResults(
+    gamma=float(loss.gamma) if loss.name == "focal" else 0.0,
+    seed=int(config.seed),
+    learning_rate=float(config.train.learning_rate),
+    alpha=loss.alpha,
+    folds=folds_tested,
+  )
+  run_results.write(
+    workdir,
+    run_results.RunResults(
+      class_names=store.class_names,
+      members=[model],
+      config=json.loads(config.to_json_best_effort()),
+      feature_store=str(store.path),
+      provenance={
+        "framework": f"torch {torch.__version__}",
+        "mode": args.mode,
+        "lowering": protocol.mode_taken,
+        "device": name,
+        "deterministic": deterministic,
+      },
+      wall_seconds=wall,
+    ),
+  )
   print(
-    f"torch {protocol.mode_taken}: WA {results['overall_accuracy']:.2f} +/- "
-    f"{results['overall_accuracy_std']:.2f}, UA {results['class_accuracy']:.2f} +/- "
-    f"{results['class_accuracy_std']:.2f}; wall {wall:.1f} s (after imports), "
+    f"torch {protocol.mode_taken}: WA {model.wa_fold_mean:.2f} +/- "
+    f"{model.wa_fold_std:.2f}, UA {model.ua_fold_mean:.2f} +/- "
+    f"{model.ua_fold_std:.2f}; wall {wall:.1f} s (after imports), "
     f"steady {rate:.1f} samples/s"
   )
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import json
-import math
 import os
 import pathlib
 from collections.abc import Mapping, Sequence
@@ -25,7 +23,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from ser_jax import metrics
+from ser_jax import metrics, run_results
 
 DIFFERENCE = "B - A"
 DEFAULT_RESAMPLES = 10_000
@@ -47,13 +45,14 @@ def _class_weights(labels: np.ndarray) -> np.ndarray:
   return 100.0 / (support[inverse] * len(support))
 
 
-def overall_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
-  """WA (%): correct / total."""
+def wa_of(labels: np.ndarray, predictions: np.ndarray) -> float:
+  """WA (%) of class-index arrays: correct / total (ser_jax.metrics.wa of their counts)."""
   return float(100.0 * np.mean(np.asarray(labels) == np.asarray(predictions)))
 
 
-def class_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float:
-  """UA (%): the mean recall over the classes present in `labels` (balanced accuracy)."""
+def ua_of(labels: np.ndarray, predictions: np.ndarray) -> float:
+  """UA (%) of class-index arrays: the mean recall over the classes present in `labels`
+  (balanced accuracy; ser_jax.metrics.ua of their counts)."""
   labels = np.asarray(labels)
   return float(_class_weights(labels) @ (labels == np.asarray(predictions)))
 
@@ -175,7 +174,7 @@ def per_fold(
   for fold in np.unique(folds):
     mask = folds == fold
     row: dict = {"fold": int(fold), "n_test": int(mask.sum())}
-    for name, metric in (("wa", overall_accuracy), ("ua", class_accuracy)):
+    for name, metric in (("wa", wa_of), ("ua", ua_of)):
       row[f"{name}_a"] = metric(labels[mask], predictions_a[mask])
       row[f"{name}_b"] = metric(labels[mask], predictions_b[mask])
       row[f"{name}_difference"] = row[f"{name}_b"] - row[f"{name}_a"]
@@ -213,8 +212,8 @@ def compare_paired(
   result: dict = {"difference": DIFFERENCE, "n_paired_predictions": int(len(labels))}
   result["n_folds"] = int(len(np.unique(folds)))
   for name, metric, draws in (
-    ("wa", overall_accuracy, wa_draws),
-    ("ua", class_accuracy, ua_draws),
+    ("wa", wa_of, wa_draws),
+    ("ua", ua_of, ua_draws),
   ):
     result[f"{name}_a"] = metric(labels, predictions_a)
     result[f"{name}_b"] = metric(labels, predictions_b)
@@ -412,8 +411,8 @@ def provenance_differences(
 def compare_runs(
   predictions_a: Predictions,
   predictions_b: Predictions,
-  summary_a: Mapping,
-  summary_b: Mapping,
+  results_a: run_results.RunResults,
+  results_b: run_results.RunResults,
   *,
   member_a: int = 0,
   member_b: int = 0,
@@ -421,13 +420,13 @@ def compare_runs(
   seed: int = 0,
 ) -> dict:
   """`compare_paired` on two runs' aligned predictions, with their provenance differences."""
-  for name, predictions, summary in (
-    ("A", predictions_a, summary_a),
-    ("B", predictions_b, summary_b),
+  for name, predictions, results in (
+    ("A", predictions_a, results_a),
+    ("B", predictions_b, results_b),
   ):
-    if tuple(summary["class_names"]) != predictions.class_names:
+    if results.class_names != predictions.class_names:
       raise CompareError(
-        f"run {name}'s results.json has classes {', '.join(summary['class_names'])} but its "
+        f"run {name}'s results.json has classes {', '.join(results.class_names)} but its "
         f"predictions.csv has {', '.join(predictions.class_names)}; the run directory is mixed"
       )
   paired = align(predictions_a, predictions_b, member_a=member_a, member_b=member_b)
@@ -444,9 +443,9 @@ def compare_runs(
       seed=seed,
     ),
   }
-  result["provenance_recorded"] = ["provenance" in summary_a, "provenance" in summary_b]
+  result["provenance_recorded"] = [r.provenance is not None for r in (results_a, results_b)]
   result["provenance_differences"] = provenance_differences(
-    summary_a.get("provenance"), summary_b.get("provenance")
+    results_a.provenance, results_b.provenance
   )
   return result
 
@@ -469,11 +468,11 @@ def _alpha_key(alpha) -> tuple[float, ...] | str | None:
   return alpha if isinstance(alpha, str) else tuple(float(a) for a in alpha)
 
 
-def _setting(entry: Mapping, gamma: float | None = None) -> dict:
-  alpha = entry.get("alpha")
+def _setting(member: run_results.MemberResults) -> dict:
+  alpha = member.alpha if isinstance(member.alpha, str) else list(member.alpha)
   return {
-    "gamma": float(entry["gamma"] if gamma is None else gamma),
-    "learning_rate": float(entry["learning_rate"]),
+    "gamma": float(member.gamma),
+    "learning_rate": float(member.learning_rate),
     "alpha": None if _alpha_key(alpha) is None else alpha,
   }
 
@@ -492,7 +491,7 @@ def describe_setting(setting: Mapping) -> str:
 
 def compare_sweep(
   predictions: Predictions,
-  summary: Mapping,
+  results: run_results.RunResults,
   *,
   n_resamples: int = DEFAULT_RESAMPLES,
   seed: int = 0,
@@ -507,35 +506,36 @@ def compare_sweep(
   McNemar's test and the permutation test take the pairs as independent, which seeds that
   share test utterances only approximate: read their p-values as a guide.
   """
-  sweep = summary.get("sweep")
-  if not sweep:
+  sweep = results.members
+  if not results.is_sweep:
     raise CompareError(
-      "results.json has no 'sweep'; compare a single run with another: --compare RUN_A RUN_B"
+      "results.json has one member, not a sweep; compare a single run with another: "
+      "--compare RUN_A RUN_B"
     )
-  if tuple(summary["class_names"]) != predictions.class_names:
+  if results.class_names != predictions.class_names:
     raise CompareError(
-      f"results.json has classes {', '.join(summary['class_names'])} but predictions.csv has "
+      f"results.json has classes {', '.join(results.class_names)} but predictions.csv has "
       f"{', '.join(predictions.class_names)}; the run directory is mixed"
     )
   fixed = None if reference_alpha is None else _alpha_key(_parse_alpha(reference_alpha))
 
-  def reference_key(entry) -> tuple:
-    alpha = _alpha_key(entry.get("alpha")) if reference_alpha is None else fixed
-    return (entry["seed"], float(entry["learning_rate"]), alpha)
+  def reference_key(member) -> tuple:
+    alpha = _alpha_key(member.alpha) if reference_alpha is None else fixed
+    return (member.seed, float(member.learning_rate), alpha)
 
   references: dict[tuple, int] = {}
   settings: dict[tuple, list[int]] = {}
-  for k, entry in enumerate(sweep):
-    key = (float(entry["learning_rate"]), _alpha_key(entry.get("alpha")))
-    is_reference = float(entry["gamma"]) == 0.0 and (
-      reference_alpha is None or _alpha_key(entry.get("alpha")) == fixed
+  for k, member in enumerate(sweep):
+    key = (float(member.learning_rate), _alpha_key(member.alpha))
+    is_reference = float(member.gamma) == 0.0 and (
+      reference_alpha is None or _alpha_key(member.alpha) == fixed
     )
     if is_reference:
-      references.setdefault((entry["seed"], *key), k)
+      references.setdefault((member.seed, *key), k)
     else:
-      settings.setdefault((float(entry["gamma"]), *key), []).append(k)
+      settings.setdefault((float(member.gamma), *key), []).append(k)
   if not references:
-    gammas = ", ".join(sorted({f"{float(e['gamma']):g}" for e in sweep}))
+    gammas = ", ".join(sorted({f"{float(m.gamma):g}" for m in sweep}))
     raise CompareError(
       f"the sweep has no gamma-0 member (gammas: {gammas}); each gamma is compared with gamma 0 "
       "of the same seed, so include 0 in sweep.gammas"
@@ -544,11 +544,11 @@ def compare_sweep(
   for members in settings.values():
     reference_members, parts = [], []
     for pair, k in enumerate(members):
-      entry = sweep[k]
-      reference = references.get(reference_key(entry))
+      member = sweep[k]
+      reference = references.get(reference_key(member))
       if reference is None:
         raise CompareError(
-          f"sweep member {k} ({describe_setting(_setting(entry))}, seed {entry['seed']}) has no "
+          f"sweep member {k} ({describe_setting(_setting(member))}, seed {member.seed}) has no "
           "gamma-0 member with the same seed, learning rate and alpha to be compared with"
         )
       reference_members.append(reference)
@@ -577,7 +577,7 @@ def compare_sweep(
       {
         "setting": _setting(first),
         "reference": _setting(sweep[reference_members[0]]),
-        "seeds": [sweep[k]["seed"] for k in members],
+        "seeds": [sweep[k].seed for k in members],
         "members": members,
         "reference_members": reference_members,
         "n_utterances": int(len(parts[0][1].label)),
@@ -591,48 +591,40 @@ def compare_sweep(
 def consistency_problems(workdir: str | os.PathLike) -> list[str]:
   """Where results.json's figures do not follow from predictions.csv; empty when they all do.
 
-  Checks the classes, the folds, member 0's per-fold confusion counts and every member's
-  WA and UA (means over folds).
+  Checks the classes, the members, the folds and every member's per-fold test sizes and
+  confusion counts, from which results.json's scores follow (ser_jax.run_results).
   """
   workdir = pathlib.Path(workdir)
   predictions = load_predictions(workdir)
-  summary = json.loads((workdir / "results.json").read_text())
-  if tuple(summary["class_names"]) != predictions.class_names:
+  results = run_results.read(workdir)
+  if results.class_names != predictions.class_names:
     return [
-      f"classes: results.json {', '.join(summary['class_names'])}, predictions.csv "
+      f"classes: results.json {', '.join(results.class_names)}, predictions.csv "
       f"{', '.join(predictions.class_names)}"
     ]
   problems = []
   n_classes = len(predictions.class_names)
-  entries = summary.get("sweep") or [summary]
   members = sorted(set(predictions.member.tolist()))
-  if members != list(range(len(entries))):
-    problems.append(f"members: results.json has {len(entries)}, predictions.csv has {members}")
-  folds = sorted(set(predictions.fold.tolist()))
-  if folds != sorted(f["fold"] for f in summary["folds"]):
+  if members != list(range(len(results.members))):
     problems.append(
-      f"folds: results.json has {[f['fold'] for f in summary['folds']]}, predictions.csv has "
-      f"{folds}"
+      f"members: results.json has {len(results.members)}, predictions.csv has {members}"
     )
+  folds = sorted(set(predictions.fold.tolist()))
+  written = sorted(f.fold for f in results.members[0].folds)
+  if folds != written:
+    problems.append(f"folds: results.json has {written}, predictions.csv has {folds}")
     return problems
-  for k, entry in enumerate(entries):
-    per_fold_metrics = []
-    for fold in summary["folds"]:
-      mask = (predictions.member == k) & (predictions.fold == fold["fold"])
+  for k, member in enumerate(results.members):
+    for fold in member.folds:
+      mask = (predictions.member == k) & (predictions.fold == fold.fold)
       counts = metrics.confusion_counts(
         predictions.label[mask], predictions.predicted[mask], n_classes
-      )
-      per_fold_metrics.append(metrics.summarise(counts))
-      if k == 0 and "confusion_counts" in fold and counts.tolist() != fold["confusion_counts"]:
+      ).tolist()
+      if counts != [list(row) for row in fold.confusion_counts] or fold.n_test != mask.sum():
         problems.append(
-          f"fold {fold['fold']}: confusion counts {fold['confusion_counts']} in results.json, "
-          f"{counts.tolist()} from predictions.csv"
-        )
-    for name in ("overall_accuracy", "class_accuracy"):
-      recomputed = float(np.mean([m[name] for m in per_fold_metrics]))
-      if not math.isclose(recomputed, entry[name], abs_tol=1e-6):
-        problems.append(
-          f"member {k}: {name} {entry[name]} in results.json, {recomputed} from predictions.csv"
+          f"member {k}, fold {fold.fold}: confusion counts {fold.confusion_counts} of "
+          f"{fold.n_test} tests in results.json, {counts} of {int(mask.sum())} from "
+          "predictions.csv"
         )
   return problems
 

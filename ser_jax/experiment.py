@@ -30,6 +30,7 @@ from ser_jax import (
   metrics,
   plots,
   results,
+  run_results,
 )
 from ser_jax import run_data as data
 from ser_jax.config import validate_config
@@ -58,7 +59,7 @@ class ConfigMismatchError(RuntimeError):
 
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, fresh: bool = False
-) -> dict:
+) -> run_results.RunResults:
   """Runs (or resumes) every fold and writes results.json and results.md to `workdir`."""
   validate_config(config)
   workdir = pathlib.Path(workdir)
@@ -72,7 +73,7 @@ def train_and_evaluate(
     return _run(config, workdir, is_writer)
 
 
-def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
+def _run(config, workdir: pathlib.Path, is_writer: bool) -> run_results.RunResults:
   start_time = time.time()
   topology = Topology.create()
   topology.check_batch_size("train.batch_size", config.train.batch_size)
@@ -80,17 +81,17 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> dict:
   run, kept, fold_indices = _prepare(config, settings, topology, workdir, is_writer)
   folds = {k: make_fold(run, k, *fold_indices[k]) for k in data.trained_folds(config, fold_indices)}
   fold_results = _train_and_test(run, folds)
-  summary = _summarise(run, kept, fold_indices, fold_results, time.time() - start_time)
+  run_summary = _summarise(run, kept, fold_indices, fold_results, time.time() - start_time)
   if is_writer:
-    results.write_results(workdir, summary)
+    results.write_results(workdir, run_summary)
     results.write_predictions(
       workdir / layout.PREDICTIONS,
       run.store.class_names,
       [layout.fold_dir(workdir, r["fold"]) / layout.PREDICTIONS for r in fold_results],
     )
-    plots.write_figures(workdir, summary, run.log.read())
-    logging.info("%s", results.final_line(summary))
-  return summary
+    plots.write_figures(workdir, run_summary, run.log.read())
+    logging.info("%s", results.final_line(run_summary))
+  return run_summary
 
 
 def _prepare(config, settings: Settings, topology: Topology, workdir, is_writer: bool):
@@ -172,7 +173,9 @@ def _train_and_test(run: Run, folds: dict[int, Fold]) -> list[dict]:
   return [fold_results[k] for k in folds]
 
 
-def _summarise(run: Run, kept, fold_indices, fold_results, wall_seconds: float) -> dict:
+def _summarise(
+  run: Run, kept, fold_indices, fold_results, wall_seconds: float
+) -> run_results.RunResults:
   """results.json's contents."""
   config, store, test_store = run.config, run.store, run.test_store
   test_corpus = bool(config.data.test_corpus)
@@ -275,14 +278,13 @@ def evaluate_cell(run: Run, made, cell: Cell, state) -> None:
     run_dir / "result.json", fold.index, fold.train_idx, fold.test_idx, counts, run.is_writer
   )
   for k, j in enumerate(cell.members):
-    summary = metrics.summarise(np.array(counts[k]))
     logging.info(
       "Fold %d%s: WA %.2f  UA %.2f  macro-F1 %.2f  (train %d, test %d)",
       fold.index,
       f" member {j} {run.members[j]}" if len(run.members) > 1 else "",
-      summary["overall_accuracy"],
-      summary["class_accuracy"],
-      summary["macro_f1"],
+      metrics.wa(counts[k]),
+      metrics.ua(counts[k]),
+      metrics.macro_f1(counts[k]),
       len(fold.train_idx),
       len(fold.test_idx),
     )

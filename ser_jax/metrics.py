@@ -1,4 +1,9 @@
-"""Classification metrics from confusion counts: WA, UA, macro F1, row-normalised matrices."""
+"""Classification metrics from confusion counts [true][predicted]: WA, UA, macro F1, recalls.
+
+Each function takes counts as an array or nested sequences and gives percent, as
+scikit-learn computes it from the same predictions. Micro F1 is not here: with one label per
+utterance every error is one false positive and one false negative, so it equals WA.
+"""
 
 from __future__ import annotations
 
@@ -12,66 +17,41 @@ def confusion_counts(labels: np.ndarray, predictions: np.ndarray, n_classes: int
   return counts
 
 
-def overall_accuracy(counts: np.ndarray) -> float:
-  """Weighted accuracy (WA), percent: correct / total."""
-  return 100.0 * np.trace(counts) / max(counts.sum(), 1)
+def wa(counts) -> float:
+  """Weighted accuracy (WA): correct / total (scikit-learn's accuracy_score)."""
+  counts = np.asarray(counts)
+  return float(100.0 * np.trace(counts) / max(counts.sum(), 1))
 
 
-def per_class_recall(counts: np.ndarray) -> np.ndarray:
-  """Recall of each class, percent; classes absent from the labels count as 0."""
+def per_class_recall(counts) -> np.ndarray:
+  """Recall of each class; classes absent from the labels count as 0."""
+  counts = np.asarray(counts)
   support = counts.sum(axis=1)
   return 100.0 * np.diag(counts) / np.maximum(support, 1)
 
 
-def class_accuracy(counts: np.ndarray) -> float:
-  """Unweighted accuracy (UA), percent: the mean of per-class recalls over present classes."""
+def ua(counts) -> float:
+  """Unweighted accuracy (UA): the mean recall over the classes present in the labels
+  (scikit-learn's balanced_accuracy_score)."""
+  counts = np.asarray(counts)
   present = counts.sum(axis=1) > 0
   return float(per_class_recall(counts)[present].mean())
 
 
-def macro_f1(counts: np.ndarray) -> float:
-  """Mean F1 over classes, percent (scikit-learn's f1_score(average='macro'))."""
+def macro_f1(counts) -> float:
+  """Mean F1 over the classes in the labels or the predictions: scikit-learn's
+  f1_score(average='macro') without `labels`, as EmoBox's EmoEval calls it. A class absent
+  from both is left out; one never predicted (or never true) counts as 0."""
+  counts = np.asarray(counts)
   true_positive = np.diag(counts).astype(float)
   predicted = counts.sum(axis=0)
   actual = counts.sum(axis=1)
-  denominator = predicted + actual
-  f1 = np.where(denominator > 0, 2 * true_positive / np.maximum(denominator, 1), 0.0)
-  return 100.0 * float(f1.mean())
+  present = (predicted + actual) > 0
+  f1 = 2 * true_positive[present] / (predicted + actual)[present]
+  return 100.0 * float(f1.mean()) if present.any() else 0.0
 
 
-def micro_f1(counts: np.ndarray) -> float:
-  """Micro-averaged F1, percent (scikit-learn's f1_score(average='micro')): with one label per
-  example, every error is a false positive and a false negative, so it equals WA."""
-  return overall_accuracy(counts)
-
-
-def macro_f1_present(counts: np.ndarray) -> float:
-  """Macro F1, percent, over the classes in the labels or the predictions: scikit-learn's
-  f1_score(average='macro') without `labels`, as EmoBox's EmoEval calls it. `macro_f1` also
-  counts a class absent from both, as 0."""
-  present = (counts.sum(axis=0) + counts.sum(axis=1)) > 0
-  return macro_f1(counts[np.ix_(present, present)])
-
-
-def emobox_scores(counts: np.ndarray) -> dict[str, float]:
-  """What EmoBox's EmoEval reports of a set of predictions, percent: WA (accuracy), UA
-  (balanced accuracy), micro F1 and macro F1, as scikit-learn computes them."""
-  return {
-    "wa": overall_accuracy(counts),
-    "ua": class_accuracy(counts),
-    "micro_f1": micro_f1(counts),
-    "macro_f1": macro_f1_present(counts),
-  }
-
-
-def row_normalised(counts: np.ndarray) -> np.ndarray:
+def row_normalised(counts) -> np.ndarray:
   """Rows as percentages of each true class, as in the paper's Tables 2 and 3."""
+  counts = np.asarray(counts)
   return 100.0 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-
-
-def summarise(counts: np.ndarray) -> dict[str, float]:
-  return {
-    "overall_accuracy": overall_accuracy(counts),
-    "class_accuracy": class_accuracy(counts),
-    "macro_f1": macro_f1(counts),
-  }

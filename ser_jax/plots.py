@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ser_jax import io_utils
+from ser_jax import io_utils, run_results
 
 if TYPE_CHECKING:
   from matplotlib.figure import Figure
@@ -59,15 +59,11 @@ def _save(figure: Figure, path: str | os.PathLike) -> None:
   io_utils.atomic_write_bytes(path, buffer.getvalue())
 
 
-def plot_confusion(summary: dict, path: str | os.PathLike) -> None:
-  """Row-normalised confusion matrix (%), as in the paper's Tables 2 and 3."""
-  names = summary["class_names"]
-  matrix = np.asarray(summary["confusion_matrix"], dtype=float)
-  if matrix.shape != (len(names), len(names)):
-    raise ValueError(
-      f"confusion_matrix has shape {matrix.shape}, expected {len(names)}x{len(names)} for "
-      f"classes {names}"
-    )
+def plot_confusion(results: run_results.RunResults, path: str | os.PathLike) -> None:
+  """Member 0's row-normalised confusion matrix (%), as in the paper's Tables 2 and 3."""
+  names = results.class_names
+  model = results.members[0]
+  matrix = model.confusion_matrix_pooled
   size = 1.2 + 0.9 * len(names)
   figure = _new_figure(size + 1.2, size)
   axes = figure.add_subplot()
@@ -81,11 +77,11 @@ def plot_confusion(summary: dict, path: str | os.PathLike) -> None:
   axes.set_xlabel("Predicted")
   axes.set_ylabel("True")
   figure.colorbar(image, ax=axes, label="% of true class")
-  config = summary["config"]
+  config = results.config
   axes.set_title(
     f"{input_label(config)}, {loss_label(effective_gamma(config))}\n"
-    f"WA {summary['overall_accuracy']:.2f}% +/- {summary['overall_accuracy_std']:.2f}, "
-    f"UA {summary['class_accuracy']:.2f}% +/- {summary['class_accuracy_std']:.2f}",
+    f"WA {model.wa_fold_mean:.2f}% +/- {model.wa_fold_std:.2f}, "
+    f"UA {model.ua_fold_mean:.2f}% +/- {model.ua_fold_std:.2f}",
     fontsize=10,
   )
   _save(figure, path)
@@ -139,49 +135,51 @@ def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike, membe
   _save(figure, path)
 
 
-def sweep_points(sweep: Sequence[dict]) -> dict[float, dict[str, np.ndarray]]:
-  """Per learning rate: gammas and seed-averaged WA/UA means and stds, sorted by gamma.
+SWEEP_SCORES = ("wa", "ua", "macro_f1")
+
+
+def sweep_points(
+  members: Sequence[run_results.MemberResults],
+) -> dict[float, dict[str, np.ndarray]]:
+  """Per learning rate: gammas and seed-averaged means and stds of `SWEEP_SCORES` over
+  folds (keys `<score>_fold_mean`, `<score>_fold_std`), sorted by gamma.
 
   The std pools seeds and folds (mean of the fold variances plus the variance of the seed
   means), which is the spread over every (seed, fold) model when folds are equally many.
   """
-  groups: dict[tuple[float, float], list[dict]] = collections.defaultdict(list)
-  for entry in sweep:
-    groups[(entry["learning_rate"], entry["gamma"])].append(entry)
+  groups: dict[tuple[float, float], list] = collections.defaultdict(list)
+  for member in members:
+    groups[(member.learning_rate, member.gamma)].append(member)
   points: dict[float, dict[str, list]] = collections.defaultdict(
     lambda: collections.defaultdict(list)
   )
-  for (rate, gamma), entries in sorted(groups.items()):
+  for (rate, gamma), group in sorted(groups.items()):
     points[rate]["gamma"].append(gamma)
-    for name in ("overall_accuracy", "class_accuracy"):
-      means = np.array([e[name] for e in entries])
-      stds = np.array([e[f"{name}_std"] for e in entries])
-      points[rate][name].append(means.mean())
-      points[rate][f"{name}_std"].append(np.sqrt(np.mean(stds**2) + means.var()))
+    for name in SWEEP_SCORES:
+      means = np.array([getattr(m, f"{name}_fold_mean") for m in group])
+      stds = np.array([getattr(m, f"{name}_fold_std") for m in group])
+      points[rate][f"{name}_fold_mean"].append(means.mean())
+      points[rate][f"{name}_fold_std"].append(np.sqrt(np.mean(stds**2) + means.var()))
   return {
     rate: {key: np.array(values) for key, values in columns.items()}
     for rate, columns in points.items()
   }
 
 
-def plot_sweep(summary: dict, path: str | os.PathLike) -> None:
+def plot_sweep(results: run_results.RunResults, path: str | os.PathLike) -> None:
   """WA and UA (mean +/- std over folds and seeds) against gamma; gamma 0 is softmax."""
-  sweep = summary.get("sweep")
-  if not sweep:
-    raise ValueError("summary has no 'sweep' entries to plot")
-  points = sweep_points(sweep)
+  if not results.is_sweep:
+    raise ValueError("the run has one member, not a sweep to plot")
+  points = sweep_points(results.members)
   figure = _new_figure(10, 4)
   panels = figure.subplots(1, 2, sharey=True)
-  names = (
-    ("overall_accuracy", "Overall accuracy (WA, %)"),
-    ("class_accuracy", "Class accuracy (UA, %)"),
-  )
+  names = (("wa", "Overall accuracy (WA, %)"), ("ua", "Class accuracy (UA, %)"))
   for axes, (name, title) in zip(panels, names, strict=True):
     for rate, columns in sorted(points.items()):
       axes.errorbar(
         columns["gamma"],
-        columns[name],
-        yerr=columns[f"{name}_std"],
+        columns[f"{name}_fold_mean"],
+        yerr=columns[f"{name}_fold_std"],
         marker="o",
         capsize=3,
         label=f"lr {rate:g}" if len(points) > 1 else None,
@@ -193,25 +191,25 @@ def plot_sweep(summary: dict, path: str | os.PathLike) -> None:
     axes.grid(alpha=0.3)
     if len(points) > 1:
       axes.legend(fontsize=8)
-  n_seeds = len({entry["seed"] for entry in sweep})
+  n_seeds = len({member.seed for member in results.members})
   seeds = f"mean of {n_seeds} seeds" if n_seeds > 1 else "one seed"
-  figure.suptitle(f"{input_label(summary['config'])}: gamma sweep, {seeds}", fontsize=10)
+  figure.suptitle(f"{input_label(results.config)}: gamma sweep, {seeds}", fontsize=10)
   _save(figure, path)
 
 
 def write_figures(
-  workdir: str | os.PathLike, summary: dict, records: Sequence[dict]
+  workdir: str | os.PathLike, results: run_results.RunResults, records: Sequence[dict]
 ) -> list[pathlib.Path]:
   """Writes confusion.png, learning_curves.png (when there are records) and sweep.png."""
   workdir = pathlib.Path(workdir)
   written = [workdir / "confusion.png"]
-  plot_confusion(summary, written[-1])
+  plot_confusion(results, written[-1])
   if records:
     written.append(workdir / "learning_curves.png")
     plot_learning_curves(records, written[-1])
-  if summary.get("sweep"):
+  if results.is_sweep:
     written.append(workdir / "sweep.png")
-    plot_sweep(summary, written[-1])
+    plot_sweep(results, written[-1])
   return written
 
 

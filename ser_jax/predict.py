@@ -31,6 +31,7 @@ from ser_jax import (
   input_pipeline,
   layout,
   models,
+  run_results,
 )
 from ser_jax.config import default_config
 from ser_jax.features import FeatureParams, compute_features
@@ -212,9 +213,11 @@ def _fold_probabilities(model, evaluate, variables, means, stds, features) -> ja
 
 def _class_names(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """results.json's classes; an unfinished run falls back to data.classes when it names them."""
-  results_path = workdir / "results.json"
-  if results_path.exists():
-    return tuple(json.loads(results_path.read_text())["class_names"])
+  if (workdir / run_results.RESULTS_JSON).exists():
+    try:
+      return run_results.read(workdir).class_names
+    except run_results.ResultsError as error:
+      raise PredictorError(str(error)) from error
   if config.data.classes:
     return tuple(config.data.classes)
   raise PredictorError(
@@ -250,7 +253,7 @@ def define_flags(values: flags.FlagValues) -> None:
   flags.DEFINE_integer(
     "member",
     0,
-    "Sweep member to use: an index into results.json's 'sweep' list.",
+    "Sweep member to use: an index into results.json's 'members' list.",
     flag_values=values,
   )
   flags.DEFINE_bool("windows", False, "Add per-window scores.", flag_values=values)

@@ -16,15 +16,13 @@ every test prediction.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
-import numpy as np
 from absl import app, flags
 
-from ser_jax import command_line, compare, metrics, plots, render, results
+from ser_jax import command_line, compare, plots, render, results, run_results
 
 _INPUT_ORDER = ("MFCC", "Log-mel")
 
@@ -33,82 +31,65 @@ class ReportError(ValueError):
   """A run directory that cannot be reported."""
 
 
-def load_summary(run_dir: str | os.PathLike) -> dict:
-  """The run's results.json; ReportError names the directory and what is wrong."""
-  path = pathlib.Path(run_dir) / "results.json"
-  if not path.is_file():
-    raise ReportError(f"{path} does not exist (not a run directory, or the run is unfinished)")
-  try:
-    summary = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as error:
-    raise ReportError(f"{path}: unreadable ({error})") from error
-  missing = [
-    key
-    for key in ("class_names", "overall_accuracy", "class_accuracy", "folds", "config")
-    if key not in summary
-  ]
-  if missing:
-    raise ReportError(f"{path}: missing keys {', '.join(missing)}")
-  return summary
+def _mean_std(member: run_results.MemberResults, name: str) -> str:
+  return f"{getattr(member, f'{name}_fold_mean'):.2f} +/- {getattr(member, f'{name}_fold_std'):.2f}"
 
 
-def _mean_std(mean: float, std: float) -> str:
-  return f"{mean:.2f} +/- {std:.2f}"
-
-
-def rows(run: str, summary: dict) -> list[dict]:
-  """Table rows of one run: its top-level result, or one per (learning rate, gamma) of a sweep."""
-  config = summary["config"]
+def rows(run: str, results: run_results.RunResults) -> list[dict]:
+  """Table rows of one run: its model, or one per (learning rate, gamma) of a sweep."""
+  config = results.config
   common = {
     "input": plots.input_label(config),
-    "folds": len(summary["folds"]),
+    "folds": len(results.members[0].folds),
     "corpus": corpus_label(config),
     "run": run,
   }
-  if not summary.get("sweep"):
+  if not results.is_sweep:
     gamma = plots.effective_gamma(config)
+    model = results.members[0]
     return [
       {
         **common,
         "gamma": gamma,
         "learning_rate": config["train"]["learning_rate"],
         "loss": plots.loss_label(gamma),
-        "wa": _mean_std(summary["overall_accuracy"], summary["overall_accuracy_std"]),
-        "ua": _mean_std(summary["class_accuracy"], summary["class_accuracy_std"]),
-        "f1": _mean_std(summary["macro_f1"], summary["macro_f1_std"]),
+        "wa": _mean_std(model, "wa"),
+        "ua": _mean_std(model, "ua"),
+        "f1": _mean_std(model, "macro_f1"),
       }
     ]
-  points = plots.sweep_points(summary["sweep"])
+  points = plots.sweep_points(results.members)
   out = []
   for rate, columns in points.items():
     for k, gamma in enumerate(columns["gamma"]):
       label = plots.loss_label(float(gamma))
+      cells = {
+        key: f"{columns[f'{name}_fold_mean'][k]:.2f} +/- {columns[f'{name}_fold_std'][k]:.2f}"
+        for key, name in (("wa", "wa"), ("ua", "ua"), ("f1", "macro_f1"))
+      }
       out.append(
         {
           **common,
           "gamma": float(gamma),
           "learning_rate": rate,
           "loss": f"{label}, lr {rate:g}" if len(points) > 1 else label,
-          "wa": _mean_std(columns["overall_accuracy"][k], columns["overall_accuracy_std"][k]),
-          "ua": _mean_std(columns["class_accuracy"][k], columns["class_accuracy_std"][k]),
-          # results.json keeps macro F1 for the first member only.
-          "f1": "-",
+          **cells,
         }
       )
   return out
 
 
-def run_rows(run: str, summary: dict) -> list[dict]:
-  """`rows`, with a malformed summary reported as a ReportError naming the run."""
-  return _checked(rows, run, summary)
+def run_rows(run: str, results: run_results.RunResults) -> list[dict]:
+  """`rows`, with a malformed config reported as a ReportError naming the run."""
+  return _checked(rows, run, results)
 
 
-def _checked(make_rows, run: str, summary: dict):
-  """make_rows(run, summary), with a malformed summary a ReportError naming the run."""
+def _checked(make_rows, run: str, results: run_results.RunResults):
+  """make_rows(run, results), with a malformed config a ReportError naming the run."""
   try:
-    return make_rows(run, summary)
+    return make_rows(run, results)
   except KeyError as error:
-    raise ReportError(f"{run}/results.json: missing key {error}") from error
+    raise ReportError(f"{run}/results.json: config lacks {error}") from error
   except ValueError as error:
     raise ReportError(f"{run}/results.json: {error}") from error
 
@@ -133,20 +114,29 @@ def corpus_label(config: dict) -> str:
   return pathlib.Path(data["root"]).name if data["corpus"] == "emobox" else data["corpus"]
 
 
-def emobox_row(run: str, summary: dict) -> dict:
+def emobox_row(run: str, results: run_results.RunResults) -> dict:
   """One leaderboard row: the corpus (an EmoBox corpus by its dataset folder's name), the
-  model, the folds and EmoBox's scores, recomputed from the folds' confusion counts (so
-  runs written before results.json kept them give them too); member 0 of a sweep."""
-  config = summary["config"]
-  corpus = corpus_label(config)
-  counts = [np.array(f["confusion_counts"]) for f in summary["folds"]]
-  scores = results.emobox_summary([metrics.emobox_scores(c) for c in counts], sum(counts))
-  model = (
+  model, the folds and EmoBox's scores (`<score>_fold_mean`, `_fold_std`, `_pooled`); member 0
+  of a sweep."""
+  config = results.config
+  model = results.members[0]
+  description = (
     f"{config['model']['name']} (width {config['model']['width']}), "
     f"{plots.input_label(config)}, {plots.loss_label(plots.effective_gamma(config))}"
   )
-  folds = f"{len(counts)} {config['cv']['scheme']}"
-  return {"corpus": corpus, "model": model, "folds": folds, "run": run, **scores}
+  scores = {
+    f"{name}_{over}": getattr(model, f"{name}_{over}")
+    for name in ("wa", "ua", "macro_f1")
+    for over in ("fold_mean", "fold_std", "pooled")
+  }
+  folds = f"{len(model.folds)} {config['cv']['scheme']}"
+  return {
+    "corpus": corpus_label(config),
+    "model": description,
+    "folds": folds,
+    "run": run,
+    **scores,
+  }
 
 
 def emobox_table(table_rows: Sequence[dict]) -> str:
@@ -176,7 +166,8 @@ def emobox_table(table_rows: Sequence[dict]) -> str:
     "",
     "UA, WA, macro F1: scikit-learn's balanced accuracy, accuracy and macro F1 of each fold's "
     "test predictions, mean over folds (EmoBox's leaderboard); pooled: once over every test "
-    "prediction of the run.",
+    "prediction of the run. EmoBox's micro F1 has no column: with one label per utterance it "
+    "equals WA.",
   ]
   return "\n".join(lines) + "\n"
 
@@ -300,7 +291,7 @@ def _reference_label(comparison: dict) -> str:
 def compare_main(values: flags.FlagValues, runs: Sequence[str]) -> int:
   """--compare: one sweep run, or two runs; returns the exit status."""
   try:
-    summaries = [load_summary(run) for run in runs]
+    summaries = [run_results.read(run) for run in runs]
     predictions = [compare.load_predictions(run) for run in runs]
     for run in runs:
       _warn_inconsistent(run)
@@ -318,7 +309,7 @@ def compare_main(values: flags.FlagValues, runs: Sequence[str]) -> int:
       )
       result = {"run_a": runs[0], "run_b": runs[1], **result}
       text = two_run_text(result, *runs)
-  except (ReportError, compare.CompareError) as error:
+  except (ReportError, run_results.ResultsError, compare.CompareError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 1
   print(text, end="")
@@ -392,12 +383,12 @@ def report(values: flags.FlagValues, runs: Sequence[str]) -> int:
   table_rows = []
   for run in runs:
     try:
-      summary = load_summary(run)
+      summary = run_results.read(run)
       if values.emobox:
         table_rows.append(_checked(emobox_row, run, summary))
       else:
         table_rows.extend(run_rows(run, summary))
-    except ReportError as error:
+    except (ReportError, run_results.ResultsError) as error:
       print(f"error: {error}; skipped", file=sys.stderr)
       continue
     if values.figures:

@@ -11,7 +11,7 @@ import platform
 
 import numpy as np
 
-from ser_jax import io_utils, metrics, render
+from ser_jax import io_utils, render, run_results
 
 
 class MetricsLog:
@@ -82,56 +82,6 @@ def save_normalisation(path: pathlib.Path, mean: np.ndarray, std: np.ndarray) ->
   io_utils.atomic_write_bytes(path, buffer.getvalue())
 
 
-def _mean_std(values) -> tuple[float, float]:
-  values = np.asarray(values, dtype=float)
-  return float(values.mean()), float(values.std())
-
-
-def member_summary(class_names, fold_results, k: int) -> dict:
-  """Metrics of member k: per fold, mean +/- std over folds, and pooled confusion."""
-  per_fold = []
-  for result in fold_results:
-    counts = np.array(result["confusion_counts"][k])
-    per_fold.append(
-      {
-        "fold": result["fold"],
-        "n_train": result["n_train"],
-        "n_test": result["n_test"],
-        **({"given_fold": result["given_fold"]} if "given_fold" in result else {}),
-        **metrics.summarise(counts),
-        "emobox_scores": metrics.emobox_scores(counts),
-        "confusion_counts": counts.tolist(),
-      }
-    )
-  pooled = np.sum([np.array(f["confusion_counts"]) for f in per_fold], axis=0)
-  summary = {}
-  for name in ("overall_accuracy", "class_accuracy", "macro_f1"):
-    summary[name], summary[f"{name}_std"] = _mean_std([f[name] for f in per_fold])
-  summary.update(emobox_summary([f["emobox_scores"] for f in per_fold], pooled))
-  summary["per_class_recall"] = dict(
-    zip(class_names, metrics.per_class_recall(pooled).tolist(), strict=True)
-  )
-  summary["confusion_counts"] = pooled.tolist()
-  summary["confusion_matrix"] = metrics.row_normalised(pooled).tolist()
-  summary["folds"] = per_fold
-  return summary
-
-
-EMOBOX_SCORES = ("wa", "ua", "micro_f1", "macro_f1")
-
-
-def emobox_summary(per_fold: list[dict], pooled_counts: np.ndarray) -> dict:
-  """EmoBox's scores (metrics.emobox_scores, %) as its leaderboard averages them over folds
-  (`<score>_fold_mean`, `_fold_std`), and once over every test prediction pooled
-  (`<score>_pooled`; an utterance tested in two folds counts twice)."""
-  out = {}
-  for name in EMOBOX_SCORES:
-    out[f"{name}_fold_mean"], out[f"{name}_fold_std"] = _mean_std([f[name] for f in per_fold])
-  out.update({f"{k}_pooled": v for k, v in metrics.emobox_scores(pooled_counts).items()})
-  out["n_test_pooled"] = int(pooled_counts.sum())
-  return out
-
-
 def summarise_run(
   *,
   config,
@@ -145,34 +95,38 @@ def summarise_run(
   provenance,
   wall_seconds,
   given_folds=None,
-) -> dict:
-  """results.json: the first member's metrics at the top; every member under `sweep`.
+) -> run_results.RunResults:
+  """The run's results from its folds' (fold, n_train, n_test, confusion_counts [members]).
 
+  members: each member's hyper-parameters (gamma, seed, learning_rate, alpha).
   given_folds: per fold of the corpus's own (cv.scheme='given'), its name and the number of
   utterances of its valid split (kept out of training, not used); None for made folds.
   """
-  if given_folds is not None:
-    fold_results = [{**r, "given_fold": given_folds[r["fold"]]} for r in fold_results]
-  per_member = [member_summary(class_names, fold_results, k) for k in range(len(members))]
-  summary = {
-    "class_names": list(class_names),
-    **per_member[0],
-    "num_params": num_params,
-    "feature_store": feature_store,
-    "skipped_files": skipped,
-    "class_counts": class_counts,
-    "provenance": provenance,
-    "config": json.loads(config.to_json_best_effort()),
-    "wall_seconds": wall_seconds,
-  }
-  if len(members) > 1:
-    summary["sweep"] = [_sweep_entry(m, s) for m, s in zip(members, per_member, strict=True)]
-  return summary
 
+  def fold_of(result: dict, k: int) -> run_results.FoldResults:
+    given = None if given_folds is None else run_results.GivenFold(**given_folds[result["fold"]])
+    return run_results.FoldResults(
+      fold=result["fold"],
+      n_train=result["n_train"],
+      n_test=result["n_test"],
+      confusion_counts=result["confusion_counts"][k],
+      given_fold=given,
+    )
 
-def _sweep_entry(member: dict, summary: dict) -> dict:
-  keys = ("overall_accuracy", "overall_accuracy_std", "class_accuracy", "class_accuracy_std")
-  return {**member, **{k: summary[k] for k in keys}}
+  return run_results.RunResults(
+    class_names=class_names,
+    members=[
+      run_results.MemberResults(**member, folds=[fold_of(r, k) for r in fold_results])
+      for k, member in enumerate(members)
+    ],
+    config=json.loads(config.to_json_best_effort()),
+    num_params=num_params,
+    feature_store=feature_store,
+    skipped_files=skipped,
+    class_counts=class_counts,
+    provenance=provenance,
+    wall_seconds=wall_seconds,
+  )
 
 
 def provenance(backend_provenance: dict) -> dict:
@@ -257,31 +211,40 @@ def write_predictions(path, class_names, parts) -> None:
   io_utils.atomic_write_csv(path, prediction_header(class_names), rows)
 
 
-def final_line(summary: dict) -> str:
+def final_line(results: run_results.RunResults) -> str:
+  model = results.members[0]
   return (
-    f"Result over {len(summary['folds'])} folds: WA {summary['overall_accuracy']:.2f} "
-    f"+/- {summary['overall_accuracy_std']:.2f}, UA {summary['class_accuracy']:.2f} "
-    f"+/- {summary['class_accuracy_std']:.2f}, macro-F1 {summary['macro_f1']:.2f}"
+    f"Result over {len(model.folds)} folds: WA {model.wa_fold_mean:.2f} "
+    f"+/- {model.wa_fold_std:.2f}, UA {model.ua_fold_mean:.2f} "
+    f"+/- {model.ua_fold_std:.2f}, macro-F1 {model.macro_f1_fold_mean:.2f}"
   )
 
 
-def results_markdown(summary: dict) -> str:
+_SCORES = ("wa", "ua", "macro_f1")
+
+
+def _plus_minus(member: run_results.MemberResults, name: str) -> str:
+  return f"{getattr(member, f'{name}_fold_mean'):.2f} +/- {getattr(member, f'{name}_fold_std'):.2f}"
+
+
+def results_markdown(results: run_results.RunResults) -> str:
   """Table 1's shape (WA, UA) and Tables 2-3's shape (row-normalised confusion, %)."""
-  config = summary["config"]
+  config = results.config
+  model = results.members[0]
   kind = {"mfcc": "MFCC", "logmel": "Log-mel"}[config["features"]["kind"]]
   loss = config["loss"]["name"]
   loss_label = f"focal (gamma={config['loss']['gamma']})" if loss == "focal" else "softmax"
-  names = summary["class_names"]
+  names = results.class_names
   corpus = config["data"]["corpus"]
   if corpus == "emobox":
     corpus = f"EmoBox {pathlib.Path(config['data']['root']).name}"
   lines = [
-    f"# {corpus}: {kind}, {loss_label}, {len(summary['folds'])}-fold "
+    f"# {corpus}: {kind}, {loss_label}, {len(model.folds)}-fold "
     f"{config['cv']['scheme']} cross-validation",
     "",
     *render.markdown_table(
       ("Input", "Loss", "Overall accuracy (WA)", "Class accuracy (UA)", "Macro F1"),
-      [[kind, loss_label, *(_plus_minus(summary, k) for k in _SCORES)]],
+      [[kind, loss_label, *(_plus_minus(model, k) for k in _SCORES)]],
     ),
     "",
     "Confusion matrix (rows: true class, % of the row; summed over folds)",
@@ -290,77 +253,72 @@ def results_markdown(summary: dict) -> str:
       ("true \\ predicted", *names),
       [
         [name, *(f"{v:.1f}" for v in row)]
-        for name, row in zip(names, summary["confusion_matrix"], strict=True)
+        for name, row in zip(names, model.confusion_matrix_pooled, strict=True)
       ],
     ),
   ]
-  lines += _emobox_markdown(summary)
-  given = "given_fold" in summary["folds"][0]
+  lines += _emobox_markdown(model)
+  given = model.folds[0].given_fold is not None
   fold_rows = []
-  for fold in summary["folds"]:
-    cells = [fold["fold"]]
+  for fold in model.folds:
+    cells = [fold.fold]
     if given:
-      cells += [fold["given_fold"]["name"], fold["given_fold"]["n_valid"]]
-    cells += [fold["n_train"], fold["n_test"]]
-    cells += [f"{fold[k]:.2f}" for k in _SCORES] + [f"{fold['emobox_scores']['micro_f1']:.2f}"]
+      cells += [fold.given_fold.name, fold.given_fold.n_valid]
+    cells += [fold.n_train, fold.n_test]
+    cells += [f"{getattr(fold, k):.2f}" for k in _SCORES]
     fold_rows.append(cells)
   lines += [
     "",
     *render.markdown_table(
       ("Fold", *(("Given fold", "Valid (not used)") if given else ()), "Train", "Test")
-      + ("WA", "UA", "Macro F1", "Micro F1"),
+      + ("WA", "UA", "Macro F1"),
       fold_rows,
     ),
   ]
-  if "sweep" in summary:
+  if results.is_sweep:
     lines += [
       "",
       "Sweep (mean +/- std over folds)",
       "",
       *render.markdown_table(
-        ("gamma", "seed", "learning rate", "WA", "UA"),
+        ("gamma", "seed", "learning rate", "WA", "UA", "Macro F1"),
         [
-          [m["gamma"], m["seed"], m["learning_rate"], *(_plus_minus(m, k) for k in _SCORES[:2])]
-          for m in summary["sweep"]
+          [m.gamma, m.seed, m.learning_rate, *(_plus_minus(m, k) for k in _SCORES)]
+          for m in results.members
         ],
       ),
     ]
-  if summary.get("skipped_files"):
+  if results.skipped_files:
     lines += [
       "",
-      f"{len(summary['skipped_files'])} files skipped; see skipped_files in results.json",
+      f"{len(results.skipped_files)} files skipped; see skipped_files in results.json",
     ]
   return "\n".join(lines) + "\n"
 
 
-_SCORES = ("overall_accuracy", "class_accuracy", "macro_f1")
-
-
-def _plus_minus(entry: dict, name: str) -> str:
-  return f"{entry[name]:.2f} +/- {entry[f'{name}_std']:.2f}"
-
-
-def _emobox_markdown(summary: dict) -> list[str]:
+def _emobox_markdown(model: run_results.MemberResults) -> list[str]:
   """EmoBox's scores (scikit-learn's, %): the mean over folds, as its leaderboard gives
-  them, and once over every test prediction pooled."""
-  names = {"wa": "WA", "ua": "UA", "micro_f1": "Micro F1", "macro_f1": "Macro F1"}
-  lines = [
+  them, and once over every test prediction pooled. EmoBox's micro F1 is WA (one label per
+  utterance), so its column repeats WA, labelled so."""
+  names = {"wa": "WA", "ua": "UA", "micro_f1": "Micro F1 (= WA)", "macro_f1": "Macro F1"}
+  scores = {"micro_f1": "wa"}
+  return [
     "",
     "EmoBox's scores (scikit-learn's accuracy, balanced accuracy, micro and macro F1, %)",
     "",
     *render.markdown_table(
       ("", *names.values()),
       [
-        [f"mean +/- sd over {len(summary['folds'])} folds (`<score>_fold_mean`)"]
-        + [f"{summary[f'{k}_fold_mean']:.2f} +/- {summary[f'{k}_fold_std']:.2f}" for k in names],
-        [f"pooled over all {summary['n_test_pooled']} test predictions (`<score>_pooled`)"]
-        + [f"{summary[f'{k}_pooled']:.2f}" for k in names],
+        [f"mean +/- sd over {len(model.folds)} folds (`<score>_fold_mean`)"]
+        + [_plus_minus(model, scores.get(k, k)) for k in names],
+        [f"pooled over all {model.n_test_pooled} test predictions (`<score>_pooled`)"]
+        + [f"{getattr(model, f'{scores.get(k, k)}_pooled'):.2f}" for k in names],
       ],
     ),
   ]
-  return lines
 
 
-def write_results(workdir: pathlib.Path, summary: dict) -> None:
-  io_utils.atomic_write_json(workdir / "results.json", summary)
-  io_utils.atomic_write_text(workdir / "results.md", results_markdown(summary))
+def write_results(workdir: pathlib.Path, results: run_results.RunResults) -> None:
+  """results.json (ser_jax.run_results) and results.md."""
+  run_results.write(workdir, results)
+  io_utils.atomic_write_text(workdir / "results.md", results_markdown(results))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import subprocess
 import sys
+
+from ser_jax import run_results
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -104,14 +105,12 @@ def start_module(
 
 def result_metrics(workdir) -> dict:
   """The numbers of results.json that must not depend on interruptions or timing."""
-  summary = json.loads((pathlib.Path(workdir) / "results.json").read_text())
+  results = run_results.read(workdir)
   return {
-    "overall_accuracy": summary["overall_accuracy"],
-    "class_accuracy": summary["class_accuracy"],
-    "macro_f1": summary["macro_f1"],
-    "confusion_counts": summary["confusion_counts"],
-    "folds": [(f["fold"], f["confusion_counts"]) for f in summary["folds"]],
-    "sweep": summary.get("sweep"),
+    "members": [
+      (m.hyperparameters(), [(f.fold, f.n_train, f.confusion_counts) for f in m.folds])
+      for m in results.members
+    ],
   }
 
 

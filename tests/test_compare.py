@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from ser_jax import compare, metrics, results
+from ser_jax import compare, metrics, run_results
 from ser_jax.report import main
 
 _CLASSES = ["neutral", "happiness", "sadness", "anger"]
@@ -55,7 +55,7 @@ def _write_run(
   provenance=None,
   seed: int = 0,
 ) -> pathlib.Path:
-  """A workdir with predictions.csv (rows shuffled) and the results.json that results.py writes."""
+  """A workdir with predictions.csv (rows shuffled) and its results.json (ser_jax.run_results)."""
   utt_ids, speakers, folds, labels = utterances
   member_predictions = np.atleast_2d(member_predictions)
   folder.mkdir(parents=True)
@@ -77,39 +77,34 @@ def _write_run(
       + [f"p_{name}" for name in _CLASSES]
     )
     writer.writerows(rows)
-  fold_results = [
-    {
-      "fold": int(fold),
-      "n_train": 100,
-      "n_test": int((folds == fold).sum()),
-      "confusion_counts": [
-        metrics.confusion_counts(labels[folds == fold], p[folds == fold], len(_CLASSES)).tolist()
-        for p in member_predictions
+  hyperparameters = sweep or [{"gamma": 2.0, "seed": 0, "learning_rate": 1e-3, "alpha": []}]
+  members = [
+    run_results.MemberResults(
+      **entry,
+      folds=[
+        run_results.FoldResults(
+          fold=int(fold),
+          n_train=100,
+          n_test=int((folds == fold).sum()),
+          confusion_counts=metrics.confusion_counts(
+            labels[folds == fold], p[folds == fold], len(_CLASSES)
+          ),
+        )
+        for fold in np.unique(folds)
       ],
-    }
-    for fold in np.unique(folds)
+    )
+    for entry, p in zip(hyperparameters, member_predictions, strict=True)
   ]
-  per_member = [
-    results.member_summary(_CLASSES, fold_results, k) for k in range(len(member_predictions))
-  ]
-  summary = {
-    "class_names": _CLASSES,
-    **per_member[0],
-    "config": {
-      "data": {"corpus": "iemocap"},
-      "features": {"kind": "logmel"},
-      "loss": {"name": "focal", "gamma": 2.0},
-      "train": {"learning_rate": 1e-3},
-    },
+  config = {
+    "data": {"corpus": "iemocap"},
+    "features": {"kind": "logmel"},
+    "loss": {"name": "focal", "gamma": 2.0},
+    "train": {"learning_rate": 1e-3},
   }
-  if sweep is not None:
-    keys = ("overall_accuracy", "overall_accuracy_std", "class_accuracy", "class_accuracy_std")
-    summary["sweep"] = [
-      {**entry, **{k: s[k] for k in keys}} for entry, s in zip(sweep, per_member, strict=True)
-    ]
-  if provenance is not None:
-    summary["provenance"] = provenance
-  (folder / "results.json").write_text(json.dumps(summary))
+  run_results.write(
+    folder,
+    run_results.RunResults(_CLASSES, members, config, provenance=provenance),
+  )
   return folder
 
 
@@ -120,21 +115,19 @@ def test_accuracies_match_scikit_learn() -> None:
   rng = np.random.default_rng(1)
   labels = rng.integers(0, 4, 300)
   predictions = _noisy(labels, 0.5, rng)
-  assert compare.overall_accuracy(labels, predictions) == pytest.approx(
+  assert compare.wa_of(labels, predictions) == pytest.approx(
     100 * accuracy_score(labels, predictions)
   )
-  assert compare.class_accuracy(labels, predictions) == pytest.approx(
+  assert compare.ua_of(labels, predictions) == pytest.approx(
     100 * balanced_accuracy_score(labels, predictions)
   )
-  # A class absent from the labels but predicted is skipped, as in metrics.class_accuracy.
+  # A class absent from the labels but predicted is skipped, as in metrics.ua.
   labels = np.where(labels == 3, 0, labels)
   counts = metrics.confusion_counts(labels, predictions, 4)
-  assert compare.class_accuracy(labels, predictions) == pytest.approx(
-    metrics.class_accuracy(counts)
-  )
+  assert compare.ua_of(labels, predictions) == pytest.approx(metrics.ua(counts))
   with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):
     expected = 100 * balanced_accuracy_score(labels, predictions)
-  assert compare.class_accuracy(labels, predictions) == pytest.approx(expected)
+  assert compare.ua_of(labels, predictions) == pytest.approx(expected)
 
 
 def _from_table(both: int, only_a: int, only_b: int, neither: int):
@@ -191,15 +184,13 @@ def test_ua_permutation_against_enumeration() -> None:
   labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
   predictions_a = np.array([0, 1, 0, 1, 0, 2, 2, 2, 0, 3])
   predictions_b = np.array([1, 0, 0, 0, 1, 2, 2, 0, 2, 1])
-  observed = compare.class_accuracy(labels, predictions_b) - compare.class_accuracy(
-    labels, predictions_a
-  )
+  observed = compare.ua_of(labels, predictions_b) - compare.ua_of(labels, predictions_a)
   null = []
   for swap in itertools.product([False, True], repeat=len(labels)):
     swap = np.array(swap)
     a = np.where(swap, predictions_b, predictions_a)
     b = np.where(swap, predictions_a, predictions_b)
-    null.append(compare.class_accuracy(labels, b) - compare.class_accuracy(labels, a))
+    null.append(compare.ua_of(labels, b) - compare.ua_of(labels, a))
   null = np.array(null)
   tail = min(np.mean(null >= observed - 1e-9), np.mean(null <= observed + 1e-9))
   p_value = compare.ua_permutation_p_value(labels, predictions_a, predictions_b)
@@ -326,14 +317,17 @@ def test_load_predictions_and_consistency(tmp_path) -> None:
   assert predictions.probabilities.shape == (120, 4)
   compare.check_consistent(run)
 
+  # One utterance moved to another prediction: member 0 in fold 1, member 1 in fold 2.
   summary = json.loads((run / "results.json").read_text())
-  summary["folds"][1]["confusion_counts"][0][0] += 1
-  summary["sweep"][1]["class_accuracy"] += 0.5
+  for member, fold in ((0, 1), (1, 2)):
+    counts = summary["members"][member]["folds"][fold]["confusion_counts"]
+    row = next(r for r in counts if r[0] > 0)
+    row[0], row[1] = row[0] - 1, row[1] + 1
   (run / "results.json").write_text(json.dumps(summary))
   problems = compare.consistency_problems(run)
   assert len(problems) == 2
-  assert problems[0].startswith("fold 1: confusion counts")
-  assert problems[1].startswith("member 1: class_accuracy")
+  assert problems[0].startswith("member 0, fold 1: confusion counts")
+  assert problems[1].startswith("member 1, fold 2: confusion counts")
   with pytest.raises(compare.CompareError, match="does not follow from predictions.csv"):
     compare.check_consistent(run)
 
@@ -497,7 +491,7 @@ def test_cli_sweep_pools_seeds(tmp_path, capsys) -> None:
       np.sum(right[r] & ~right[m]) for m, r in zip(members, references, strict=True)
     )
     # Every seed tests the same utterances, so pooled WA and UA are the means over seeds.
-    for name, metric in (("wa", compare.overall_accuracy), ("ua", compare.class_accuracy)):
+    for name, metric in (("wa", compare.wa_of), ("ua", compare.ua_of)):
       assert c[f"{name}_b"] == pytest.approx(
         np.mean([metric(labels, predictions[m]) for m in members])
       )
@@ -528,7 +522,7 @@ def test_cli_two_members_of_one_run(tmp_path, capsys) -> None:
   out = capsys.readouterr().out
   result = _json_line(out)
   assert (result["member_a"], result["member_b"]) == (1, 3)
-  assert result["wa_b"] == pytest.approx(compare.overall_accuracy(labels, predictions[3]))
+  assert result["wa_b"] == pytest.approx(compare.wa_of(labels, predictions[3]))
   assert "Provenance: not recorded in run A and B\n" in out
 
 
@@ -539,7 +533,7 @@ def test_cli_sweep_needs_gamma_zero(tmp_path, capsys) -> None:
   assert "error: the sweep has no gamma-0 member (gammas: 1, 2)" in err
   plain = _write_run(tmp_path / "plain", _utterances(), _utterances()[3])
   assert main(["--compare", str(plain)]) == 1
-  assert "no 'sweep'; compare a single run with another" in capsys.readouterr().err
+  assert "one member, not a sweep; compare a single run with another" in capsys.readouterr().err
 
 
 def test_cli_arguments(tmp_path, capsys) -> None:
@@ -569,6 +563,6 @@ def test_cli_sweep_against_one_reference_alpha(tmp_path, capsys) -> None:
     assert c["members"] == members
     assert c["reference_members"] == [4, 5]  # Gamma 0 with inverse-frequency weights.
     assert c["wa_a"] == pytest.approx(
-      np.mean([compare.overall_accuracy(labels, predictions[r]) for r in (4, 5)])
+      np.mean([compare.wa_of(labels, predictions[r]) for r in (4, 5)])
     )
   assert "## gamma=0, lr=0.001, alpha=none vs gamma=0, alpha=inverse_frequency" in captured.out

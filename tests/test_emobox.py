@@ -18,7 +18,7 @@ import soundfile as sf
 from helpers import REPO, run_module, start_module
 from sklearn import metrics as sk
 
-from ser_jax import folds, run_data
+from ser_jax import folds, run_data, run_results
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data.corpora import emobox_class, read_corpus
 from ser_jax.data.corpus import CorpusError
@@ -387,7 +387,8 @@ def test_predictions_are_emoboxs_test_folds_and_scores_are_scikit_learns(jobs, e
   workdir, _, _ = jobs
   root, _ = emobox
   run = workdir / "emodb" / "focal"
-  summary = json.loads((run / "results.json").read_text())
+  results = run_results.read(run)
+  model = results.members[0]
   with open(run / "predictions.csv", newline="") as f:
     rows = list(csv.DictReader(f))
   by_fold = [[r for r in rows if r["fold"] == str(k)] for k in range(3)]
@@ -395,6 +396,7 @@ def test_predictions_are_emoboxs_test_folds_and_scores_are_scikit_learns(jobs, e
     assert sorted(r["utt_id"] for r in by_fold[k]) == sorted(
       listed - {f"emodb-{MISSING}", f"emodb-{UNLISTED}"}
     )
+  # EmoBox's four scores; its micro F1 is WA (one label per utterance), which ser_jax gives.
   scores = {
     "wa": sk.accuracy_score,
     "ua": sk.balanced_accuracy_score,
@@ -402,18 +404,19 @@ def test_predictions_are_emoboxs_test_folds_and_scores_are_scikit_learns(jobs, e
     "macro_f1": lambda y, p: sk.f1_score(y, p, average="macro"),
   }
   for name, score in scores.items():
+    ours = "wa" if name == "micro_f1" else name
     per_fold = [100 * score([r["label"] for r in f], [r["predicted"] for r in f]) for f in by_fold]
-    assert [f["emobox_scores"][name] for f in summary["folds"]] == pytest.approx(per_fold)
-    assert summary[f"{name}_fold_mean"] == pytest.approx(np.mean(per_fold))
+    assert [getattr(f, ours) for f in model.folds] == pytest.approx(per_fold)
+    assert getattr(model, f"{ours}_fold_mean") == pytest.approx(np.mean(per_fold))
     pooled = 100 * score([r["label"] for r in rows], [r["predicted"] for r in rows])
-    assert summary[f"{name}_pooled"] == pytest.approx(pooled)
-  assert summary["n_test_pooled"] == len(rows)
-  assert [f["given_fold"] for f in summary["folds"]] == [
-    {"name": "fold_1", "n_valid": 2},
-    {"name": "fold_2", "n_valid": 0},
-    {"name": "fold_3", "n_valid": 0},
+    assert getattr(model, f"{ours}_pooled") == pytest.approx(pooled)
+  assert model.n_test_pooled == len(rows)
+  assert [f.given_fold for f in model.folds] == [
+    run_results.GivenFold("fold_1", 2),
+    run_results.GivenFold("fold_2", 0),
+    run_results.GivenFold("fold_3", 0),
   ]
-  skipped = {pathlib.Path(s["path"]).name: s["reason"] for s in summary["skipped_files"]}
+  skipped = {pathlib.Path(s["path"]).name: s["reason"] for s in results.skipped_files}
   assert skipped == {f"{MISSING}.wav": "audio file missing"}
   markdown = (run / "results.md").read_text()
   assert "mean +/- sd over 3 folds (`<score>_fold_mean`)" in markdown
@@ -423,13 +426,13 @@ def test_predictions_are_emoboxs_test_folds_and_scores_are_scikit_learns(jobs, e
 def test_report_prints_the_emobox_leaderboard_shape(jobs, capsys):
   workdir, _, _ = jobs
   run = workdir / "emodb" / "focal"
-  summary = json.loads((run / "results.json").read_text())
+  model = run_results.read(run).members[0]
   assert report(["--emobox", str(run)]) == 0
   line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("| emodb |"))
   cells = [c.strip() for c in line.strip("|").split("|")]
   assert cells[:2] == ["emodb", "3 given"]
   assert cells[3:9] == [
-    f"{summary[key]:.2f}"
+    f"{getattr(model, key):.2f}"
     for key in (
       "ua_fold_mean",
       "wa_fold_mean",

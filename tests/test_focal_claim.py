@@ -14,7 +14,7 @@ from helpers import run_module, tiny_args
 from scipy import stats
 from sklearn.metrics import accuracy_score, balanced_accuracy_score
 
-from ser_jax import compare
+from ser_jax import compare, run_results
 from ser_jax.report import main as report
 
 IEMOCAP_COUNTS = "(1099,284,608,289)"
@@ -56,15 +56,15 @@ def test_focal_against_softmax_at_iemocap_shares(tmp_path, capsys):
     args = tiny_args(runs[loss], cache, **{"loss.name": loss, "data.class_shares": IEMOCAP_COUNTS})
     done = run_module("ser_jax.main", args)
     assert done.returncode == 0, done.stderr
-  summary = json.loads((runs["focal"] / "results.json").read_text())
-  counts = summary["class_counts"]
+  focal_results = run_results.read(runs["focal"])
+  counts = focal_results.class_counts
   used = np.array(list(counts["used"].values()))
   # The largest subset at IEMOCAP's shares: each class within one utterance of its share,
   # and the limiting class kept whole.
   shares = np.array([1099, 284, 608, 289]) / 2280
   assert np.all(np.abs(used - used.sum() * shares) < 1)
   assert np.any(used == np.array(list(counts["corpus"].values())))
-  assert sum(f["n_test"] for f in summary["folds"]) == used.sum()
+  assert focal_results.members[0].n_test_pooled == used.sum()
   for run in runs.values():
     compare.check_consistent(run)  # results.json recomputed from predictions.csv.
   argv = ["--compare", str(runs["softmax"]), str(runs["focal"]), "--json", "--resamples", "2000"]
@@ -103,7 +103,7 @@ def test_focal_against_softmax_at_iemocap_shares(tmp_path, capsys):
   assert low <= result["ua_difference"] <= high
   per_fold = result["per_fold"]
   assert [f["fold"] for f in per_fold] == sorted(set(folds.tolist()))
-  assert [f["n_test"] for f in per_fold] == [f["n_test"] for f in summary["folds"]]
+  assert [f["n_test"] for f in per_fold] == [f.n_test for f in focal_results.members[0].folds]
   for row in per_fold:
     mask = folds == row["fold"]
     ua_a = 100 * balanced_accuracy_score(labels[mask], predicted_a[mask])

@@ -9,23 +9,36 @@ import numpy as np
 import pytest
 from helpers import result_metrics, run_code, run_module, session_demo_corpus, tiny_args
 
+from ser_jax import run_results
 from ser_jax.data import corpora
 
 RESULT_KEYS = {
+  "schema_version",
   "class_names",
-  "overall_accuracy",
-  "overall_accuracy_std",
-  "class_accuracy",
-  "class_accuracy_std",
-  "macro_f1",
-  "confusion_matrix",
-  "confusion_counts",
-  "folds",
+  "members",
   "num_params",
   "feature_store",
+  "skipped_files",
+  "class_counts",
+  "provenance",
   "config",
   "wall_seconds",
 }
+MEMBER_KEYS = {
+  "gamma",
+  "seed",
+  "learning_rate",
+  "alpha",
+  *(
+    f"{s}_{over}" for s in ("wa", "ua", "macro_f1") for over in ("fold_mean", "fold_std", "pooled")
+  ),
+  "n_test_pooled",
+  "per_class_recall_pooled",
+  "confusion_counts_pooled",
+  "confusion_matrix_pooled",
+  "folds",
+}
+FOLD_KEYS = {"fold", "n_train", "n_test", "wa", "ua", "macro_f1", "confusion_counts"}
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +53,25 @@ def finished_run(tmp_path_factory):
 def test_results_json_has_the_documented_keys(finished_run):
   workdir, _, _ = finished_run
   summary = json.loads((workdir / "results.json").read_text())
-  assert RESULT_KEYS <= set(summary)
+  assert set(summary) == RESULT_KEYS and summary["schema_version"] == 2
   assert summary["class_names"] == ["neutral", "happiness", "sadness", "anger"]
-  assert [f["fold"] for f in summary["folds"]] == [0, 1]
+  (model,) = summary["members"]
+  assert set(model) == MEMBER_KEYS
+  assert [f["fold"] for f in model["folds"]] == [0, 1]
   # Every demo utterance is tested exactly once over the folds.
-  assert sum(f["n_test"] for f in summary["folds"]) == 320
-  assert np.sum(summary["confusion_counts"]) == 320
-  rows = np.array(summary["confusion_matrix"])
+  assert sum(f["n_test"] for f in model["folds"]) == 320 == model["n_test_pooled"]
+  assert np.sum(model["confusion_counts_pooled"]) == 320
+  rows = np.array(model["confusion_matrix_pooled"])
   np.testing.assert_allclose(rows.sum(axis=1), 100.0)
-  for fold in summary["folds"]:
+  for fold in model["folds"]:
+    assert set(fold) == FOLD_KEYS
     counts = np.array(fold["confusion_counts"])
     assert counts.sum() == fold["n_test"]
-    assert fold["overall_accuracy"] == pytest.approx(100 * np.trace(counts) / counts.sum())
-  wa = [f["overall_accuracy"] for f in summary["folds"]]
-  assert summary["overall_accuracy"] == pytest.approx(np.mean(wa))
-  assert summary["overall_accuracy_std"] == pytest.approx(np.std(wa))
+    assert fold["wa"] == pytest.approx(100 * np.trace(counts) / counts.sum())
+  wa = [f["wa"] for f in model["folds"]]
+  assert model["wa_fold_mean"] == pytest.approx(np.mean(wa))
+  assert model["wa_fold_std"] == pytest.approx(np.std(wa))
+  assert run_results.read(workdir).members[0].wa_fold_mean == model["wa_fold_mean"]
 
 
 def test_workdir_holds_checkpoints_metrics_and_tables(finished_run):
@@ -88,13 +105,13 @@ def test_empty_classes_mean_the_readers_default_classes(finished_run, tmp_path):
   overrides = {"train.num_epochs": 1, "cv.folds": "(0,)", "data.classes": "()"}
   process = run_module("ser_jax.main", tiny_args(workdir, cache, **overrides))
   assert process.returncode == 0, process.stderr
-  summary = json.loads((workdir / "results.json").read_text())
-  defaults = list(corpora.CORPORA["demo"].default_classes)
-  assert summary["config"]["data"]["classes"] == []
-  assert summary["class_names"] == defaults
-  counts = np.array(summary["confusion_counts"])
+  results = run_results.read(workdir)
+  defaults = tuple(corpora.CORPORA["demo"].default_classes)
+  assert results.config["data"]["classes"] == []
+  assert results.class_names == defaults
+  counts = results.members[0].confusion_counts_pooled
   assert counts.shape == (len(defaults), len(defaults))
-  assert counts.sum() == summary["folds"][0]["n_test"] == 160
+  assert counts.sum() == results.members[0].folds[0].n_test == 160
   header = (workdir / "predictions.csv").read_text().splitlines()[0].split(",")
   assert header[-len(defaults) :] == [f"p_{name}" for name in defaults]
 
@@ -131,8 +148,7 @@ def test_preprocess_prints_store_and_class_counts(finished_run):
   process = run_module("ser_jax.preprocess", tiny_args(workdir, cache))
   assert process.returncode == 0, process.stderr
   lines = process.stdout.splitlines()
-  summary = json.loads((workdir / "results.json").read_text())
-  assert lines[0] == summary["feature_store"]
+  assert lines[0] == run_results.read(workdir).feature_store
   counts = dict(line.split("\t")[:2] for line in lines[1:5])
   assert counts == {"neutral": "154", "happiness": "38", "sadness": "86", "anger": "42"}
 
@@ -178,11 +194,11 @@ def test_broken_files_among_good_ones_are_skipped_and_listed(finished_run, tmp_p
     "ser_jax.main", tiny_args(workdir, cache, **{"train.num_epochs": 1}) + csv_args
   )
   assert process.returncode == 0, process.stderr
-  summary = json.loads((workdir / "results.json").read_text())
-  skipped = {pathlib.Path(s["path"]).name: s["reason"] for s in summary["skipped_files"]}
+  results = run_results.read(workdir)
+  skipped = {pathlib.Path(s["path"]).name: s["reason"] for s in results.skipped_files}
   assert set(skipped) == set(broken)
   assert "empty" in skipped["empty.wav"]
-  assert sum(f["n_test"] for f in summary["folds"]) == 320
+  assert results.members[0].n_test_pooled == 320
   assert "3 files skipped" in process.stderr
 
   strict = run_module(

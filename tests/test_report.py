@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pathlib
@@ -12,41 +13,51 @@ from helpers import run_module
 from matplotlib import image
 from test_predict import trained_run
 
-from ser_jax import plots
+from ser_jax import plots, run_results
 from ser_jax.report import main
 
 _CLASSES = ["neutral", "happiness", "sadness", "anger"]
 
 
-def _summary(kind: str, loss: str, gamma: float, wa, ua, f1, n_folds: int = 5) -> dict:
-  """A results.json with the keys report and plots read; (mean, std) pairs for the metrics."""
-  counts = np.array([[40, 5, 3, 2], [6, 30, 2, 2], [4, 1, 44, 1], [3, 2, 1, 34]])
-  return {
-    "class_names": _CLASSES,
-    "overall_accuracy": wa[0],
-    "overall_accuracy_std": wa[1],
-    "class_accuracy": ua[0],
-    "class_accuracy_std": ua[1],
-    "macro_f1": f1[0],
-    "macro_f1_std": f1[1],
-    "confusion_counts": counts.tolist(),
-    "confusion_matrix": (100 * counts / counts.sum(1, keepdims=True)).tolist(),
-    "folds": [{"fold": k} for k in range(n_folds)],
-    "num_params": 1000,
-    "feature_store": "/nowhere",
-    "config": {
+def _fold(fold: int, score: int) -> run_results.FoldResults:
+  """A fold of 50 utterances per class whose WA, UA and macro F1 all equal `score` (even):
+  each class right score/2 times and otherwise predicted as the next class."""
+  right = score // 2
+  counts = np.zeros((len(_CLASSES), len(_CLASSES)), dtype=int)
+  for k in range(len(_CLASSES)):
+    counts[k, k], counts[k, (k + 1) % len(_CLASSES)] = right, 50 - right
+  return run_results.FoldResults(fold, 800, 200, counts)
+
+
+def _member(fold_scores, gamma: float = 0.0, seed: int = 0) -> run_results.MemberResults:
+  folds = [_fold(k, score) for k, score in enumerate(fold_scores)]
+  return run_results.MemberResults(gamma, seed, 1e-3, (), folds)
+
+
+def _summary(kind: str, loss: str, gamma: float, fold_scores) -> run_results.RunResults:
+  """A run whose WA, UA and macro F1 in fold k are fold_scores[k]."""
+  return run_results.RunResults(
+    class_names=_CLASSES,
+    members=[_member(fold_scores, gamma)],
+    config={
       "data": {"corpus": "iemocap"},
       "features": {"kind": kind},
       "loss": {"name": loss, "gamma": gamma},
       "train": {"learning_rate": 1e-3},
     },
-    "wall_seconds": 1.0,
-  }
+    num_params=1000,
+    feature_store="/nowhere",
+    wall_seconds=1.0,
+  )
 
 
-def _write_run(folder: pathlib.Path, summary: dict, records=()) -> pathlib.Path:
+def _mean_sd(scores) -> str:
+  return f"{np.mean(scores):.2f} +/- {np.std(scores):.2f}"
+
+
+def _write_run(folder: pathlib.Path, results: run_results.RunResults, records=()) -> pathlib.Path:
   folder.mkdir(parents=True)
-  (folder / "results.json").write_text(json.dumps(summary))
+  run_results.write(folder, results)
   (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   return folder
 
@@ -66,23 +77,23 @@ def _records(n_folds: int, n_epochs: int, n_members: int = 1) -> list[dict]:
   ]
 
 
-def _sweep_summary() -> dict:
-  """Gammas 0, 1, 2 by seeds 0, 1 at one learning rate."""
-  summary = _summary("logmel", "focal", 0.0, (50.0, 1.0), (48.0, 1.5), (47.0, 1.0))
-  summary["sweep"] = [
-    {
-      "gamma": gamma,
-      "seed": seed,
-      "learning_rate": 1e-3,
-      "overall_accuracy": 50.0 + 2 * gamma + 4 * seed,
-      "overall_accuracy_std": 2.0 + 2 * seed,
-      "class_accuracy": 48.0 + 3 * gamma,
-      "class_accuracy_std": 1.0,
-    }
-    for gamma in (0.0, 1.0, 2.0)
+# Each run's fold scores (WA = UA = macro F1).
+_SCORES = {
+  "logmel_softmax": [58, 62, 60, 64, 66],
+  "mfcc_focal": [64, 66, 68, 66, 64, 66, 68, 70, 66, 62],
+  "mfcc_softmax": [62, 66, 64, 60, 68],
+}
+
+
+def _sweep_summary() -> run_results.RunResults:
+  """Gammas 0, 1, 2 by seeds 0, 1 at one learning rate, in two folds: WA mean 50 + 2 gamma
+  + 4 seed over folds, sd 2 + 2 seed."""
+  members = [
+    _member([48 + 2 * gamma + 2 * seed, 52 + 2 * gamma + 6 * seed], gamma, seed)
+    for gamma in (0, 1, 2)
     for seed in (0, 1)
   ]
-  return summary
+  return dataclasses.replace(_summary("logmel", "focal", 0.0, [50, 50]), members=members)
 
 
 @pytest.fixture
@@ -90,16 +101,14 @@ def runs(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
   return {
     "logmel_softmax": _write_run(
       tmp_path / "logmel_softmax",
-      _summary("logmel", "softmax", 2.0, (61.234, 1.5), (58.0, 2.25), (57.5, 0.5)),
+      _summary("logmel", "softmax", 2.0, _SCORES["logmel_softmax"]),
       _records(5, 3),
     ),
     "mfcc_focal": _write_run(
-      tmp_path / "mfcc_focal",
-      _summary("mfcc", "focal", 2.0, (66.5, 1.0), (63.125, 0.75), (62.0, 1.0), n_folds=10),
+      tmp_path / "mfcc_focal", _summary("mfcc", "focal", 2.0, _SCORES["mfcc_focal"])
     ),
     "mfcc_softmax": _write_run(
-      tmp_path / "mfcc_softmax",
-      _summary("mfcc", "softmax", 0.0, (64.0, 2.0), (60.0, 3.0), (59.0, 2.5)),
+      tmp_path / "mfcc_softmax", _summary("mfcc", "softmax", 0.0, _SCORES["mfcc_softmax"])
     ),
     "sweep": _write_run(tmp_path / "sweep", _sweep_summary(), _records(2, 4, n_members=6)),
   }
@@ -142,37 +151,14 @@ def test_table_rows_sorted_with_numbers(runs, tmp_path, capsys) -> None:
   assert captured.err.count("error:") == 1
   assert str(missing) in captured.err and "results.json" in captured.err
   rows = _table_rows(captured.out)
+  # WA, UA and macro F1 are equal in every fold of these runs.
   assert rows == [
-    [
-      "MFCC",
-      "Softmax",
-      "64.00 +/- 2.00",
-      "60.00 +/- 3.00",
-      "59.00 +/- 2.50",
-      "5",
-      "iemocap",
-      str(runs["mfcc_softmax"]),
-    ],
-    [
-      "MFCC",
-      "Focal (gamma=2)",
-      "66.50 +/- 1.00",
-      "63.12 +/- 0.75",
-      "62.00 +/- 1.00",
-      "10",
-      "iemocap",
-      str(runs["mfcc_focal"]),
-    ],
-    [
-      "Log-mel",
-      "Softmax",
-      "61.23 +/- 1.50",
-      "58.00 +/- 2.25",
-      "57.50 +/- 0.50",
-      "5",
-      "iemocap",
-      str(runs["logmel_softmax"]),
-    ],
+    ["MFCC", "Softmax", *[_mean_sd(_SCORES["mfcc_softmax"])] * 3, "5", "iemocap"]
+    + [str(runs["mfcc_softmax"])],
+    ["MFCC", "Focal (gamma=2)", *[_mean_sd(_SCORES["mfcc_focal"])] * 3, "10", "iemocap"]
+    + [str(runs["mfcc_focal"])],
+    ["Log-mel", "Softmax", *[_mean_sd(_SCORES["logmel_softmax"])] * 3, "5", "iemocap"]
+    + [str(runs["logmel_softmax"])],
   ]
 
 
@@ -182,8 +168,8 @@ def test_sweep_rows_average_seeds(runs, capsys) -> None:
   assert [r[1] for r in rows] == ["Softmax", "Focal (gamma=1)", "Focal (gamma=2)"]
   # gamma=1: seed means 52 and 56 with fold stds 2 and 4 pool to sqrt((4 + 16) / 2 + 4).
   assert rows[1][2] == f"54.00 +/- {math.sqrt(14):.2f}"
-  assert rows[1][3] == "51.00 +/- 1.00"
-  assert rows[1][4] == "-"
+  # UA and macro F1 pool the same way (every member keeps its folds); here they equal WA.
+  assert rows[1][3] == rows[1][4] == rows[1][2]
 
 
 def test_no_readable_run(tmp_path, capsys) -> None:
@@ -221,28 +207,28 @@ def test_figures(runs, capsys) -> None:
 
 
 def test_sweep_points_with_two_learning_rates() -> None:
-  sweep = [
-    {**entry, "learning_rate": rate} for entry in _sweep_summary()["sweep"] for rate in (1e-3, 3e-4)
+  members = [
+    dataclasses.replace(member, learning_rate=rate)
+    for member in _sweep_summary().members
+    for rate in (1e-3, 3e-4)
   ]
-  points = plots.sweep_points(sweep)
+  points = plots.sweep_points(members)
   assert sorted(points) == [3e-4, 1e-3]
   np.testing.assert_allclose(points[1e-3]["gamma"], [0.0, 1.0, 2.0])
-  np.testing.assert_allclose(points[1e-3]["overall_accuracy"], [52.0, 54.0, 56.0])
+  np.testing.assert_allclose(points[1e-3]["wa_fold_mean"], [52.0, 54.0, 56.0])
 
 
-def test_confusion_shape_checked(tmp_path) -> None:
-  summary = _summary("mfcc", "focal", 2.0, (1, 1), (1, 1), (1, 1))
-  summary["class_names"] = _CLASSES[:3]
+def test_confusion_shape_checked() -> None:
   with pytest.raises(ValueError, match="shape"):
-    plots.plot_confusion(summary, tmp_path / "confusion.png")
+    dataclasses.replace(_summary("mfcc", "focal", 2.0, [50, 50]), class_names=_CLASSES[:3])
 
 
 def test_trained_run(tmp_path_factory, capsys) -> None:
   run = trained_run(tmp_path_factory)
-  summary = json.loads((run / "results.json").read_text())
+  model = run_results.read(run).members[0]
   assert main(["--figures", str(run)]) == 0
   (row,) = _table_rows(capsys.readouterr().out)
-  wa = f"{summary['overall_accuracy']:.2f} +/- {summary['overall_accuracy_std']:.2f}"
+  wa = f"{model.wa_fold_mean:.2f} +/- {model.wa_fold_std:.2f}"
   assert row[:3] == ["MFCC", "Focal (gamma=2)", wa]
   assert row[5:7] == ["2", "demo"]
   for name in ("confusion.png", "learning_curves.png"):

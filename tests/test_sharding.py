@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -21,6 +20,8 @@ from helpers import (
   tiny_args,
   with_test_xla_flags,
 )
+
+from ser_jax import run_results
 
 
 def _run_steps(tmp_path, n_devices: int, batch_size: int, layout: str = "replicated") -> dict:
@@ -142,8 +143,7 @@ def one_device_run(tmp_path_factory):
     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
   )
   assert process.returncode == 0, process.stderr
-  summary = json.loads((workdir / "results.json").read_text())
-  assert sum(f["n_test"] for f in summary["folds"]) == 320
+  assert run_results.read(workdir).members[0].n_test_pooled == 320
   return workdir, cache
 
 
@@ -158,8 +158,7 @@ def test_main_on_eight_devices_gives_the_results_of_one(tmp_path, one_device_run
   )
   assert process.returncode == 0, process.stderr
   assert "process 0 of 1" in process.stderr
-  summary = json.loads((workdir / "results.json").read_text())
-  assert sum(f["n_test"] for f in summary["folds"]) == 320
+  assert run_results.read(workdir).members[0].n_test_pooled == 320
   assert result_metrics(workdir) == result_metrics(one)
 
 

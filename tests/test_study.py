@@ -19,7 +19,7 @@ from scipy import stats
 from statsmodels.stats.meta_analysis import combine_effects
 from test_study_compose import SETTINGS, write_corpora, write_manifest
 
-from ser_jax import compare
+from ser_jax import compare, run_results
 
 RESAMPLES = 1000
 
@@ -118,9 +118,9 @@ def test_corpora_are_described_as_trained(killed_study):
   corpora = killed_study.summary["corpora"]
   for name, speakers in (("a", 4), ("b", 2)):
     row = corpora[name]
-    run = json.loads((killed_study.workdir / name / "softmax" / "results.json").read_text())
-    assert row["class_counts"] == run["class_counts"]["used"]
-    assert row["utterances"] == sum(f["n_test"] for f in run["folds"])
+    run = run_results.read(killed_study.workdir / name / "softmax")
+    assert row["class_counts"] == run.class_counts["used"]
+    assert row["utterances"] == run.members[0].n_test_pooled
     assert row["speakers"] == speakers and row["cv_scheme"] == "speaker" and row["n_folds"] == 2
   assert corpora["b"]["test_speakers_per_fold"] == [1, 1]  # Two speakers: leave one out.
   assert "leave one speaker out" in (killed_study.workdir / "results.md").read_text()
@@ -202,15 +202,14 @@ def test_cross_corpus_matrix_has_cross_validation_on_its_diagonal(killed_study):
     for k, corpus in enumerate("ab"):
       assert ua[k, k] == summary["within"][corpus][setting]["class_accuracy"]
     for train, test, (row, col) in (("a", "b", (0, 1)), ("b", "a", (1, 0))):
-      run = json.loads((workdir / f"{train}-to-{test}" / setting / "results.json").read_text())
-      assert ua[row, col] == run["class_accuracy"]
-      assert run["config"]["data"]["test_corpus"] == "csv"
-      assert len(run["folds"]) == 1 and run["folds"][0]["n_train"] == sum(
-        run["class_counts"]["used"].values()
-      )
-      assert run["folds"][0]["n_test"] == sum(run["class_counts"]["test"].values())
+      run = run_results.read(workdir / f"{train}-to-{test}" / setting)
+      (fold,) = run.members[0].folds
+      assert ua[row, col] == run.members[0].ua_fold_mean
+      assert run.config["data"]["test_corpus"] == "csv"
+      assert fold.n_train == sum(run.class_counts["used"].values())
+      assert fold.n_test == sum(run.class_counts["test"].values())
       tested = summary["corpora"][test]["class_counts"]
-      assert run["folds"][0]["n_test"] >= sum(tested.values())  # Every utterance, not a subset.
+      assert fold.n_test >= sum(tested.values())  # Every utterance, not a subset.
 
 
 def test_predict_applies_a_cross_corpus_run(killed_study, corpora):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import run_module, session_demo_corpus, start_module, tiny_args
 
-from ser_jax import compare
+from ser_jax import compare, run_results
 from ser_jax.predict import Predictor, PredictorError
 
 # Fold 0 of 2 for 2 epochs at width 4: each run trains for seconds.
@@ -100,10 +100,10 @@ def test_chunked_sweep_members_equal_separate_runs(tmp_path, cache, singles):
   assert sweep.returncode == 0, sweep.stderr
   assert (tmp_path / "sweep" / "fold_0" / "members_0-1" / "checkpoints" / "2").is_dir()
   assert (tmp_path / "sweep" / "fold_0" / "members_2-2" / "checkpoints" / "2").is_dir()
-  summary = json.loads((tmp_path / "sweep" / "results.json").read_text())
+  members = run_results.read(tmp_path / "sweep").members
   waveform = np.sin(2 * np.pi * 220.0 * np.arange(16000) / 16000).astype(np.float32)
   for k, gamma in enumerate(GAMMAS):
-    assert summary["sweep"][k]["gamma"] == gamma
+    assert members[k].gamma == gamma
     _assert_member_equals_single(tmp_path / "sweep", k, singles[gamma])
     # ser_jax.predict finds each member in its chunk's checkpoints.
     from_sweep = Predictor.from_workdir(tmp_path / "sweep", member=k).predict(waveform, 16000)
@@ -118,8 +118,8 @@ def test_vmapped_sweep_writes_every_member_and_the_curve(tmp_path, cache, single
   args = _sweep_args(workdir, cache, **{"train.models_together": "vmap"})
   process = run_module("ser_jax.main", args)
   assert process.returncode == 0, process.stderr
-  summary = json.loads((workdir / "results.json").read_text())
-  assert [(m["gamma"], m["seed"]) for m in summary["sweep"]] == [(0.0, 0), (2.0, 0)]
+  members = run_results.read(workdir).members
+  assert [(m.gamma, m.seed) for m in members] == [(0.0, 0), (2.0, 0)]
   # Each member is its gamma's one-member run (seed 0), trained in one vmapped program.
   for k, gamma in enumerate((0.0, 2.0)):
     _assert_member_equals_single(workdir, k, singles[gamma])
@@ -140,11 +140,11 @@ def test_class_weights_sweep_in_chunks_that_fit_and_every_prediction_kept(tmp_pa
   process = run_module("ser_jax.main", args)
   assert process.returncode == 0, process.stderr
   assert "2 models: 2 chunks of 1" in process.stderr
-  summary = json.loads((workdir / "results.json").read_text())
-  assert [m["alpha"] for m in summary["sweep"]] == [[1.0, 1.0, 1.0, 1.0], "inverse_frequency"]
+  members = run_results.read(workdir).members
+  assert [m.alpha for m in members] == [(1.0, 1.0, 1.0, 1.0), "inverse_frequency"]
   predictions = compare.load_predictions(workdir)
   assert sorted(set(predictions.member.tolist())) == [0, 1]
-  assert len(predictions.member) == 2 * sum(f["n_test"] for f in summary["folds"])
+  assert len(predictions.member) == sum(m.n_test_pooled for m in members) == 2 * 160
   compare.check_consistent(workdir)  # results.json's counts follow from predictions.csv.
   waveform = np.sin(2 * np.pi * 220.0 * np.arange(16000) / 16000).astype(np.float32)
   assert Predictor.from_workdir(workdir, member=1).predict(waveform, 16000)

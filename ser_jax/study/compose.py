@@ -38,7 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import ml_collections
 
-from ser_jax import compare, config_tree, experiment, io_utils, run_data, trainer
+from ser_jax import compare, config_tree, experiment, io_utils, run_data, run_results, trainer
 from ser_jax.audio import AudioError
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data import corpora
@@ -120,9 +120,9 @@ class Run:
 
 @dataclasses.dataclass(frozen=True)
 class Outcome:
-  """A run's results.json, or the line saying why it failed."""
+  """A run's results (ser_jax.run_results), or the line saying why it failed."""
 
-  result: dict | None
+  result: run_results.RunResults | None
   error: str | None = None
 
 

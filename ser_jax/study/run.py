@@ -8,7 +8,6 @@ line, and the table says so.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pathlib
@@ -18,7 +17,7 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from ser_jax import experiment, io_utils
+from ser_jax import experiment, io_utils, run_results
 from ser_jax.config import ConfigError, validate_config
 from ser_jax.study import compose, render, summary
 from ser_jax.study.compose import RUN_ERRORS, Outcome, Run
@@ -35,7 +34,7 @@ def execute(run: Run, workdir: pathlib.Path) -> Outcome:
   if _finished(run_dir):
     compose.check_finished_run(run, run_dir)
     logging.info("Run %s already finished; reading its results", run.path)
-    return Outcome(json.loads((run_dir / "results.json").read_text()))
+    return Outcome(run_results.read(run_dir))
   logging.info("Run %s", run.path)
   try:
     return Outcome(experiment.train_and_evaluate(run.config, str(run_dir)))
@@ -51,7 +50,7 @@ def read_finished(run: Run, workdir: pathlib.Path) -> Outcome:
     return Outcome(None, f"not finished (python -m ser_jax.study ... --run={run.path} runs it)")
   compose.check_finished_run(run, run_dir)
   logging.info("Run %s already finished; reading its results", run.path)
-  return Outcome(json.loads((run_dir / "results.json").read_text()))
+  return Outcome(run_results.read(run_dir))
 
 
 def run_study(

@@ -5,10 +5,9 @@ pool over corpora (ser_jax.meta), and the matrices across corpora."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 
-from ser_jax import compare, meta
+from ser_jax import compare, meta, run_results
 from ser_jax.study.compose import Outcome
 
 
@@ -16,24 +15,24 @@ def paired_difference(run_a: pathlib.Path, run_b: pathlib.Path, n_resamples: int
   """`report --compare run_a run_b` (B - A), whose standard errors come from the draws that
   give its intervals."""
   predictions_a, predictions_b = compare.load_predictions(run_a), compare.load_predictions(run_b)
-  summaries = [json.loads((run / "results.json").read_text()) for run in (run_a, run_b)]
+  summaries = [run_results.read(run) for run in (run_a, run_b)]
   return compare.json_ready(
     compare.compare_runs(predictions_a, predictions_b, *summaries, n_resamples=n_resamples)
   )
 
 
-def _corpus_facts(run_dir: pathlib.Path, summary: dict) -> dict:
+def _corpus_facts(run_dir: pathlib.Path, results: run_results.RunResults) -> dict:
   """Utterances, speakers and class counts as the run trained on them, and its folds."""
   predictions = compare.load_predictions(run_dir)
   first = predictions.member == 0
   folds = sorted(set(predictions.fold[first].tolist()))
-  used = summary["class_counts"]["used"]
+  used = results.class_counts["used"]
   return {
     "utterances": int(sum(used.values())),
     "speakers": len(set(predictions.speaker[first].tolist())),
     "class_counts": used,
-    "cv_scheme": summary["config"]["cv"]["scheme"],
-    "n_folds": len(summary["folds"]),
+    "cv_scheme": results.config["cv"]["scheme"],
+    "n_folds": len(results.members[0].folds),
     "test_speakers_per_fold": [
       len(set(predictions.speaker[first & (predictions.fold == f)].tolist())) for f in folds
     ],
@@ -44,10 +43,15 @@ def _run_entry(workdir, outcome: Outcome, path: str, reference: str, n_resamples
   """A run's WA and UA (mean +/- sd over folds) and its paired difference from `reference`."""
   if outcome.result is None:
     return {"run": path, "status": "failed", "error": outcome.error}
-  entry: dict = {"run": path, "status": "ok"}
-  for name in ("overall_accuracy", "class_accuracy"):
-    entry[name] = outcome.result[name]
-    entry[f"{name}_std"] = outcome.result[f"{name}_std"]
+  model = outcome.result.members[0]
+  entry: dict = {
+    "run": path,
+    "status": "ok",
+    "overall_accuracy": model.wa_fold_mean,
+    "overall_accuracy_std": model.wa_fold_std,
+    "class_accuracy": model.ua_fold_mean,
+    "class_accuracy_std": model.ua_fold_std,
+  }
   if path != reference:
     entry["difference"] = paired_difference(workdir / reference, workdir / path, n_resamples)
   return entry
@@ -152,7 +156,7 @@ def _cross_summary(workdir, names, settings, outcomes, within, n_resamples) -> d
           row.append(entry.get("class_accuracy"))
           continue
         outcome = outcomes.get(f"{train}-to-{test}/{setting.name}", Outcome(None))
-        row.append(outcome.result["class_accuracy"] if outcome.result else None)
+        row.append(outcome.result.members[0].ua_fold_mean if outcome.result else None)
       matrix.append(row)
     matrices[setting.name] = {"corpora": names, "ua": matrix}
   for train in names:
@@ -161,7 +165,7 @@ def _cross_summary(workdir, names, settings, outcomes, within, n_resamples) -> d
         continue
       folder = f"{train}-to-{test}"
       reference_outcome = outcomes.get(f"{folder}/{reference}", Outcome(None))
-      classes = reference_outcome.result["class_names"] if reference_outcome.result else None
+      classes = list(reference_outcome.result.class_names) if reference_outcome.result else None
       for setting in settings[1:]:
         outcome = outcomes.get(f"{folder}/{setting.name}", Outcome(None))
         pair = {"train": train, "test": test, "setting": setting.name, "classes": classes}
