@@ -42,7 +42,7 @@ import time
 import common
 import numpy as np
 
-from ser_jax import run_results
+from ser_jax import layout, run_results
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -121,7 +121,7 @@ class Section:
 
 
 def read_results(workdir: pathlib.Path) -> run_results.RunResults | None:
-  return run_results.read(workdir) if (workdir / run_results.RESULTS_JSON).exists() else None
+  return run_results.read(workdir) if (workdir / layout.RESULTS).exists() else None
 
 
 def read_records(workdir: pathlib.Path) -> list[dict]:

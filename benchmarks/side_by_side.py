@@ -32,7 +32,7 @@ import time
 
 import common
 
-from ser_jax import run_results
+from ser_jax import layout, run_results
 from ser_jax.data import demo
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def run(name: str, command: list[str], out: pathlib.Path, env: dict, timeout: fl
 
 def read_run(row: dict, workdir: pathlib.Path, batch_size: int) -> dict:
   """Adds WA, UA, per-fold metrics, training seconds and steady samples/s from a workdir."""
-  if not (workdir / run_results.RESULTS_JSON).exists():
+  if not (workdir / layout.RESULTS).exists():
     return row
   results = run_results.read(workdir)
   model = results.members[0]

@@ -13,6 +13,7 @@ import os
 import pathlib
 import re
 
+RESULTS = "results.json"
 PREDICTIONS = "predictions.csv"
 _FOLD = re.compile(r"fold_(\d+)")
 _CHUNK = re.compile(r"members_(\d+)-(\d+)")

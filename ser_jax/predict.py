@@ -213,7 +213,7 @@ def _fold_probabilities(model, evaluate, variables, means, stds, features) -> ja
 
 def _class_names(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """results.json's classes; an unfinished run falls back to data.classes when it names them."""
-  if (workdir / run_results.RESULTS_JSON).exists():
+  if (workdir / layout.RESULTS).exists():
     try:
       return run_results.read(workdir).class_names
     except run_results.ResultsError as error:

@@ -17,11 +17,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ser_jax import io_utils, metrics
+from ser_jax import io_utils, layout, metrics
 
 SCHEMA_VERSION = 2
-RESULTS_JSON = "results.json"
-PREDICTIONS_CSV = "predictions.csv"
 
 
 class ResultsError(ValueError):
@@ -337,10 +335,10 @@ def _v1_hyperparameters(entry: Mapping) -> dict:
 def _v1_sweep_members(entries, folds: Sequence[FoldResults], n_classes: int, workdir):
   """Members 1.. of a layout-1 sweep: each fold's counts from predictions.csv, its training
   size member 0's (every member trains on the same folds)."""
-  path = None if workdir is None else pathlib.Path(workdir) / PREDICTIONS_CSV
+  path = None if workdir is None else pathlib.Path(workdir) / layout.PREDICTIONS
   if path is None or not path.is_file():
     raise ResultsError(
-      f"{path or PREDICTIONS_CSV}: missing; results.json has the old layout (no "
+      f"{path or layout.PREDICTIONS}: missing; results.json has the old layout (no "
       "schema_version), which keeps per-fold counts for sweep member 0 only, so the other "
       f"{len(entries) - 1} members are rebuilt from predictions.csv beside it"
     )
@@ -367,12 +365,12 @@ def _v1_sweep_members(entries, folds: Sequence[FoldResults], n_classes: int, wor
 
 def write(workdir: str | os.PathLike, results: RunResults) -> None:
   """<workdir>/results.json, atomically (a crash leaves the previous file)."""
-  io_utils.atomic_write_json(pathlib.Path(workdir) / RESULTS_JSON, results.to_json())
+  io_utils.atomic_write_json(pathlib.Path(workdir) / layout.RESULTS, results.to_json())
 
 
 def read(workdir: str | os.PathLike) -> RunResults:
   """<workdir>/results.json, either layout; ResultsError names the file and what is wrong."""
-  path = pathlib.Path(workdir) / RESULTS_JSON
+  path = pathlib.Path(workdir) / layout.RESULTS
   if not path.is_file():
     raise ResultsError(f"{path} does not exist (not a run directory, or the run is unfinished)")
   try:
