@@ -200,7 +200,7 @@ def test_cross_corpus_matrix_has_cross_validation_on_its_diagonal(killed_study):
     ua = np.array(matrix["ua"], dtype=float)
     assert ua.shape == (2, 2)
     for k, corpus in enumerate("ab"):
-      assert ua[k, k] == summary["within"][corpus][setting]["class_accuracy"]
+      assert ua[k, k] == summary["within"][corpus][setting]["ua_fold_mean"]
     for train, test, (row, col) in (("a", "b", (0, 1)), ("b", "a", (1, 0))):
       run = run_results.read(workdir / f"{train}-to-{test}" / setting)
       (fold,) = run.members[0].folds

@@ -8,8 +8,9 @@ from ser_jax import io_utils, plots
 from ser_jax.render import markdown_table
 
 
-def _pm(entry: dict, name: str) -> str:
-  return f"{entry[name]:.1f} +/- {entry[f'{name}_std']:.1f}"
+def _pm(entry: dict, score: str) -> str:
+  """'mean +/- sd' over folds of `score` ('wa' or 'ua')."""
+  return f"{entry[f'{score}_fold_mean']:.1f} +/- {entry[f'{score}_fold_std']:.1f}"
 
 
 def _interval(difference: dict, metric: str) -> str:
@@ -44,7 +45,7 @@ def _corpus_row(name: str, row: dict) -> list[str]:
 def _within_row(corpus: str, setting: str, entry: dict) -> list[str]:
   if entry["status"] != "ok":
     return [corpus, setting, f"failed: {entry['error']}", "", "", "", "", ""]
-  scores = [_pm(entry, "overall_accuracy"), _pm(entry, "class_accuracy")]
+  scores = [_pm(entry, "wa"), _pm(entry, "ua")]
   if "difference" not in entry:
     return [corpus, setting, *scores, "(reference)", "", "", ""]
   return [corpus, setting, *scores, *_difference_cells(entry["difference"])]

@@ -47,17 +47,14 @@ def _run_entry(workdir, outcome: Outcome, path: str, reference: str, n_resamples
   entry: dict = {
     "run": path,
     "status": "ok",
-    "overall_accuracy": model.wa_fold_mean,
-    "overall_accuracy_std": model.wa_fold_std,
-    "class_accuracy": model.ua_fold_mean,
-    "class_accuracy_std": model.ua_fold_std,
+    "wa_fold_mean": model.wa_fold_mean,
+    "wa_fold_std": model.wa_fold_std,
+    "ua_fold_mean": model.ua_fold_mean,
+    "ua_fold_std": model.ua_fold_std,
   }
   if path != reference:
     entry["difference"] = paired_difference(workdir / reference, workdir / path, n_resamples)
   return entry
-
-
-_METRICS = {"ua": "class_accuracy", "wa": "overall_accuracy"}
 
 
 def _pool(rows: dict[str, dict], metric: str) -> dict:
@@ -121,7 +118,7 @@ def summarise(config, workdir, study_corpora, settings, failures, outcomes) -> d
     "pooled": {
       s.name: {
         metric: _pool({name: rows[s.name] for name, rows in within.items()}, metric)
-        for metric in _METRICS
+        for metric in ("ua", "wa")
       }
       for s in settings[1:]
     },
@@ -153,7 +150,7 @@ def _cross_summary(workdir, names, settings, outcomes, within, n_resamples) -> d
       for test in names:
         if train == test:
           entry = within[train][setting.name]
-          row.append(entry.get("class_accuracy"))
+          row.append(entry.get("ua_fold_mean"))
           continue
         outcome = outcomes.get(f"{train}-to-{test}/{setting.name}", Outcome(None))
         row.append(outcome.result.members[0].ua_fold_mean if outcome.result else None)
