@@ -159,17 +159,22 @@ def _train_and_test(run: Run, folds: dict[int, Fold]) -> list[dict]:
   trained (program by program), tested and written, and the fold's result made of them."""
   engine = run.engine
   fold_results = {k: _finished_fold(run, k) for k in folds}
+  # Results of the cells tested here, kept in memory: only the writing process writes them,
+  # and another process must not wait for its files.
+  tested: dict[tuple[int, range], dict] = {}
   for group in engine.groups:
     cells = [Cell(folds[k], chunk) for k, chunk in group if fold_results[k] is None]
     if cells:
       trained = train_cells(run, cells)
       for cell, state in cell_states(run, cells, trained):
         if run.cell_result(cell) is None:
-          evaluate_cell(run, engine.programs_for(cells), cell, state)
+          made = engine.programs_for(cells)
+          tested[cell.fold.index, cell.members] = evaluate_cell(run, made, cell, state)
     for k, _ in group:
       chunks = [chunk for _, chunk in _cells_of(engine, k)]
-      if fold_results[k] is None and all(run.cell_result(Cell(folds[k], c)) for c in chunks):
-        fold_results[k] = finish_fold(run, folds[k], chunks)
+      cell_results = [tested.get((k, c)) or run.cell_result(Cell(folds[k], c)) for c in chunks]
+      if fold_results[k] is None and all(cell_results):
+        fold_results[k] = finish_fold(run, folds[k], chunks, cell_results)
   return [fold_results[k] for k in folds]
 
 
@@ -236,11 +241,9 @@ def _finished_fold(run: Run, index: int) -> dict | None:
   return json.loads(path.read_text())
 
 
-def finish_fold(run: Run, fold: Fold, chunks: list[range]) -> dict:
+def finish_fold(run: Run, fold: Fold, chunks: list[range], cell_results: list[dict]) -> dict:
   """The fold's result from its cells' (one per member chunk), written to its folder."""
-  counts = []
-  for chunk in chunks:
-    counts += run.cell_result(Cell(fold, chunk))["confusion_counts"]
+  counts = [member for result in cell_results for member in result["confusion_counts"]]
   fold_dir = layout.fold_dir(run.workdir, fold.index)
   if run.is_writer and len(chunks) > 1:
     results.write_predictions(
@@ -253,8 +256,9 @@ def finish_fold(run: Run, fold: Fold, chunks: list[range]) -> dict:
   )
 
 
-def evaluate_cell(run: Run, made, cell: Cell, state) -> None:
-  """Tests a cell's trained members on its fold; writes its predictions and result.json."""
+def evaluate_cell(run: Run, made, cell: Cell, state) -> dict:
+  """Tests a cell's trained members on its fold; writes its predictions and result.json, and
+  returns the result."""
   test_store, fold = run.test_store, cell.fold
   probabilities = evaluation.evaluate(
     made.evaluate, state, test_store, fold.test_idx, fold.mean, fold.std, made.shapes, run.topology
@@ -274,7 +278,7 @@ def evaluate_cell(run: Run, made, cell: Cell, state) -> None:
       cell.members.start,
       probabilities,
     )
-  results.save_fold_result(
+  cell_result = results.save_fold_result(
     run_dir / "result.json", fold.index, fold.train_idx, fold.test_idx, counts, run.is_writer
   )
   for k, j in enumerate(cell.members):
@@ -288,6 +292,7 @@ def evaluate_cell(run: Run, made, cell: Cell, state) -> None:
       len(fold.train_idx),
       len(fold.test_idx),
     )
+  return cell_result
 
 
 def _count_params(model, feature_shape) -> int:

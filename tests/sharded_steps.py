@@ -36,6 +36,7 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
   """`layout`: 'replicated', 'fsdp' (config.model.shard_params), 'sweep' (3 members) or
   'folds' (3 models of different folds, stacked, with their own batches on the device)."""
   config = default_config()
+  config.model.name = "resnet10"  # The paper's ResNet-18 with one block a stage: quicker.
   config.model.width = 4
   config.model.shard_params = layout == "fsdp"
   config.train.batch_size = batch_size

@@ -425,8 +425,9 @@ for workdir, settings in runs:
 
 @pytest.fixture(scope="module")
 def neutral_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
-  """{'baseline' or a NEUTRAL_VARIANTS group: workdir}: a two-member sweep (gammas 0 and 2) at width 4 for one
-  epoch on fold 0 of a 64-clip demo corpus, and one run per NEUTRAL_VARIANTS group."""
+  """{'baseline' or a NEUTRAL_VARIANTS group: workdir}: a two-member sweep (gammas 0 and 2)
+  of a width-4 ResNet-10 for one epoch on fold 0 of a 64-clip demo corpus, and one run per
+  NEUTRAL_VARIANTS group."""
   root = tmp_path_factory.mktemp("neutral")
   corpus = write_demo_corpus(root / "corpus", n_utterances=64, n_speakers=4)
   baseline = {
@@ -434,6 +435,7 @@ def neutral_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
     "data.cache_dir": str(root / "cache"),
     "data.num_workers": 1,
     "features.max_seconds": 1.0,
+    "model.name": "resnet10",
     "model.width": 4,
     "sweep.gammas": [0.0, 2.0],
     "train.num_epochs": 1,

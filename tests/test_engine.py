@@ -42,7 +42,7 @@ def _backend(lowering: str) -> cpu.Backend:
 
 def _programs(lowering: str, n_models: int, stacking: str) -> programs.Programs:
   backend = _backend(lowering)
-  model = models.ResNet18(num_classes=4, width=4, **backend.ops)
+  model = models.ResNet10(num_classes=4, width=4, **backend.ops)  # Any depth has its loops.
   shapes = programs.Shapes(**{**SHAPES.__dict__, "n_models": n_models})
   return programs.Programs.create(
     shapes,
