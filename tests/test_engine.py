@@ -182,8 +182,7 @@ def _fold_predictions(workdir: pathlib.Path, fold: int) -> dict[str, np.ndarray]
 @pytest.fixture(scope="module")
 def uneven_runs(tmp_path_factory):
   """Two folds of 32 and 33 training clips at batch 3 (10 and 11 steps an epoch), trained
-  one at a time, stacked by vmap and stacked by lax.map. (A fold trained one at a time gives
-  what it gives alone: test_config.py's result-neutral cv.folds.)"""
+  one at a time, stacked by vmap, stacked by lax.map, and each fold alone."""
   root = tmp_path_factory.mktemp("uneven")
   corpus = write_demo_corpus(root / "corpus", n_utterances=65, n_speakers=4)
   workdirs = {}
@@ -191,6 +190,8 @@ def uneven_runs(tmp_path_factory):
     "none": {"train.models_together": "none"},
     "vmap": {"train.models_together": "vmap"},
     "map": {"train.models_together": "map"},
+    "alone_0": {"train.models_together": "none", "cv.folds": (0,)},
+    "alone_1": {"train.models_together": "none", "cv.folds": (1,)},
   }.items():
     workdirs[name] = root / name
     experiment.train_and_evaluate(_config(root, corpus, **overrides), str(workdirs[name]))
@@ -206,21 +207,21 @@ def test_folds_of_different_lengths_train_their_own_number_of_steps(uneven_runs)
   assert steps[0, 2] == 2 * steps[0, 1] and steps[1, 2] == 2 * steps[1, 1]
 
 
-@pytest.mark.parametrize("together", ["vmap", "map"])
+@pytest.mark.parametrize("together", ["none", "vmap", "map"])
 @pytest.mark.parametrize("fold", [0, 1])
-def test_a_fold_stacked_with_the_other_gives_what_it_gives_one_at_a_time(
-  uneven_runs, together, fold
-):
-  """Each fold of a run stacked with the other, though it has fewer or more steps, has the
-  predictions it has trained one fold at a time (to float32 rounding: stacked convolutions
-  may round differently) and the same predicted classes; its parameters too."""
-  alone = _fold_predictions(uneven_runs["none"], fold)
+def test_a_fold_trained_with_the_others_gives_what_it_gives_alone(uneven_runs, together, fold):
+  """Each fold of a run, one at a time or stacked, has the predictions it has when trained
+  alone (to float32 rounding: stacked convolutions may round differently) and the same
+  predicted classes; its parameters too."""
+  alone = _fold_predictions(uneven_runs[f"alone_{fold}"], fold)
   stacked = _fold_predictions(uneven_runs[together], fold)
   assert stacked.keys() == alone.keys() and len(alone) in (32, 33)
   for utt_id, probabilities in alone.items():
     np.testing.assert_allclose(stacked[utt_id], probabilities, rtol=0, atol=1e-5)
     assert stacked[utt_id].argmax() == probabilities.argmax(), utt_id
-  want = checkpoints.restore_variables(uneven_runs["none"] / f"fold_{fold}" / "checkpoints")
+  want = checkpoints.restore_variables(
+    uneven_runs[f"alone_{fold}"] / f"fold_{fold}" / "checkpoints"
+  )
   got = checkpoints.restore_variables(uneven_runs[together] / f"fold_{fold}" / "checkpoints")
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -246,8 +247,7 @@ def _swap_test_utterances(source: pathlib.Path, other: pathlib.Path, target, tes
     writer.writerows(rows)
 
 
-# Folds one at a time ('none') with -m slow: each fold's data are gathered as when stacked.
-@pytest.mark.parametrize("together", [pytest.param("none", marks=pytest.mark.slow), "vmap"])
+@pytest.mark.parametrize("together", ["none", "vmap"])
 def test_a_folds_test_utterances_do_not_reach_its_training(tmp_path, monkeypatch, together):
   """With fold 0's train and test indices held fixed, other features and labels for its
   test utterances leave its trained parameters bit for bit as they were, with class weights

@@ -41,11 +41,15 @@ MEMBER_KEYS = {
 FOLD_KEYS = {"fold", "n_train", "n_test", "wa", "ua", "macro_f1", "confusion_counts"}
 
 
+# The demo reader's default classes: data.classes left empty.
+DEFAULT_CLASSES = {"data.classes": "()"}
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("main")
   workdir, cache = root / "run", root / "cache"
-  process = run_module("ser_jax.main", tiny_args(workdir, cache))
+  process = run_module("ser_jax.main", tiny_args(workdir, cache, **DEFAULT_CLASSES))
   assert process.returncode == 0, process.stderr
   return workdir, cache, process
 
@@ -91,27 +95,23 @@ def test_workdir_holds_checkpoints_metrics_and_tables(finished_run):
 def test_rerun_keeps_finished_folds(finished_run):
   workdir, cache, _ = finished_run
   before = result_metrics(workdir)
-  process = run_module("ser_jax.main", tiny_args(workdir, cache))
+  process = run_module("ser_jax.main", tiny_args(workdir, cache, **DEFAULT_CLASSES))
   assert process.returncode == 0, process.stderr
   assert "Fold 0 already finished" in process.stderr
   assert "Fold 1 already finished" in process.stderr
   assert result_metrics(workdir) == before
 
 
-def test_empty_classes_mean_the_readers_default_classes(finished_run, tmp_path):
+def test_empty_classes_mean_the_readers_default_classes(finished_run):
   """--config.data.classes='()' trains on the demo reader's default classes, in its order."""
-  _, cache, _ = finished_run
-  workdir = tmp_path / "run"
-  overrides = {"train.num_epochs": 1, "cv.folds": "(0,)", "data.classes": "()"}
-  process = run_module("ser_jax.main", tiny_args(workdir, cache, **overrides))
-  assert process.returncode == 0, process.stderr
+  workdir, _, _ = finished_run
   results = run_results.read(workdir)
   defaults = tuple(corpora.CORPORA["demo"].default_classes)
   assert results.config["data"]["classes"] == []
   assert results.class_names == defaults
   counts = results.members[0].confusion_counts_pooled
   assert counts.shape == (len(defaults), len(defaults))
-  assert counts.sum() == results.members[0].folds[0].n_test == 160
+  assert counts.sum() == sum(f.n_test for f in results.members[0].folds) == 320
   header = (workdir / "predictions.csv").read_text().splitlines()[0].split(",")
   assert header[-len(defaults) :] == [f"p_{name}" for name in defaults]
 

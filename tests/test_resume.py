@@ -14,6 +14,8 @@ from helpers import REPO, result_metrics, run_module, session_demo_corpus, start
 from ser_jax import io_utils, trainer
 
 EPOCHS = 4
+# A checkpoint every epoch, so that a run killed mid-fold resumes from one.
+EVERY_EPOCH = {"train.num_epochs": EPOCHS, "train.checkpoint_every_epochs": 1}
 
 
 def _wait_for_checkpoint(process, workdir, fold: int, epoch: int, timeout: float = 300.0):
@@ -35,7 +37,7 @@ def reference(tmp_path_factory):
   root = tmp_path_factory.mktemp("reference")
   cache = root / "cache"
   workdir = root / "run"
-  process = run_module("ser_jax.main", tiny_args(workdir, cache, **{"train.num_epochs": EPOCHS}))
+  process = run_module("ser_jax.main", tiny_args(workdir, cache, **EVERY_EPOCH))
   assert process.returncode == 0, process.stderr
   return cache, result_metrics(workdir)
 
@@ -46,7 +48,7 @@ def test_sigkill_during_training_then_rerun_gives_the_same_results(
 ):
   cache, expected = reference
   workdir = tmp_path / "run"
-  args = tiny_args(workdir, cache, **{"train.num_epochs": EPOCHS})
+  args = tiny_args(workdir, cache, **EVERY_EPOCH)
   process = start_module("ser_jax.main", args)
   _wait_for_checkpoint(process, workdir, fold, epoch)
   process.send_signal(signal.SIGKILL)
@@ -97,7 +99,7 @@ def test_preprocess_sigkill_then_rerun_gives_identical_store(tmp_path):
 @pytest.mark.slow  # Run with -m slow (docs/testing.md).
 def test_second_process_on_the_same_workdir_is_refused(tmp_path, reference):
   cache, _ = reference
-  args = tiny_args(tmp_path / "run", cache, **{"train.num_epochs": 50})
+  args = tiny_args(tmp_path / "run", cache, **{**EVERY_EPOCH, "train.num_epochs": 50})
   first = start_module("ser_jax.main", args)
   try:
     _wait_for_checkpoint(first, tmp_path / "run", 0, 1)
