@@ -30,9 +30,14 @@ def _counts_tuple(counts) -> tuple[tuple[int, ...], ...]:
   return tuple(tuple(int(v) for v in row) for row in np.asarray(counts))
 
 
-def _mean_std(values) -> tuple[float, float]:
-  values = np.asarray(values, dtype=float)
-  return float(values.mean()), float(values.std())
+def _over_folds(score: str, statistic) -> property:
+  """A member's `statistic` (np.mean, or np.std: the population sd) of its folds' `score`."""
+  return property(lambda member: float(statistic([getattr(f, score) for f in member.folds])))
+
+
+def _pooled(score: str) -> property:
+  """A member's `score` (ser_jax.metrics' function of that name) of its pooled counts."""
+  return property(lambda member: getattr(metrics, score)(member.confusion_counts_pooled))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,46 +103,20 @@ class MemberResults:
     object.__setattr__(self, "alpha", alpha)
     object.__setattr__(self, "folds", tuple(self.folds))
 
-  @property
-  def wa_fold_mean(self) -> float:
-    return _mean_std([f.wa for f in self.folds])[0]
-
-  @property
-  def wa_fold_std(self) -> float:
-    return _mean_std([f.wa for f in self.folds])[1]
-
-  @property
-  def ua_fold_mean(self) -> float:
-    return _mean_std([f.ua for f in self.folds])[0]
-
-  @property
-  def ua_fold_std(self) -> float:
-    return _mean_std([f.ua for f in self.folds])[1]
-
-  @property
-  def macro_f1_fold_mean(self) -> float:
-    return _mean_std([f.macro_f1 for f in self.folds])[0]
-
-  @property
-  def macro_f1_fold_std(self) -> float:
-    return _mean_std([f.macro_f1 for f in self.folds])[1]
+  wa_fold_mean = _over_folds("wa", np.mean)
+  wa_fold_std = _over_folds("wa", np.std)
+  ua_fold_mean = _over_folds("ua", np.mean)
+  ua_fold_std = _over_folds("ua", np.std)
+  macro_f1_fold_mean = _over_folds("macro_f1", np.mean)
+  macro_f1_fold_std = _over_folds("macro_f1", np.std)
+  wa_pooled = _pooled("wa")
+  ua_pooled = _pooled("ua")
+  macro_f1_pooled = _pooled("macro_f1")
 
   @property
   def confusion_counts_pooled(self) -> np.ndarray:
     """[true, predicted] counts summed over folds."""
     return np.sum([np.asarray(f.confusion_counts) for f in self.folds], axis=0)
-
-  @property
-  def wa_pooled(self) -> float:
-    return metrics.wa(self.confusion_counts_pooled)
-
-  @property
-  def ua_pooled(self) -> float:
-    return metrics.ua(self.confusion_counts_pooled)
-
-  @property
-  def macro_f1_pooled(self) -> float:
-    return metrics.macro_f1(self.confusion_counts_pooled)
 
   @property
   def confusion_matrix_pooled(self) -> np.ndarray:
