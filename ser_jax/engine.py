@@ -145,6 +145,11 @@ class Engine:
   def programs_for(self, cells) -> programs.Programs:
     return self.programs[sum(len(c.members) for c in cells), len(cells[0].members)]
 
+  @property
+  def num_params(self) -> int:
+    """Parameters of one model."""
+    return next(iter(self.programs.values())).num_params
+
 
 def program_shapes(
   settings, members, folds, trained, feature_shape, n_rows, n_classes

@@ -16,7 +16,6 @@ import shutil
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -190,7 +189,7 @@ def _summarise(
     class_names=store.class_names,
     members=[m.as_dict() for m in run.members],
     fold_results=fold_results,
-    num_params=_count_params(run.engine.model, run.engine.shapes.feature_shape),
+    num_params=run.engine.num_params,
     feature_store=str(store.path),
     skipped=data.skipped_files(store),
     class_counts={
@@ -293,13 +292,6 @@ def evaluate_cell(run: Run, made, cell: Cell, state) -> dict:
       len(fold.test_idx),
     )
   return cell_result
-
-
-def _count_params(model, feature_shape) -> int:
-  variables = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((1, *feature_shape, 1)), train=False)
-  )
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables["params"])))
 
 
 def _check_same_config(config, workdir: pathlib.Path) -> None:

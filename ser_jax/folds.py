@@ -23,16 +23,13 @@ def make_folds(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
   """(train_indices, test_indices) per fold, sorted; every example is tested exactly once.
 
-  'stratified': scikit-learn StratifiedKFold, shuffled with `seed` (the paper's protocol).
+  'stratified': scikit-learn's StratifiedKFold, shuffled with `seed` (the paper's protocol;
+  stratified_test_folds).
   'speaker': no speaker in both train and test. When there are exactly `n_folds` groups
   (IEMOCAP's five sessions with cv.n_folds=5) each fold holds out one whole group
-  (leave-one-session-out); otherwise speakers are spread over folds with
+  (leave-one-session-out); otherwise speakers are spread over folds with scikit-learn's
   StratifiedGroupKFold.
   """
-  # Imported here: scikit-learn takes seconds to import, which predict, report and a run on
-  # the corpus's own folds need not pay.
-  from sklearn import model_selection
-
   labels = np.asarray(labels)
   counts = np.bincount(labels, minlength=len(class_names) or labels.max() + 1)
   if scheme == "stratified":
@@ -43,8 +40,10 @@ def make_folds(
         f"cv.n_folds={n_folds} is more than class '{name}' has examples ({smallest}); "
         f"use cv.n_folds <= {smallest} or drop the class from data.classes"
       )
-    splitter = model_selection.StratifiedKFold(n_folds, shuffle=True, random_state=seed)
-    splits = splitter.split(np.zeros(len(labels)), labels)
+    test_fold = stratified_test_folds(labels, n_folds, seed)
+    splits = [
+      (np.flatnonzero(test_fold != k), np.flatnonzero(test_fold == k)) for k in range(n_folds)
+    ]
   elif scheme == "speaker":
     unique_groups = np.unique(groups)
     if len(unique_groups) == n_folds and len(np.unique(speakers)) > n_folds:
@@ -56,6 +55,9 @@ def make_folds(
           f"cv.scheme='speaker' needs at least cv.n_folds={n_folds} speakers; the corpus has "
           f"{n_speakers}; lower cv.n_folds"
         )
+      # Imported here: scikit-learn takes 1.5 s to import, which no other path pays.
+      from sklearn import model_selection
+
       splitter = model_selection.StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed)
       splits = splitter.split(np.zeros(len(labels)), labels, speakers)
   else:
@@ -64,6 +66,29 @@ def make_folds(
       "made by given_folds)"
     )
   return [(np.sort(train), np.sort(test)) for train, test in splits]
+
+
+def stratified_test_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+  """Each example's test fold, as scikit-learn's StratifiedKFold(n_folds, shuffle=True,
+  random_state=seed) assigns them (tests/test_folds.py checks they are its folds), in numpy:
+  a run need not import scikit-learn for them.
+
+  Classes, numbered in order of first appearance, are dealt round robin to the folds in
+  sorted order; each class's fold numbers are then shuffled among its examples.
+  """
+  _, first_seen, class_of = np.unique(labels, return_index=True, return_inverse=True)
+  _, appearance_rank = np.unique(first_seen, return_inverse=True)
+  classes = appearance_rank[class_of]
+  n_classes = len(first_seen)
+  dealt = np.sort(classes)
+  per_fold = np.stack([np.bincount(dealt[k::n_folds], minlength=n_classes) for k in range(n_folds)])
+  rng = np.random.RandomState(seed)
+  test_fold = np.empty(len(classes), np.int64)
+  for c in range(n_classes):
+    folds_of_class = np.repeat(np.arange(n_folds), per_fold[:, c])
+    rng.shuffle(folds_of_class)
+    test_fold[classes == c] = folds_of_class
+  return test_fold
 
 
 @dataclasses.dataclass(frozen=True)

@@ -108,6 +108,7 @@ class Programs:
   # [members, n, batch, n_classes] probabilities
   evaluate: Callable
   state_sharding: object  # Pytree of the stacked state's shardings.
+  num_params: int  # Parameters of one model.
   # (stacked state, first model) -> the state of one cell's `n_members` models, and back.
   take_cell: Callable
   put_cell: Callable
@@ -175,11 +176,18 @@ class Programs:
     quick = {**(compiler_options or {}), "xla_backend_optimization_level": 0}
     return cls(
       shapes=shapes,
-      init=jax.jit(init, out_shardings=state_sharding, compiler_options=quick),
+      # Inputs as given (the seeds), not as laid out: `compile` then reuses the trace above.
+      init=jax.jit(
+        init,
+        in_shardings=topology.replicated,
+        out_shardings=state_sharding,
+        compiler_options=quick,
+      ),
       train_epoch=jit(stack(train_epoch, shapes.n_models), donate_argnums=donate),
       train_step=jit(stack(train_step, shapes.n_models), donate_argnums=donate),
       evaluate=jit(stack(evaluate, m)),
       state_sharding=state_sharding,
+      num_params=sum(x.size for x in jax.tree.leaves(abstract.params)) // shapes.n_models,
       take_cell=jit(take_cell, out_shardings=cell_sharding),
       put_cell=jit(put_cell, out_shardings=state_sharding),
     )
@@ -197,9 +205,7 @@ class Programs:
     hparams = _shaped(hparams, topology.replicated)
     replicated = functools.partial(_shaped, sharding=topology.replicated)
     label = f"{k} model{'s' if k > 1 else ''}"
-    init = compile_logged(
-      f"init ({label})", self.init, *replicated((seeds, seeds.astype(np.int32)))
-    )
+    init = compile_logged(f"init ({label})", self.init, seeds, seeds.astype(np.int32))
     if shapes.n_rows is None:
       batch = _batch_shapes(shapes.batch_size, shapes.feature_shape)
       train_program = compile_logged(

@@ -183,7 +183,8 @@ def train_step(
 
 def epoch_loop(step_fn, state, hparams, batch_at: Callable, n_steps, max_steps: int):
   """`max_steps` iterations of `state, metrics = step_fn(state, batch_at(i), hparams)` in
-  one loop on the device, of which the first `n_steps` train.
+  one loop on the device (`lax.scan`: the step is traced once), of which the first
+  `n_steps` train.
 
   max_steps is a Python int, so the loop's trip count is known when it compiles (XLA:GPU
   would otherwise copy the loop's predicate to the host every step). n_steps may be
@@ -191,17 +192,13 @@ def epoch_loop(step_fn, state, hparams, batch_at: Callable, n_steps, max_steps: 
   folds of different sizes share one program. Returns (state, metrics), each metric
   [max_steps, ...]; rows from n_steps on are those of steps whose results were dropped.
   """
-  _, metric_shapes = jax.eval_shape(step_fn, state, batch_at(0), hparams)
-  buffers = jax.tree.map(lambda s: jnp.zeros((max_steps, *s.shape), s.dtype), metric_shapes)
 
-  def body(i, carry):
-    state, buffers = carry
+  def body(state, i):
     stepped, metrics = step_fn(state, batch_at(i), hparams)
     trains = i < n_steps
-    state = jax.tree.map(lambda new, old: jnp.where(trains, new, old), stepped, state)
-    return state, jax.tree.map(lambda b, m: b.at[i].set(m), buffers, metrics)
+    return jax.tree.map(lambda new, old: jnp.where(trains, new, old), stepped, state), metrics
 
-  return jax.lax.fori_loop(0, max_steps, body, (state, buffers))
+  return jax.lax.scan(body, state, jnp.arange(max_steps))
 
 
 def class_probabilities(apply_fn, variables: dict, features: jax.Array) -> jax.Array:

@@ -1,7 +1,8 @@
 """Cross-validation folds: stratified as in the paper, or speaker-independent.
 
 The checks are properties any correct folds have, over random corpora with imbalanced
-classes (IEMOCAP's 48/12/27/13 % among them), not a replay of the scikit-learn call.
+classes (IEMOCAP's 48/12/27/13 % among them); the stratified folds are also scikit-learn's
+StratifiedKFold's, which the paper's protocol names.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ser_jax.folds import FoldError, make_folds
+from ser_jax.folds import FoldError, make_folds, stratified_test_folds
 
 CLASS_NAMES = ("neutral", "happiness", "sadness", "anger")
 IEMOCAP_SHARES = (0.48, 0.12, 0.27, 0.13)
@@ -99,6 +100,26 @@ def test_stratified_folds_are_deterministic_in_the_seed(corpus_seed):
   _assert_same_folds(first, _stratified(labels, n_folds, seed=5))
   # Another seed shuffles differently: not the same partition, not even reordered.
   assert sorted(_test_sets(_stratified(labels, n_folds, seed=6))) != sorted(_test_sets(first))
+
+
+@pytest.mark.parametrize("corpus_seed", CORPUS_SEEDS)
+def test_stratified_folds_are_scikit_learns(corpus_seed):
+  """The same folds as StratifiedKFold(shuffle=True, random_state=seed); also for class
+  numbers with gaps, first appearing in any order."""
+  from sklearn.model_selection import StratifiedKFold
+
+  labels, n_folds = _random_labels(corpus_seed)
+  seed = 1000 + corpus_seed
+
+  def sklearn_folds(labels):
+    splits = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(labels, labels)
+    return [(np.sort(train), np.sort(test)) for train, test in splits]
+
+  _assert_same_folds(_stratified(labels, n_folds, seed=seed), sklearn_folds(labels))
+  sparse = np.array([7, 0, 5, 3])[labels]
+  test_fold = stratified_test_folds(sparse, n_folds, seed)
+  got = [(np.flatnonzero(test_fold != k), np.flatnonzero(test_fold == k)) for k in range(n_folds)]
+  _assert_same_folds(got, sklearn_folds(sparse))
 
 
 def test_stratified_folds_mix_the_corpus_order():
