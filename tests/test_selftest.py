@@ -27,9 +27,8 @@ def make(ops):
 @pytest.fixture
 def fresh_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("SER_JAX_CACHE", str(tmp_path))
-  selftest._cached_failure.cache_clear()
+  monkeypatch.setattr(selftest, "_verdicts", {})
   yield tmp_path
-  selftest._cached_failure.cache_clear()
 
 
 def _child(monkeypatch, code: str) -> None:
@@ -45,16 +44,25 @@ def test_recorded_calls_cover_forward_both_gradients_and_fused_inference():
   assert roles & {"affine", "affine_relu", "affine_sum_relu"}
 
 
-def test_passes_here_and_is_cached(fresh_cache, caplog):
+def test_passes_here_and_is_cached(fresh_cache, caplog, monkeypatch):
   caplog.set_level(logging.INFO)
   assert selftest.failure(make, SHAPES) == ""
   verdicts = list((fresh_cache / "onednn_selftest").glob("*.json"))
   assert len(verdicts) == 1
   assert cpu.select_backend("auto", make, SHAPES).lowering == "onednn"
-  selftest._cached_failure.cache_clear()
+  selftest._verdicts.clear()
   caplog.clear()
-  assert selftest.failure(make, SHAPES) == ""  # Read from the file: no child this time.
-  assert "self-test passed" not in caplog.text
+  traced = []
+  monkeypatch.setattr(selftest, "_calls_of", lambda *args: traced.append(args) or [])
+  assert selftest.failure(make, SHAPES) == ""  # Read from the file: no child, no tracing.
+  assert "self-test passed" not in caplog.text and not traced
+  # Another model, or other shapes, is tested again.
+  _child(monkeypatch, "import json, sys; open(sys.argv[2], 'w').write('{\"failure\": \"\"}')")
+  wider = lambda ops: make(ops).clone(width=8)  # noqa: E731
+  assert selftest.failure(wider, SHAPES) == ""
+  assert selftest.failure(make, [(4, 16, 24, 1), (2, 16, 24, 1)]) == ""
+  assert len(traced) == 2
+  assert len(list((fresh_cache / "onednn_selftest").glob("*.json"))) == 3
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,9 @@ Every custom call a model would make (forward, both gradients, fused inference, 
 run's shapes) is recorded while the model is traced, then replayed on random data in a
 child process and compared with XLA's convolutions. A crash, a hang or a wrong value
 there costs the run nothing but the fast path. Verdicts are cached under
-$SER_JAX_CACHE/onednn_selftest, keyed by the library build, the CPU, the oneDNN
-settings and the calls.
+$SER_JAX_CACHE/onednn_selftest, keyed by what decides the calls (the model, its input
+shapes and ser_jax's source), the library build, the CPU and the oneDNN settings: a run
+whose verdict is cached traces nothing for it.
 
 `python -m ser_jax.cpu.selftest CALLS.json VERDICT.json` is the child.
 """
@@ -19,6 +20,7 @@ import logging
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,6 +41,8 @@ TOLERANCE = 1e-4
 # The environment that changes which oneDNN implementations run.
 _ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_CPU_ISA_HINTS", "OMP_NUM_THREADS")
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_DEMO_SHAPES = ((8, 40, 130, 1), (8, 40, 130, 1))
+_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
 
 
 def default_model(ops):
@@ -52,8 +56,13 @@ def record_calls(make_model=None, input_shapes=()) -> list:
   `make_model(ops)` on inputs of `input_shapes` ([train, eval]; default: a demo batch)."""
   from ser_jax import cpu
 
-  model = (make_model or default_model)(cpu.ONEDNN_OPS)
-  train_shape, eval_shape = input_shapes or ((8, 40, 130, 1), (8, 40, 130, 1))
+  return _calls_of((make_model or default_model)(cpu.ONEDNN_OPS), input_shapes or _DEMO_SHAPES)
+
+
+def _calls_of(model, input_shapes) -> list:
+  from ser_jax.cpu import fused
+
+  train_shape, eval_shape = input_shapes
   variables = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros(train_shape), train=False)
   )
@@ -65,9 +74,7 @@ def record_calls(make_model=None, input_shapes=()) -> list:
   x_eval = jax.ShapeDtypeStruct(eval_shape, jnp.float32)
   with onednn.recording_calls() as calls:
     jax.eval_shape(jax.grad(loss), variables, jax.ShapeDtypeStruct(train_shape, jnp.float32))
-    packed = jax.eval_shape(
-      functools.partial(cpu.fused.packed_kernels, model.apply), variables, x_eval
-    )
+    packed = jax.eval_shape(functools.partial(fused.packed_kernels, model.apply), variables, x_eval)
     jax.eval_shape(
       lambda v, p, x: model.apply({**v, **p}, x, train=False), variables, packed, x_eval
     )
@@ -77,21 +84,48 @@ def record_calls(make_model=None, input_shapes=()) -> list:
 
 def failure(make_model=None, input_shapes=()) -> str:
   """'' when the library computes every call of the model right on this machine, else why
-  not (one line). Runs the child at most once per cache key."""
-  calls = record_calls(make_model, input_shapes)
-  return _cached_failure(json.dumps(calls, sort_keys=True))
+  not (one line). Records the model's calls and runs the child only where no verdict is
+  cached for its key."""
+  from ser_jax import cpu
+
+  model = (make_model or default_model)(cpu.ONEDNN_OPS)
+  input_shapes = tuple(tuple(shape) for shape in input_shapes or _DEMO_SHAPES)
+  key = hashlib.sha256(
+    "\0".join(
+      [
+        re.sub(r" at 0x[0-9a-f]+", "", repr(model)),  # Its fields, without memory addresses.
+        repr(input_shapes),
+        _source_digest(),
+        onednn.library_key(),
+        cpu_description(),
+        *_environment(),
+      ]
+    ).encode()
+  ).hexdigest()[:16]
+  if key not in _verdicts:
+    _verdicts[key] = _verdict(key, lambda: _calls_of(model, input_shapes))
+  return _verdicts[key]
+
+
+_verdicts: dict[str, str] = {}  # This process's, by cache key.
 
 
 @functools.cache
-def _cached_failure(calls_json: str) -> str:
-  key = hashlib.sha256(
-    "\0".join([calls_json, onednn.library_key(), cpu_description(), *_environment()]).encode()
-  ).hexdigest()[:16]
+def _source_digest() -> str:
+  """A digest of ser_jax's Python source, which decides the calls a model makes."""
+  digest = hashlib.sha256()
+  for path in sorted(_PACKAGE.rglob("*.py")):
+    digest.update(str(path.relative_to(_PACKAGE)).encode() + b"\0" + path.read_bytes())
+  return digest.hexdigest()
+
+
+def _verdict(key: str, record) -> str:
+  """The cached verdict of `key`, or the child's on the calls `record()` returns."""
   path = default_cache_dir() / "onednn_selftest" / f"{key}.json"
   if path.exists():
     return json.loads(path.read_text())["failure"]
   start = time.time()
-  failure = _run_child(calls_json)
+  failure = _run_child(json.dumps(record(), sort_keys=True))
   verdict = {"failure": failure, "seconds": round(time.time() - start, 2)}
   verdict.update(cpu=cpu_description(), environment=_environment(), onednn=onednn.version())
   path.parent.mkdir(parents=True, exist_ok=True)
