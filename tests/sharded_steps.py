@@ -9,7 +9,6 @@ import pathlib
 import sys
 
 import jax
-import ml_collections
 import numpy as np
 
 from ser_jax import cpu, engine, evaluation, input_pipeline, models, programs
@@ -36,8 +35,6 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
   """`layout`: 'replicated', 'fsdp' (config.model.shard_params), 'sweep' (3 members) or
   'folds' (3 models of different folds, stacked, with their own batches on the device)."""
   config = default_config()
-  config.model.name = "resnet10"  # The paper's ResNet-18 with one block a stage: quicker.
-  config.model.width = 4
   config.model.shard_params = layout == "fsdp"
   config.train.batch_size = batch_size
   store = tiny_store()
@@ -48,7 +45,10 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
   k = len(members)
   # The same lowering on any number of devices, so that only the sharding differs.
   backend = cpu.backend("cpu")
-  model = models.create_model(ml_collections.ConfigDict(config.model), 4, backend.ops)
+  # Two stages of one block (a strided block with its projection among them): what a
+  # sharding does to a ResNet, compiled in a fraction of ResNet-18's time. The FSDP layout
+  # splits the second stage's 8-channel kernels.
+  model = models.ResNet(stage_sizes=(1, 1), num_classes=4, width=4, **backend.ops)
   n_bins = store.features.shape[1]
   shapes = programs.Shapes(
     n_models=k,
