@@ -1,4 +1,4 @@
-"""Test-session settings, applied before ser_jax is imported."""
+"""Test-session settings, applied before JAX starts."""
 
 import atexit
 import os
@@ -6,6 +6,8 @@ import shutil
 import tempfile
 
 from helpers import TEST_XLA_FLAGS, with_test_xla_flags
+
+from ser_jax.cpu import xla_flags
 
 # The malloc settings trade about a third more compile time for faster steps: a loss for
 # tests, which compile many small programs. test_malloc.py checks them in subprocesses.
@@ -20,9 +22,12 @@ _SESSION_FOLDER = "SER_JAX_TEST_SESSION_FOLDER"
 if not ("PYTEST_XDIST_WORKER" in os.environ and os.environ.get(_SESSION_FOLDER)):
   os.environ[_SESSION_FOLDER] = tempfile.mkdtemp(prefix="ser_jax_tests_")
   atexit.register(shutil.rmtree, os.environ[_SESSION_FOLDER], ignore_errors=True)
-# The test process compiles like its subprocesses (helpers.TEST_XLA_FLAGS).
+# The test process compiles like its subprocesses (helpers.TEST_XLA_FLAGS), and like the
+# entry points, with the XLA:CPU flags they set (cpu.tune_process; JAX reads them when its
+# backend starts): in-process runs and the entry points' share compiled programs.
 if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = with_test_xla_flags(os.environ.get("XLA_FLAGS", ""))
+xla_flags.apply()
 os.environ["SER_JAX_CACHE"] = os.path.join(os.environ[_SESSION_FOLDER], "cache")
 # Every compiled program, however small, shared by the test processes and their subprocesses.
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ[_SESSION_FOLDER], "xla")
