@@ -99,8 +99,10 @@ def test_auto_leaves_onednn_below_avx2_where_xla_is_faster():
 
   code = (
     "import logging; logging.basicConfig(level=logging.WARNING)\n"
-    "from ser_jax import cpu\n"
-    "print(cpu.select_backend('auto').lowering, cpu.select_backend('onednn').lowering)"
+    "from ser_jax import cpu, models\n"
+    "make = lambda ops: models.ResNet10(num_classes=4, width=4, **ops)\n"
+    f"shapes = {SHAPES}\n"
+    "print(*(cpu.select_backend(name, make, shapes).lowering for name in ('auto', 'onednn')))"
   )
   done = run_code(code, env={"ONEDNN_MAX_CPU_ISA": "SSE41"})
   assert done.returncode == 0, done.stderr

@@ -26,9 +26,10 @@ SETTINGS = (
 
 
 def write_corpora(root: pathlib.Path) -> dict[str, pathlib.Path]:
-  """Two small synthetic corpora read through csv manifests (4 and 2 speakers)."""
+  """Two small synthetic corpora read through csv manifests (4 and 2 speakers). Of one size:
+  their runs within a corpus share compiled programs, and so do those across them."""
   write_demo_corpus(root / "a", n_utterances=48, n_speakers=4, seed=1)
-  write_demo_corpus(root / "b", n_utterances=40, n_speakers=2, seed=2)
+  write_demo_corpus(root / "b", n_utterances=48, n_speakers=2, seed=2)
   return {"a": root / "a" / "manifest.csv", "b": root / "b" / "manifest.csv"}
 
 
