@@ -11,12 +11,11 @@ import ml_collections
 import numpy as np
 import pytest
 from absl import flags
-from helpers import run_python
+from helpers import run_python, session_demo_corpus
 from ml_collections import config_flags
 
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data import corpora
-from ser_jax.data.demo import write_demo_corpus
 from ser_jax.experiment import RESULT_NEUTRAL_KEYS
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -379,7 +378,7 @@ NEUTRAL_VARIANTS = {
   "computation": (
     {
       "model.lowering": "xla",  # The baseline's 'auto' is oneDNN or 'cpu' on a CPU.
-      "train.eval_batch_size": 9,  # 32 test clips: batches of 9, 9, 9 and 5 padded to 8.
+      "train.eval_batch_size": 9,  # 160 test clips: 17 batches of 9 and one padded batch of 7.
     },
     1e-5,
   ),
@@ -426,12 +425,12 @@ for workdir, settings in runs:
 @pytest.fixture(scope="module")
 def neutral_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
   """{'baseline' or a NEUTRAL_VARIANTS group: workdir}: a two-member sweep (gammas 0 and 2)
-  of a width-4 ResNet-10 for one epoch on fold 0 of a 64-clip demo corpus, and one run per
-  NEUTRAL_VARIANTS group."""
+  of a width-4 ResNet-10 for one epoch on fold 0 of the session's demo corpus (the shapes of
+  helpers.tiny_args: its compiled programs and self-test), and one run per NEUTRAL_VARIANTS
+  group."""
   root = tmp_path_factory.mktemp("neutral")
-  corpus = write_demo_corpus(root / "corpus", n_utterances=64, n_speakers=4)
   baseline = {
-    "data.root": str(corpus),
+    "data.root": str(session_demo_corpus()),
     "data.cache_dir": str(root / "cache"),
     "data.num_workers": 1,
     "features.max_seconds": 1.0,
@@ -441,8 +440,6 @@ def neutral_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
     "train.num_epochs": 1,
     "train.warmup_epochs": 1,
     "train.checkpoint_every_epochs": 1,
-    "train.batch_size": 8,
-    "train.eval_batch_size": 32,
     "cv.n_folds": 2,
     "cv.folds": [0],
   }
