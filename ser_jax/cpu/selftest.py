@@ -43,6 +43,7 @@ _ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_CPU_ISA_HINTS"
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _DEMO_SHAPES = ((8, 40, 130, 1), (8, 40, 130, 1))
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+_verdicts: dict[str, str] = {}  # This process's verdicts, by cache key.
 
 
 def default_model(ops):
@@ -105,9 +106,6 @@ def failure(make_model=None, input_shapes=()) -> str:
   if key not in _verdicts:
     _verdicts[key] = _verdict(key, lambda: _calls_of(model, input_shapes))
   return _verdicts[key]
-
-
-_verdicts: dict[str, str] = {}  # This process's, by cache key.
 
 
 @functools.cache
