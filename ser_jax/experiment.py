@@ -63,13 +63,25 @@ def train_and_evaluate(
   validate_config(config)
   workdir = pathlib.Path(workdir)
   is_writer = jax.process_index() == 0
-  if fresh and is_writer and workdir.exists():
-    shutil.rmtree(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with io_utils.exclusive_lock(workdir / f"run.lock.{jax.process_index()}", f"workdir {workdir}"):
+    if fresh and is_writer:
+      _empty_workdir(workdir)
     if is_writer:
       _check_same_config(config, workdir)
     return _run(config, workdir, is_writer)
+
+
+def _empty_workdir(workdir: pathlib.Path) -> None:
+  """Deletes what the workdir holds except its lock files (held: this process's, and any
+  other process's of the same run, which must keep excluding a second run)."""
+  for path in workdir.iterdir():
+    if path.name.startswith("run.lock."):
+      continue
+    if path.is_dir() and not path.is_symlink():
+      shutil.rmtree(path)
+    else:
+      path.unlink()
 
 
 def _run(config, workdir: pathlib.Path, is_writer: bool) -> run_results.RunResults:
@@ -78,8 +90,19 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> run_results.RunResul
   topology.check_batch_size("train.batch_size", config.train.batch_size)
   settings = Settings.from_config(config, topology)
   run, kept, fold_indices = _prepare(config, settings, topology, workdir, is_writer)
+  if is_writer:
+    # Only now, with the corpus read and its folds made: a config refused on the way (a
+    # wrong root, an unknown class) leaves nothing its corrected rerun would be refused by.
+    write_config(config, workdir)
   folds = {k: make_fold(run, k, *fold_indices[k]) for k in data.trained_folds(config, fold_indices)}
   fold_results = _train_and_test(run, folds)
+  # Folds a previous invocation finished (with cv.folds naming others) are reported too.
+  fold_results += [
+    result
+    for k in range(len(fold_indices))
+    if k not in folds and (result := _finished_fold(run, k)) is not None
+  ]
+  fold_results.sort(key=lambda result: result["fold"])
   run_summary = _summarise(run, kept, fold_indices, fold_results, time.time() - start_time)
   if is_writer:
     results.write_results(workdir, run_summary)
@@ -215,6 +238,7 @@ def _summarise(
       }
     ),
     wall_seconds=wall_seconds,
+    n_folds=len(fold_indices),
   )
 
 
@@ -294,16 +318,21 @@ def evaluate_cell(run: Run, made, cell: Cell, state) -> dict:
   return cell_result
 
 
+def write_config(config, workdir: pathlib.Path) -> None:
+  """The run's config.json, which a rerun is checked against."""
+  io_utils.atomic_write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+
+
 def _check_same_config(config, workdir: pathlib.Path) -> None:
   """config.json holds the whole config; a rerun must match it up to RESULT_NEUTRAL_KEYS."""
   path = workdir / "config.json"
+  if not path.exists():
+    return
+  previous = json.loads(path.read_text())
   current = json.loads(config.to_json_best_effort())
-  if path.exists():
-    previous = json.loads(path.read_text())
-    changed = config_tree.diff(previous, current, ignore=RESULT_NEUTRAL_KEYS)
-    if changed:
-      raise ConfigMismatchError(
-        f"workdir {workdir} holds a run with a different config (changed: "
-        f"{', '.join(changed)}); use another --workdir, or --fresh to discard it"
-      )
-  io_utils.atomic_write_json(path, current)
+  changed = config_tree.diff(previous, current, ignore=RESULT_NEUTRAL_KEYS)
+  if changed:
+    raise ConfigMismatchError(
+      f"workdir {workdir} holds a run with a different config (changed: "
+      f"{', '.join(changed)}); use another --workdir, or --fresh to discard it"
+    )

@@ -40,7 +40,7 @@ def rows(run: str, results: run_results.RunResults) -> list[dict]:
   config = results.config
   common = {
     "input": plots.input_label(config),
-    "folds": len(results.members[0].folds),
+    "folds": results.folds_label,
     "corpus": corpus_label(config),
     "run": run,
   }
@@ -129,7 +129,7 @@ def emobox_row(run: str, results: run_results.RunResults) -> dict:
     for name in ("wa", "ua", "macro_f1")
     for over in ("fold_mean", "fold_std", "pooled")
   }
-  folds = f"{len(model.folds)} {config['cv']['scheme']}"
+  folds = f"{results.folds_label} {config['cv']['scheme']}"
   return {
     "corpus": corpus_label(config),
     "model": description,

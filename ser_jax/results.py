@@ -94,6 +94,7 @@ def summarise_run(
   class_counts,
   provenance,
   wall_seconds,
+  n_folds=None,
   given_folds=None,
 ) -> run_results.RunResults:
   """The run's results from its folds' (fold, n_train, n_test, confusion_counts [members]).
@@ -126,6 +127,7 @@ def summarise_run(
     class_counts=class_counts,
     provenance=provenance,
     wall_seconds=wall_seconds,
+    n_folds=n_folds,
   )
 
 
@@ -238,9 +240,13 @@ def results_markdown(results: run_results.RunResults) -> str:
   corpus = config["data"]["corpus"]
   if corpus == "emobox":
     corpus = f"EmoBox {pathlib.Path(config['data']['root']).name}"
+  n_folds = results.n_folds or len(model.folds)
+  finished = ""
+  if len(model.folds) < n_folds:
+    finished = f" (finished: fold {', '.join(str(f.fold) for f in model.folds)})"
   lines = [
-    f"# {corpus}: {kind}, {loss_label}, {len(model.folds)}-fold "
-    f"{config['cv']['scheme']} cross-validation",
+    f"# {corpus}: {kind}, {loss_label}, {n_folds}-fold {config['cv']['scheme']} "
+    f"cross-validation{finished}",
     "",
     *render.markdown_table(
       ("Input", "Loss", "Overall accuracy (WA)", "Class accuracy (UA)", "Macro F1"),

@@ -157,6 +157,7 @@ class RunResults:
   class_counts: dict = dataclasses.field(default_factory=dict)
   provenance: dict | None = None
   wall_seconds: float | None = None
+  n_folds: int | None = None  # The protocol's folds; `members`' are those of them finished.
 
   def __post_init__(self):
     object.__setattr__(self, "class_names", tuple(self.class_names))
@@ -175,6 +176,12 @@ class RunResults:
   def is_sweep(self) -> bool:
     return len(self.members) > 1
 
+  @property
+  def folds_label(self) -> str:
+    """How many folds it reports: '5', or '2 of 5' before every fold has finished."""
+    done = len(self.members[0].folds)
+    return f"{done} of {self.n_folds}" if self.n_folds and done < self.n_folds else str(done)
+
   def to_json(self) -> dict:
     """Layout 2: run-level fields, then `members`, each with every score and its folds."""
     return {
@@ -188,6 +195,7 @@ class RunResults:
       "provenance": self.provenance,
       "config": self.config,
       "wall_seconds": self.wall_seconds,
+      "n_folds": self.n_folds,
     }
 
   @classmethod
@@ -212,6 +220,7 @@ class RunResults:
       class_counts=document["class_counts"],
       provenance=document["provenance"],
       wall_seconds=document["wall_seconds"],
+      n_folds=document.get("n_folds"),
     )
 
 

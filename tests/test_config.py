@@ -14,6 +14,7 @@ from absl import flags
 from helpers import run_python, session_demo_corpus
 from ml_collections import config_flags
 
+from ser_jax import run_results
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data import corpora
 from ser_jax.experiment import RESULT_NEUTRAL_KEYS
@@ -354,7 +355,8 @@ def test_weights_and_rules_can_be_set_on_the_command_line(override, key, want):
 def test_a_rerun_may_change_result_neutral_keys_only(tmp_path, key, value):
   from ser_jax import experiment
 
-  experiment._check_same_config(default_config(), tmp_path)
+  experiment._check_same_config(default_config(), tmp_path)  # No run there yet.
+  experiment.write_config(default_config(), tmp_path)
   neutral = default_config()
   group, name = key.split(".")
   neutral[group][name] = value
@@ -426,8 +428,8 @@ for workdir, settings in runs:
 def neutral_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
   """{'baseline' or a NEUTRAL_VARIANTS group: workdir}: a two-member sweep (gammas 0 and 2)
   of a width-4 ResNet-10 for one epoch on fold 0 of the session's demo corpus (the shapes of
-  helpers.tiny_args: its compiled programs and self-test), and one run per NEUTRAL_VARIANTS
-  group."""
+  helpers.tiny_args: its compiled programs and self-test), one run per NEUTRAL_VARIANTS
+  group, and then the baseline's fold 1 by a second invocation in its workdir."""
   root = tmp_path_factory.mktemp("neutral")
   baseline = {
     "data.root": str(session_demo_corpus()),
@@ -449,15 +451,18 @@ def neutral_runs(tmp_path_factory) -> dict[str, pathlib.Path]:
     if "data.cache_dir" in changes:
       changes["data.cache_dir"] = str(root / changes["data.cache_dir"])
     runs.append((str(root / name), {**baseline, **changes}))
+  # Then fold 1 in the baseline's workdir, which reports both folds from then on (the
+  # variants above have compared fold 0 by then).
+  runs.append((str(root / "baseline"), {**baseline, "cv.folds": [1]}))
   done = run_python(["-c", _RUN_VARIANTS, json.dumps(runs)])
   assert done.returncode == 0, done.stderr[-5000:]
   return {"baseline": root / "baseline", **{name: root / name for name in NEUTRAL_VARIANTS}}
 
 
-def _fold_0_predictions(workdir: pathlib.Path) -> dict[tuple[int, str], np.ndarray]:
-  """{(member, utt_id): class probabilities} of fold 0 in predictions.csv."""
+def _fold_predictions(workdir: pathlib.Path, fold: int = 0) -> dict[tuple[int, str], np.ndarray]:
+  """{(member, utt_id): class probabilities} of `fold` in predictions.csv."""
   with open(workdir / "predictions.csv", newline="") as f:
-    rows = [row for row in csv.DictReader(f) if row["fold"] == "0"]
+    rows = [row for row in csv.DictReader(f) if row["fold"] == str(fold)]
   return {
     (int(row["member"]), row["utt_id"]): np.array(
       [float(value) for name, value in row.items() if name.startswith("p_")]
@@ -475,8 +480,8 @@ def test_a_result_neutral_key_leaves_the_results_as_they_are(neutral_runs, key):
   )
   variant = _variant_of(key)
   tolerance = NEUTRAL_VARIANTS[variant][1]
-  want = _fold_0_predictions(neutral_runs["baseline"])
-  got = _fold_0_predictions(neutral_runs[variant])
+  want = _fold_predictions(neutral_runs["baseline"])
+  got = _fold_predictions(neutral_runs[variant])
   assert got.keys() == want.keys()
   assert {member for member, _ in want} == {0, 1}
   for utterance, probabilities in want.items():
@@ -488,3 +493,23 @@ def test_a_result_neutral_key_leaves_the_results_as_they_are(neutral_runs, key):
       for workdir in (neutral_runs["baseline"], neutral_runs[variant])
     ]
     assert counts[1] == counts[0]
+
+
+def test_folds_trained_one_invocation_at_a_time_add_up(neutral_runs):
+  """The baseline's workdir, fold 0 and then fold 1 (`cv.folds=(1,)`), reports both folds,
+  with the predictions of the run that trained both in one invocation ('data')."""
+  one_at_a_time = run_results.read(neutral_runs["baseline"])
+  together = run_results.read(neutral_runs["data"])
+  for results in (one_at_a_time, together):
+    assert [f.fold for f in results.members[0].folds] == [0, 1]
+    assert results.n_folds == 2 and results.folds_label == "2"
+  assert (
+    "2-fold stratified cross-validation\n" in (neutral_runs["baseline"] / "results.md").read_text()
+  )
+  want, got = (
+    _fold_predictions(neutral_runs["data"], 1),
+    _fold_predictions(neutral_runs["baseline"], 1),
+  )
+  assert got.keys() == want.keys() and len(got) > 0
+  for utterance, probabilities in want.items():
+    np.testing.assert_allclose(got[utterance], probabilities, rtol=0, atol=1e-6)

@@ -170,6 +170,7 @@ def test_bad_config_is_one_clear_line(tmp_path, override, message):
   assert message in process.stderr
   assert "Traceback" not in process.stderr
   assert not (tmp_path / "run" / "results.json").exists()
+  assert not (tmp_path / "run" / "config.json").exists()  # Its corrected rerun is not refused.
 
 
 def test_broken_files_among_good_ones_are_skipped_and_listed(finished_run, tmp_path):

@@ -13,7 +13,7 @@ from helpers import run_module
 from matplotlib import image
 from test_predict import trained_run
 
-from ser_jax import plots, run_results
+from ser_jax import plots, results, run_results
 from ser_jax.report import main
 
 _CLASSES = ["neutral", "happiness", "sadness", "anger"]
@@ -44,6 +44,7 @@ def _summary(kind: str, loss: str, gamma: float, fold_scores) -> run_results.Run
       "features": {"kind": kind},
       "loss": {"name": loss, "gamma": gamma},
       "train": {"learning_rate": 1e-3},
+      "cv": {"scheme": "stratified"},
     },
     num_params=1000,
     feature_store="/nowhere",
@@ -160,6 +161,25 @@ def test_table_rows_sorted_with_numbers(runs, tmp_path, capsys) -> None:
     ["Log-mel", "Softmax", *[_mean_sd(_SCORES["logmel_softmax"])] * 3, "5", "iemocap"]
     + [str(runs["logmel_softmax"])],
   ]
+
+
+def test_a_run_with_folds_still_to_train_says_so(tmp_path, capsys) -> None:
+  """Folds 0 and 2 finished of 5 (cv.folds): the report's folds and results.md's title."""
+  scores = _summary("mfcc", "focal", 2.0, [60, 64, 62])
+  folds = [
+    dataclasses.replace(f, fold=k) for f, k in zip(scores.members[0].folds[:2], (0, 2), strict=True)
+  ]
+  partial = dataclasses.replace(
+    scores, members=[dataclasses.replace(scores.members[0], folds=folds)], n_folds=5
+  )
+  assert main([str(_write_run(tmp_path / "partial", partial))]) == 0
+  assert _table_rows(capsys.readouterr().out)[0][5] == "2 of 5"
+  title = results.results_markdown(partial).splitlines()[0]
+  assert title.endswith("5-fold stratified cross-validation (finished: fold 0, 2)"), title
+  whole = dataclasses.replace(scores, n_folds=3)
+  assert (
+    results.results_markdown(whole).splitlines()[0].endswith("3-fold stratified cross-validation")
+  )
 
 
 def test_sweep_rows_average_seeds(runs, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import signal
@@ -11,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from helpers import REPO, result_metrics, run_module, session_demo_corpus, start_module, tiny_args
 
-from ser_jax import io_utils, trainer
+from ser_jax import experiment, io_utils, trainer
 
 EPOCHS = 4
 # A checkpoint every epoch, so that a run killed mid-fold resumes from one.
@@ -110,6 +111,34 @@ def test_second_process_on_the_same_workdir_is_refused(tmp_path, reference):
   finally:
     first.kill()
     first.wait()
+
+
+def _demo_config(**overrides):
+  spec = importlib.util.spec_from_file_location("demo", REPO / "configs" / "demo.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.root = str(session_demo_corpus())
+  for key, value in overrides.items():
+    group, name = key.split(".")
+    config[group][name] = value
+  return config
+
+
+def test_fresh_waits_for_the_lock_and_a_refused_run_leaves_no_config(tmp_path):
+  """--fresh on a workdir in use is refused and deletes nothing; once free, it empties the
+  workdir, and a run refused on reading its corpus writes no config.json."""
+  workdir = tmp_path / "run"
+  (workdir / "fold_0").mkdir(parents=True)
+  (workdir / "config.json").write_text("{}")
+  unknown_class = _demo_config(**{"data.classes": ("neutral", "joy")})
+  with io_utils.exclusive_lock(workdir / "run.lock.0", "the first run"):
+    with pytest.raises(io_utils.LockedError, match="in use by another process"):
+      experiment.train_and_evaluate(unknown_class, workdir, fresh=True)
+  assert (workdir / "fold_0").is_dir() and (workdir / "config.json").is_file()
+  with pytest.raises(ValueError, match="joy"):
+    experiment.train_and_evaluate(unknown_class, workdir, fresh=True)
+  assert [path.name for path in workdir.iterdir()] == ["run.lock.0"]
 
 
 @pytest.mark.slow  # The refusal itself, in the default run: test_config.py.

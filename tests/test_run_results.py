@@ -67,6 +67,7 @@ def _run(n_members: int = 1, given: bool = False) -> RunResults:
     class_counts={"corpus": {"neutral": 10}, "used": {"neutral": 10}},
     provenance={"jax": "0.10.2", "lowering": "xla"},
     wall_seconds=12.5,
+    n_folds=3,
   )
 
 
