@@ -359,7 +359,6 @@ def _finalise(corpus: Corpus, params: FeatureParams, partial: pathlib.Path, prog
     out.flush()
     del out, raw
     os.replace(tmp, features_path)
-    raw_path.unlink()
 
   class_index = {name: i for i, name in enumerate(corpus.class_names)}
   utterances = [corpus.utterances[i] for i in good]
@@ -384,11 +383,12 @@ def _finalise(corpus: Corpus, params: FeatureParams, partial: pathlib.Path, prog
     for i in np.flatnonzero(n_samples == SKIPPED)
   ]
   io_utils.atomic_write_csv(partial / "skipped.csv", ("path", "reason"), skipped_rows)
-  for leftover in (progress_path, reasons_path):
-    leftover.unlink(missing_ok=True)
   io_utils.atomic_write_json(
     partial / "meta.json", _meta(corpus, params, len(good), len(skipped_rows))
   )
+  # Only once meta.json is written: a crash before then resumes from these.
+  for leftover in (progress_path, reasons_path, raw_path):
+    leftover.unlink(missing_ok=True)
 
 
 def _meta(corpus: Corpus, params: FeatureParams, n_clips: int, n_skipped: int) -> dict:

@@ -18,7 +18,7 @@ import soundfile as sf
 import threadpoolctl
 from helpers import REPO, TEST_ENV
 
-from ser_jax import audio, store
+from ser_jax import audio, io_utils, store
 from ser_jax.data.corpus import Corpus, CorpusError, Utterance
 from ser_jax.features import FeatureParams, compute_features
 
@@ -350,24 +350,33 @@ def test_sigkill_mid_extraction_then_rebuild_extracts_only_the_rest(
   assert _bytes(final) == _bytes(reference_build)
 
 
+@pytest.mark.parametrize("crashed_file", ["labels.npy", "manifest.csv", "meta.json"])
 def test_crash_while_finalising_then_resume_gives_identical_bytes(
-  corpus, reference_build, tmp_path, monkeypatch
+  corpus, reference_build, tmp_path, monkeypatch, crashed_file
 ):
-  real_npy_bytes = store._npy_bytes
+  """A crash as _finalise writes `crashed_file` (meta.json: its last write) leaves a
+  .partial folder that the next build finishes."""
+  for name in ("atomic_write_bytes", "atomic_write_csv", "atomic_write_json"):
+    real = getattr(io_utils, name)
 
-  def crash(array):
-    raise RuntimeError("simulated crash while writing labels.npy")
+    def crash_at(path, *args, real=real, **kwargs):
+      if pathlib.Path(path).name == crashed_file:
+        raise RuntimeError(f"simulated crash while writing {crashed_file}")
+      return real(path, *args, **kwargs)
 
-  monkeypatch.setattr(store, "_npy_bytes", crash)
+    monkeypatch.setattr(io_utils, name, crash_at)
   with pytest.raises(RuntimeError, match="simulated crash"):
     _build(corpus, tmp_path)
   final = store.store_path(corpus, PARAMS, tmp_path)
   assert not (final / "meta.json").exists()
   assert final.with_name(final.name + ".partial").is_dir()
 
-  monkeypatch.setattr(store, "_npy_bytes", real_npy_bytes)
+  monkeypatch.undo()
   assert _build(corpus, tmp_path) == final
   assert _bytes(final) == _bytes(reference_build)
+  assert sorted(p.name for p in final.iterdir()) == sorted(
+    p.name for p in reference_build.iterdir()
+  )
 
 
 def test_two_spawned_workers_give_the_same_bytes_as_one(corpus, reference_build, tmp_path):
