@@ -3,7 +3,8 @@
 Each file gets one JSON line on stdout. Features use the run's own settings and each
 fold's training normalisation; by default the fold models vote as an ensemble (mean of
 their probabilities). Audio longer than `features.max_seconds` is cut into half-overlapping
-windows whose probabilities are averaged.
+windows whose probabilities are averaged, or (`--first_window`) only its first
+`max_seconds` are scored, as the run's own test scored its clips.
 """
 
 from __future__ import annotations
@@ -141,14 +142,15 @@ class Predictor:
     return cls(config, class_names, folds, stacked, np.stack(means), np.stack(stds), member)
 
   def window_probabilities(
-    self, waveform: np.ndarray, sample_rate: int
+    self, waveform: np.ndarray, sample_rate: int, first_window: bool = False
   ) -> tuple[np.ndarray, np.ndarray]:
     """(window starts in seconds [windows], fold-mean probabilities [windows, classes]).
 
-    `waveform` is [n_samples] or [n_samples, n_channels] at `sample_rate` Hz.
+    `waveform` is [n_samples] or [n_samples, n_channels] at `sample_rate` Hz; with
+    `first_window`, only its first window (what training and the run's test saw).
     """
     mono = audio.prepare_waveform(waveform, sample_rate, self.params.sample_rate)
-    starts = window_starts(len(mono), self.params.max_samples)
+    starts = [0] if first_window else window_starts(len(mono), self.params.max_samples)
     features = np.stack(
       [compute_features(mono[s : s + self.params.max_samples], self.params) for s in starts]
     )
@@ -169,14 +171,19 @@ class Predictor:
     """Per-window scores: [{start_seconds, probabilities: {class: probability}}]."""
     return self._windows(*self.window_probabilities(waveform, sample_rate))
 
-  def predict(self, waveform: np.ndarray, sample_rate: int) -> dict[str, float]:
+  def predict(
+    self, waveform: np.ndarray, sample_rate: int, first_window: bool = False
+  ) -> dict[str, float]:
     """{class: probability}, averaged over windows (and folds)."""
-    return self._named(self.window_probabilities(waveform, sample_rate)[1].mean(axis=0))
+    probabilities = self.window_probabilities(waveform, sample_rate, first_window)[1]
+    return self._named(probabilities.mean(axis=0))
 
-  def predict_file(self, path: str | os.PathLike, windows: bool = False) -> dict:
+  def predict_file(
+    self, path: str | os.PathLike, windows: bool = False, first_window: bool = False
+  ) -> dict:
     """{path, label, probabilities[, windows]} for an audio file; raises audio.AudioError."""
     mono = audio.load_audio(path, self.params.sample_rate)
-    starts, probabilities = self.window_probabilities(mono, self.params.sample_rate)
+    starts, probabilities = self.window_probabilities(mono, self.params.sample_rate, first_window)
     mean = probabilities.mean(axis=0)
     result = {
       "path": os.fspath(path),
@@ -257,6 +264,13 @@ def define_flags(values: flags.FlagValues) -> None:
     flag_values=values,
   )
   flags.DEFINE_bool("windows", False, "Add per-window scores.", flag_values=values)
+  flags.DEFINE_bool(
+    "first_window",
+    False,
+    "Score only each file's first features.max_seconds, as the run's own test did "
+    "(its predictions.csv), not windows over the whole file.",
+    flag_values=values,
+  )
 
 
 def predict(values: flags.FlagValues, paths: Sequence[str]) -> int:
@@ -271,7 +285,9 @@ def predict(values: flags.FlagValues, paths: Sequence[str]) -> int:
   n_scored = 0
   for path in audio_files(paths):
     try:
-      result = predictor.predict_file(path, windows=values.windows)
+      result = predictor.predict_file(
+        path, windows=values.windows, first_window=values.first_window
+      )
       n_scored += 1
     except audio.AudioError as error:
       result = {"path": path, "error": str(error)}
@@ -280,13 +296,19 @@ def predict(values: flags.FlagValues, paths: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """`python -m ser_jax.predict --workdir=RUN PATH...`; `argv` as command_line.run_flags
-  takes it."""
+  """The command line's `predict` on `argv` (no program name: command_line.run_flags);
+  `python -m ser_jax.predict` also sets up logging and the compilation cache."""
   return command_line.run_flags(define_flags, predict, argv)
+
+
+def _predict_command_line(values: flags.FlagValues, paths: Sequence[str]) -> int:
+  """`predict` for the process's command line, its logging set once absl has parsed the
+  flags (parsing sets absl's logger, Orbax's, to INFO)."""
+  cli.setup_logging()
+  cli.use_compilation_cache()
+  return predict(values, paths)
 
 
 if __name__ == "__main__":
   cpu.tune_process()
-  cli.setup_logging()
-  cli.use_compilation_cache()
-  sys.exit(main())
+  sys.exit(command_line.run_flags(define_flags, _predict_command_line))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import csv
 import importlib.util
 import json
 import pathlib
@@ -16,8 +17,7 @@ import pytest
 import soundfile as sf
 from helpers import REPO, session_demo_corpus
 
-from ser_jax import audio, checkpoints, experiment, metrics, run_data
-from ser_jax.folds import make_folds
+from ser_jax import checkpoints, experiment, metrics, run_data
 from ser_jax.predict import Predictor, PredictorError, main, window_starts
 
 _RUNS: dict[str, pathlib.Path] = {}
@@ -145,32 +145,32 @@ def test_ensemble_is_mean_of_folds(run, predictor) -> None:
   assert not np.allclose(per_fold[0], per_fold[1])
 
 
-def test_reproduces_fold_test_results(run) -> None:
-  """Fold 0's model on its test files' first max_seconds (what training saw) gives its counts."""
+def test_first_window_reproduces_the_runs_test_predictions(run) -> None:
+  """Fold 0's model on its test files, scored from the files as the command line scores
+  them with --first_window, gives the probabilities and counts the run recorded."""
   config = tiny_config()
   config.data.cache_dir = str(_RUNS["cache"])
   store = run_data.prepare_store(config, progress=False)
-  _, test_idx = make_folds(
-    store.labels,
-    store.speakers,
-    store.groups,
-    scheme=config.cv.scheme,
-    n_folds=config.cv.n_folds,
-    seed=config.seed,
-    class_names=store.class_names,
-  )[0]
+  paths = {row["utt_id"]: row["path"] for row in store.manifest}
+  with open(run / "fold_0" / "predictions.csv", newline="") as f:
+    recorded = list(csv.DictReader(f))
+  class_names = list(store.class_names)
   fold_predictor = Predictor.from_workdir(run, fold=0)
-  rate = fold_predictor.params.sample_rate
   predicted = []
-  for i in test_idx:
-    waveform = audio.load_audio(store.manifest[i]["path"], rate)
-    probabilities = fold_predictor.predict(waveform[: fold_predictor.params.max_samples], rate)
-    predicted.append(np.argmax(list(probabilities.values())))
-  counts = metrics.confusion_counts(
-    store.labels[test_idx], np.array(predicted), len(store.class_names)
+  for row in recorded:
+    result = fold_predictor.predict_file(paths[row["utt_id"]], first_window=True)
+    want = [float(row[f"p_{name}"]) for name in class_names]
+    np.testing.assert_allclose(list(result["probabilities"].values()), want, rtol=0, atol=1e-6)
+    predicted.append(class_names.index(result["label"]))
+  labels = [class_names.index(row["label"]) for row in recorded]
+  counts = metrics.confusion_counts(np.array(labels), np.array(predicted), len(class_names))
+  assert (
+    counts.tolist()
+    == json.loads((run / "fold_0" / "result.json").read_text())["confusion_counts"][0]
   )
-  recorded = json.loads((run / "fold_0" / "result.json").read_text())["confusion_counts"][0]
-  assert counts.tolist() == recorded
+  # The clips are longer than the run's: scored whole, each is several windows.
+  whole = fold_predictor.predict_file(paths[recorded[0]["utt_id"]], windows=True)
+  assert len(whole["windows"]) > 1
 
 
 def test_bad_fold_and_member(run, tmp_path) -> None:
@@ -217,6 +217,8 @@ def test_cli(run, audio_dir) -> None:
     check=False,
   )
   assert process.returncode == 0, process.stderr
+  # Warnings and ser_jax's own lines only: no Orbax INFO lines for each fold's checkpoint.
+  assert "checkpoint_manager" not in process.stderr, process.stderr
   lines = [json.loads(line) for line in process.stdout.splitlines()]
   by_name = {pathlib.Path(line["path"]).name: line for line in lines}
   assert sorted(by_name) == sorted(
