@@ -32,15 +32,22 @@ def input_label(config: dict) -> str:
   return _KINDS[kind]
 
 
-def effective_gamma(config: dict) -> float:
-  """The focal loss's gamma; softmax cross-entropy is gamma 0."""
-  loss = config["loss"]
-  return float(loss["gamma"]) if loss["name"] == "focal" else 0.0
-
-
 def loss_label(gamma: float) -> str:
   """'Focal (gamma=2)', or 'Softmax' for gamma 0, where the focal loss is the softmax loss."""
   return f"Focal (gamma={gamma:g})" if gamma else "Softmax"
+
+
+def alpha_label(alpha: tuple[float, ...] | str) -> str:
+  """A member's class weights: 'no class weights', 'inverse_frequency weights', or them."""
+  if isinstance(alpha, str):
+    return f"{alpha} weights"
+  return f"class weights {', '.join(f'{a:g}' for a in alpha)}" if alpha else "no class weights"
+
+
+def member_label(member: run_results.MemberResults) -> str:
+  """Its loss (see loss_label), and its class weights where it has them."""
+  label = loss_label(member.gamma)
+  return f"{label}, {alpha_label(member.alpha)}" if member.alpha else label
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -79,7 +86,7 @@ def plot_confusion(results: run_results.RunResults, path: str | os.PathLike) -> 
   figure.colorbar(image, ax=axes, label="% of true class")
   config = results.config
   axes.set_title(
-    f"{input_label(config)}, {loss_label(effective_gamma(config))}\n"
+    f"{input_label(config)}, {member_label(model)}{' (member 0)' if results.is_sweep else ''}\n"
     f"WA {model.wa_fold_mean:.2f}% +/- {model.wa_fold_std:.2f}, "
     f"UA {model.ua_fold_mean:.2f}% +/- {model.ua_fold_std:.2f}",
     fontsize=10,
@@ -140,30 +147,48 @@ SWEEP_SCORES = ("wa", "ua", "macro_f1")
 
 def sweep_points(
   members: Sequence[run_results.MemberResults],
-) -> dict[float, dict[str, np.ndarray]]:
-  """Per learning rate: gammas and seed-averaged means and stds of `SWEEP_SCORES` over
-  folds (keys `<score>_fold_mean`, `<score>_fold_std`), sorted by gamma.
+) -> dict[tuple[float, tuple[float, ...] | str], dict[str, np.ndarray]]:
+  """Per curve, (learning rate, class weights alpha): gammas and seed-averaged means and
+  stds of `SWEEP_SCORES` over folds (keys `<score>_fold_mean`, `<score>_fold_std`), sorted
+  by gamma.
 
   The std pools seeds and folds (mean of the fold variances plus the variance of the seed
   means), which is the spread over every (seed, fold) model when folds are equally many.
   """
-  groups: dict[tuple[float, float], list] = collections.defaultdict(list)
+  groups: dict[tuple, list] = collections.defaultdict(list)
   for member in members:
-    groups[(member.learning_rate, member.gamma)].append(member)
-  points: dict[float, dict[str, list]] = collections.defaultdict(
+    groups[(member.learning_rate, member.alpha), member.gamma].append(member)
+  points: dict[tuple, dict[str, list]] = collections.defaultdict(
     lambda: collections.defaultdict(list)
   )
-  for (rate, gamma), group in sorted(groups.items()):
-    points[rate]["gamma"].append(gamma)
+  for (curve, gamma), group in sorted(groups.items(), key=lambda item: _curve_order(*item[0])):
+    points[curve]["gamma"].append(gamma)
     for name in SWEEP_SCORES:
       means = np.array([getattr(m, f"{name}_fold_mean") for m in group])
       stds = np.array([getattr(m, f"{name}_fold_std") for m in group])
-      points[rate][f"{name}_fold_mean"].append(means.mean())
-      points[rate][f"{name}_fold_std"].append(np.sqrt(np.mean(stds**2) + means.var()))
+      points[curve][f"{name}_fold_mean"].append(means.mean())
+      points[curve][f"{name}_fold_std"].append(np.sqrt(np.mean(stds**2) + means.var()))
   return {
-    rate: {key: np.array(values) for key, values in columns.items()}
-    for rate, columns in points.items()
+    curve: {key: np.array(values) for key, values in columns.items()}
+    for curve, columns in points.items()
   }
+
+
+def _curve_order(curve: tuple, gamma: float) -> tuple:
+  """Learning rate, then class weights (none, given, by rule), then gamma."""
+  rate, alpha = curve
+  return rate, isinstance(alpha, str), str(alpha), gamma
+
+
+def curve_label(curve: tuple, curves) -> str | None:
+  """The curve's learning rate and class weights, where the sweep's curves differ in them."""
+  rate, alpha = curve
+  parts = []
+  if len({r for r, _ in curves}) > 1:
+    parts.append(f"lr {rate:g}")
+  if len({a for _, a in curves}) > 1:
+    parts.append(alpha_label(alpha))
+  return ", ".join(parts) or None
 
 
 def plot_sweep(results: run_results.RunResults, path: str | os.PathLike) -> None:
@@ -175,14 +200,14 @@ def plot_sweep(results: run_results.RunResults, path: str | os.PathLike) -> None
   panels = figure.subplots(1, 2, sharey=True)
   names = (("wa", "Overall accuracy (WA, %)"), ("ua", "Class accuracy (UA, %)"))
   for axes, (name, title) in zip(panels, names, strict=True):
-    for rate, columns in sorted(points.items()):
+    for curve, columns in points.items():
       axes.errorbar(
         columns["gamma"],
         columns[f"{name}_fold_mean"],
         yerr=columns[f"{name}_fold_std"],
         marker="o",
         capsize=3,
-        label=f"lr {rate:g}" if len(points) > 1 else None,
+        label=curve_label(curve, points),
       )
     gammas = sorted({g for columns in points.values() for g in columns["gamma"]})
     axes.set_xticks(gammas, [f"{g:g}" + ("\n(softmax)" if g == 0 else "") for g in gammas])

@@ -36,7 +36,8 @@ def _mean_std(member: run_results.MemberResults, name: str) -> str:
 
 
 def rows(run: str, results: run_results.RunResults) -> list[dict]:
-  """Table rows of one run: its model, or one per (learning rate, gamma) of a sweep."""
+  """Table rows of one run: its model, or one per (learning rate, class weights, gamma) of a
+  sweep, averaged over its seeds."""
   config = results.config
   common = {
     "input": plots.input_label(config),
@@ -45,14 +46,13 @@ def rows(run: str, results: run_results.RunResults) -> list[dict]:
     "run": run,
   }
   if not results.is_sweep:
-    gamma = plots.effective_gamma(config)
     model = results.members[0]
     return [
       {
         **common,
-        "gamma": gamma,
-        "learning_rate": config["train"]["learning_rate"],
-        "loss": plots.loss_label(gamma),
+        "gamma": model.gamma,
+        "learning_rate": model.learning_rate,
+        "loss": plots.member_label(model),
         "wa": _mean_std(model, "wa"),
         "ua": _mean_std(model, "ua"),
         "f1": _mean_std(model, "macro_f1"),
@@ -60,7 +60,9 @@ def rows(run: str, results: run_results.RunResults) -> list[dict]:
     ]
   points = plots.sweep_points(results.members)
   out = []
-  for rate, columns in points.items():
+  for curve, columns in points.items():
+    rate, _ = curve
+    curve_label = plots.curve_label(curve, points)
     for k, gamma in enumerate(columns["gamma"]):
       label = plots.loss_label(float(gamma))
       cells = {
@@ -72,7 +74,7 @@ def rows(run: str, results: run_results.RunResults) -> list[dict]:
           **common,
           "gamma": float(gamma),
           "learning_rate": rate,
-          "loss": f"{label}, lr {rate:g}" if len(points) > 1 else label,
+          "loss": f"{label}, {curve_label}" if curve_label else label,
           **cells,
         }
       )
@@ -122,7 +124,8 @@ def emobox_row(run: str, results: run_results.RunResults) -> dict:
   model = results.members[0]
   description = (
     f"{config['model']['name']} (width {config['model']['width']}), "
-    f"{plots.input_label(config)}, {plots.loss_label(plots.effective_gamma(config))}"
+    f"{plots.input_label(config)}, {plots.member_label(model)}"
+    + (" (member 0)" if results.is_sweep else "")
   )
   scores = {
     f"{name}_{over}": getattr(model, f"{name}_{over}")

@@ -11,7 +11,7 @@ import platform
 
 import numpy as np
 
-from ser_jax import io_utils, render, run_results
+from ser_jax import io_utils, plots, render, run_results
 
 
 class MetricsLog:
@@ -215,8 +215,9 @@ def write_predictions(path, class_names, parts) -> None:
 
 def final_line(results: run_results.RunResults) -> str:
   model = results.members[0]
+  member = f" of member 0 ({plots.member_label(model)})" if results.is_sweep else ""
   return (
-    f"Result over {len(model.folds)} folds: WA {model.wa_fold_mean:.2f} "
+    f"Result{member} over {len(model.folds)} folds: WA {model.wa_fold_mean:.2f} "
     f"+/- {model.wa_fold_std:.2f}, UA {model.ua_fold_mean:.2f} "
     f"+/- {model.ua_fold_std:.2f}, macro-F1 {model.macro_f1_fold_mean:.2f}"
   )
@@ -234,8 +235,12 @@ def results_markdown(results: run_results.RunResults) -> str:
   config = results.config
   model = results.members[0]
   kind = {"mfcc": "MFCC", "logmel": "Log-mel"}[config["features"]["kind"]]
-  loss = config["loss"]["name"]
-  loss_label = f"focal (gamma={config['loss']['gamma']})" if loss == "focal" else "softmax"
+  # Member 0's loss, whose scores the table gives (a sweep's first gamma, not loss.gamma).
+  loss_label = f"focal (gamma={model.gamma})" if model.gamma else "softmax"
+  if model.alpha:
+    loss_label += f", {plots.alpha_label(model.alpha)}"
+  if results.is_sweep:
+    loss_label += f" (member 0 of {len(results.members)}: every member below)"
   names = results.class_names
   corpus = config["data"]["corpus"]
   if corpus == "emobox":
@@ -287,9 +292,15 @@ def results_markdown(results: run_results.RunResults) -> str:
       "Sweep (mean +/- std over folds)",
       "",
       *render.markdown_table(
-        ("gamma", "seed", "learning rate", "WA", "UA", "Macro F1"),
+        ("gamma", "seed", "learning rate", "class weights", "WA", "UA", "Macro F1"),
         [
-          [m.gamma, m.seed, m.learning_rate, *(_plus_minus(m, k) for k in _SCORES)]
+          [
+            m.gamma,
+            m.seed,
+            m.learning_rate,
+            plots.alpha_label(m.alpha),
+            *(_plus_minus(m, k) for k in _SCORES),
+          ]
           for m in results.members
         ],
       ),

@@ -35,10 +35,11 @@ def _member(fold_scores, gamma: float = 0.0, seed: int = 0) -> run_results.Membe
 
 
 def _summary(kind: str, loss: str, gamma: float, fold_scores) -> run_results.RunResults:
-  """A run whose WA, UA and macro F1 in fold k are fold_scores[k]."""
+  """A run whose WA, UA and macro F1 in fold k are fold_scores[k]; its member's gamma is 0
+  with softmax, as ser_jax.engine.members_of gives it."""
   return run_results.RunResults(
     class_names=_CLASSES,
-    members=[_member(fold_scores, gamma)],
+    members=[_member(fold_scores, gamma if loss == "focal" else 0.0)],
     config={
       "data": {"corpus": "iemocap"},
       "features": {"kind": kind},
@@ -233,9 +234,36 @@ def test_sweep_points_with_two_learning_rates() -> None:
     for rate in (1e-3, 3e-4)
   ]
   points = plots.sweep_points(members)
-  assert sorted(points) == [3e-4, 1e-3]
-  np.testing.assert_allclose(points[1e-3]["gamma"], [0.0, 1.0, 2.0])
-  np.testing.assert_allclose(points[1e-3]["wa_fold_mean"], [52.0, 54.0, 56.0])
+  assert list(points) == [(3e-4, ()), (1e-3, ())]
+  np.testing.assert_allclose(points[1e-3, ()]["gamma"], [0.0, 1.0, 2.0])
+  np.testing.assert_allclose(points[1e-3, ()]["wa_fold_mean"], [52.0, 54.0, 56.0])
+
+
+def test_class_weights_are_curves_of_their_own_not_seeds(tmp_path, capsys) -> None:
+  """configs/focal_claim.py's shape: gammas 0 and 2, with and without inverse-frequency
+  weights; member 0 (gamma 0, no weights) heads results.md."""
+  members = [_member([score, score], gamma) for gamma, score in ((0.0, 50), (2.0, 60))] + [
+    dataclasses.replace(_member([score, score], gamma), alpha="inverse_frequency")
+    for gamma, score in ((0.0, 70), (2.0, 90))
+  ]
+  sweep = dataclasses.replace(_summary("mfcc", "focal", 2.0, [50, 50]), members=members)
+  points = plots.sweep_points(members)
+  assert list(points) == [(1e-3, ()), (1e-3, "inverse_frequency")]
+  np.testing.assert_allclose(points[1e-3, ()]["wa_fold_mean"], [50, 60])
+  np.testing.assert_allclose(points[1e-3, "inverse_frequency"]["wa_fold_mean"], [70, 90])
+  np.testing.assert_allclose(points[1e-3, "inverse_frequency"]["wa_fold_std"], [0, 0])
+  assert main([str(_write_run(tmp_path / "sweep", sweep))]) == 0
+  rows = _table_rows(capsys.readouterr().out)
+  assert [(r[1], r[2]) for r in rows] == [
+    ("Softmax, no class weights", "50.00 +/- 0.00"),
+    ("Softmax, inverse_frequency weights", "70.00 +/- 0.00"),
+    ("Focal (gamma=2), no class weights", "60.00 +/- 0.00"),
+    ("Focal (gamma=2), inverse_frequency weights", "90.00 +/- 0.00"),
+  ]
+  text = results.results_markdown(sweep)
+  assert "| MFCC | softmax (member 0 of 4: every member below) | 50.00 +/- 0.00 |" in text
+  assert "| 2.0 | 0 | 0.001 | inverse_frequency weights | 90.00 +/- 0.00 |" in text
+  assert "member 0 (Softmax)" in results.final_line(sweep)
 
 
 def test_confusion_shape_checked() -> None:
