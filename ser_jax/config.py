@@ -177,6 +177,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       )
   if len(set(config.data.classes)) != len(config.data.classes):
     raise ConfigError(f"data.classes={tuple(config.data.classes)!r} has repeated class names")
+  if len(config.data.classes) == 1:
+    raise ConfigError(
+      f"data.classes={tuple(config.data.classes)!r} names one class; a classifier needs two "
+      "or more (empty: the corpus's default classes)"
+    )
+  at_least("data.num_workers", config.data.num_workers, 0)
   n_classes = len(config.data.classes)
   if config.data.class_shares:
     _check_weights("data.class_shares", config.data.class_shares, n_classes)
@@ -238,8 +244,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= config.train.label_smoothing < 1.0:
     raise ConfigError(f"train.label_smoothing={config.train.label_smoothing} must be in [0, 1)")
   at_least("train.checkpoint_every_epochs", config.train.checkpoint_every_epochs, 1)
+  for key in ("freq_masks", "freq_mask_bins", "time_masks", "time_mask_frames"):
+    at_least(f"train.{key}", config.train[key], 0)
+  for key, seed in [("seed", config.seed), *(("sweep.seeds[]", s) for s in config.sweep.seeds)]:
+    if not 0 <= seed < 2**32:
+      raise ConfigError(f"{key}={seed!r} is not allowed; seeds are 0 .. 2**32 - 1")
   allowed("cv.scheme", config.cv.scheme, CV_SCHEMES)
   at_least("cv.n_folds", config.cv.n_folds, 2)
+  if len(set(config.cv.folds)) != len(config.cv.folds):
+    raise ConfigError(f"cv.folds={tuple(config.cv.folds)!r} lists a fold twice")
   for fold in config.cv.folds:
     # Given folds are counted when the corpus is read (run_data.cross_validation_folds).
     if fold < 0 or (config.cv.scheme != "given" and fold >= config.cv.n_folds):

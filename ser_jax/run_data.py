@@ -18,7 +18,7 @@ from ser_jax import input_pipeline
 from ser_jax.audio import AudioError
 from ser_jax.cache import default_cache_dir
 from ser_jax.data import corpora, demo, shares
-from ser_jax.data.corpus import Corpus
+from ser_jax.data.corpus import Corpus, CorpusError
 from ser_jax.features import FeatureParams
 from ser_jax.folds import FoldError, GivenFold, make_folds, partition_line, session_roles
 from ser_jax.folds import given_folds as make_given_folds
@@ -33,7 +33,7 @@ def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
     # demo corpus (of any size, see write_demo_corpus) is read as it is.
     root = root or str(cache_dir(config) / "demo_corpus")
     demo.write_demo_corpus(root)
-  return corpora.read_corpus(
+  corpus = corpora.read_corpus(
     config.data.corpus,
     root,
     tuple(config.data.classes),
@@ -42,6 +42,12 @@ def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
     audio_root=config.data.audio_root,
     case_insensitive_paths=config.data.case_insensitive_paths,
   )
+  if len(corpus.class_names) < 2:
+    raise CorpusError(
+      f"{corpus.name} at '{root}' has one class, {corpus.class_names[0]!r}; a classifier "
+      "needs two or more"
+    )
+  return corpus
 
 
 def check_fold_sizes(corpus, config: ml_collections.ConfigDict) -> None:

@@ -152,11 +152,22 @@ def test_unknown_top_level_group_is_an_error_naming_it(config):
     ("cv.scheme", "random", r"cv\.scheme='random'"),
     ("features.n_mfcc", 200, r"features\.n_mfcc=200 must be <= features\.n_mels=128"),
     ("train.label_smoothing", 1.0, r"train\.label_smoothing=1\.0"),
+    ("data.classes", ("neutral",), r"data\.classes=\('neutral',\) names one class"),
+    ("data.num_workers", -3, r"data\.num_workers=-3 is not allowed; it must be >= 0"),
+    ("train.freq_masks", -1, r"train\.freq_masks=-1 is not allowed; it must be >= 0"),
+    ("train.time_mask_frames", -5, r"train\.time_mask_frames=-5"),
+    ("seed", -1, r"seed=-1 is not allowed; seeds are 0 \.\. 2\*\*32 - 1"),
+    ("seed", 2**32, r"seed=4294967296"),
+    ("sweep.seeds", (0, -2), r"sweep\.seeds\[\]=-2"),
+    ("cv.folds", (0, 0), r"cv\.folds=\(0, 0\) lists a fold twice"),
   ],
 )
 def test_bad_value_is_an_error_naming_the_key(config, key, value, message):
-  group, name = key.split(".")
-  config[group][name] = value
+  if key == "seed":
+    config.seed = value
+  else:
+    group, name = key.split(".")
+    config[group][name] = value
   with pytest.raises(ConfigError, match=message):
     validate_config(config)
 

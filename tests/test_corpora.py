@@ -472,6 +472,56 @@ def test_csv_errors(tmp_path):
     read_corpus("csv", tmp_path)
 
 
+def test_csv_as_spreadsheets_write_it(tmp_path):
+  """A byte-order mark and spaces after the header's commas are not part of column names."""
+  for rel in ["a.wav", "b.wav"]:
+    _wav(tmp_path / rel)
+  manifest = tmp_path / "manifest.csv"
+  manifest.write_bytes(
+    "path, label , speaker\r\na.wav, anger,s1\r\nb.wav,neutral,s2\r\n".encode("utf-8-sig")
+  )
+  assert manifest.read_bytes().startswith(b"\xef\xbb\xbf")
+  corpus = read_corpus("csv", manifest)
+  assert [(u.utt_id, u.label, u.speaker) for u in corpus.utterances] == [
+    ("a", "anger", "s1"),
+    ("b", "neutral", "s2"),
+  ]
+
+
+def test_csv_labels_left_out_are_counted_and_near_misses_warned(tmp_path, caplog):
+  rows = ["path,label"]
+  for i, label in enumerate(["anger", "Anger", "neutral", "neutrl", "anger ", "fear", "fear"]):
+    _wav(tmp_path / f"c{i}.wav")
+    rows.append(f"c{i}.wav,{label}")
+  (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+  with caplog.at_level("WARNING"):
+    corpus = read_corpus("csv", tmp_path, ["neutral", "anger"])
+  assert corpus.class_counts() == {"neutral": 1, "anger": 2}  # Values are stripped.
+  assert corpus.left_out == (("Anger", 1), ("fear", 2), ("neutrl", 1))
+  warnings = [r.getMessage() for r in caplog.records]
+  assert warnings == [
+    "csv: 1 utterances labelled 'Anger' are left out: the class is 'anger' (labels must match "
+    "exactly)"
+  ]
+  assert "left out, labels not among the classes: Anger 1, fear 2, neutrl 1" in (
+    info.format_summary(corpus)
+  )
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    read_corpus("csv", tmp_path)  # Every label a class.
+  assert ["differ only in letter case" in r.getMessage() for r in caplog.records] == [True]
+
+
+def test_csv_listing_a_file_twice_is_an_error(tmp_path):
+  _wav(tmp_path / "a.wav")
+  _wav(tmp_path / "b.wav")
+  (tmp_path / "manifest.csv").write_text(
+    "utt_id,path,label\nx,a.wav,anger\ny,b.wav,neutral\nz,./a.wav,neutral\n"
+  )
+  with pytest.raises(CorpusError, match=r"a\.wav is listed twice, as 'x' and 'z'"):
+    read_corpus("csv", tmp_path)
+
+
 def test_demo_reads_manifest_with_paper_classes(tmp_path):
   rows = ["utt_id,path,label,speaker,group"]
   for i, label in enumerate([*DEFAULT_CLASSES, "boredom"]):

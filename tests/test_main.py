@@ -23,6 +23,7 @@ RESULT_KEYS = {
   "provenance",
   "config",
   "wall_seconds",
+  "n_folds",
 }
 MEMBER_KEYS = {
   "gamma",
@@ -58,6 +59,7 @@ def test_results_json_has_the_documented_keys(finished_run):
   workdir, _, _ = finished_run
   summary = json.loads((workdir / "results.json").read_text())
   assert set(summary) == RESULT_KEYS and summary["schema_version"] == 2
+  assert summary["n_folds"] == 2
   assert summary["class_names"] == ["neutral", "happiness", "sadness", "anger"]
   (model,) = summary["members"]
   assert set(model) == MEMBER_KEYS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import json
@@ -105,7 +106,7 @@ class Reader:
         f"; {len(skipped)} files did not parse, e.g. {_describe(skipped[0])}" if skipped else ""
       )
       raise CorpusError(f"no {self.name} corpus at '{path}': expected {self.layout}{detail}")
-    _check_unique_ids(candidates)
+    _check_unique(candidates)
 
     available = self.classes or tuple(sorted({u.label for u in candidates}))
     chosen = _choose_classes(name, tuple(classes) or self.default_classes or available, available)
@@ -114,6 +115,8 @@ class Reader:
         "class 'excitement' cannot be chosen with merge_excited, which relabels it happiness"
       )
 
+    left_out = collections.Counter(u.label for u in candidates if u.label not in chosen)
+    _warn_of_near_classes(name, chosen, left_out)
     selected = []
     folders: dict[Path, list[str]] = {}
     for utt in candidates:
@@ -136,6 +139,7 @@ class Reader:
       skipped=tuple(skipped),
       fold_names=fold_names,
       notes=notes,
+      left_out=tuple(sorted(left_out.items())),
     )
     empty = [name for name, count in corpus.class_counts().items() if count == 0]
     if empty:
@@ -150,14 +154,50 @@ def _describe(skip: Skipped) -> str:
   return f"{skip.path}: {skip.reason}"
 
 
-def _check_unique_ids(utterances: Sequence[Utterance]) -> None:
-  seen: dict[str, str] = {}
+def _check_unique(utterances: Sequence[Utterance]) -> None:
+  """One id, one utterance; one audio file, one utterance (listed twice, a file could be in
+  a fold's train and test)."""
+  ids: dict[str, str] = {}
+  paths: dict[str, str] = {}
   for utt in utterances:
-    if utt.utt_id in seen:
+    if utt.utt_id in ids:
       raise CorpusError(
-        f"utterance id '{utt.utt_id}' appears twice: {seen[utt.utt_id]} and {utt.path}"
+        f"utterance id '{utt.utt_id}' appears twice: {ids[utt.utt_id]} and {utt.path}"
       )
-    seen[utt.utt_id] = utt.path
+    if utt.path in paths:
+      raise CorpusError(
+        f"audio file {utt.path} is listed twice, as '{paths[utt.path]}' and '{utt.utt_id}'; "
+        "list each file once"
+      )
+    ids[utt.utt_id], paths[utt.path] = utt.path, utt.utt_id
+
+
+def _warn_of_near_classes(corpus: str, chosen: Sequence[str], left_out: Mapping[str, int]) -> None:
+  """Labels that differ from a chosen class only in letter case or spaces are likely typos."""
+  canonical: dict[str, str] = {}
+  for name in chosen:
+    if _folded(name) in canonical:
+      logging.warning(
+        "%s: classes '%s' and '%s' differ only in letter case or spaces",
+        corpus,
+        canonical[_folded(name)],
+        name,
+      )
+    canonical.setdefault(_folded(name), name)
+  for label, count in sorted(left_out.items()):
+    if _folded(label) in canonical:
+      logging.warning(
+        "%s: %d utterances labelled '%s' are left out: the class is '%s' (labels must match "
+        "exactly)",
+        corpus,
+        count,
+        label,
+        canonical[_folded(label)],
+      )
+
+
+def _folded(label: str) -> str:
+  return "".join(label.split()).casefold()
 
 
 def _choose_classes(
@@ -482,9 +522,10 @@ def _list_csv(root: Path, options: _Options) -> tuple[list[Utterance], list[Skip
     )
   folder = manifest.parent
   utterances, skipped, test_folds = [], [], []
-  with open(manifest, newline="", encoding="utf-8") as f:
+  # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of a column name.
+  with open(manifest, newline="", encoding="utf-8-sig") as f:
     rows = csv.DictReader(f)
-    columns = rows.fieldnames or []
+    columns = rows.fieldnames = [column.strip() for column in rows.fieldnames or []]
     for column in _CSV_REQUIRED:
       if column not in columns:
         raise CorpusError(

@@ -46,6 +46,7 @@ class Corpus:
   fold_names: the corpus's own folds (EmoBox's fold_<k> files, a manifest's fold column),
   which `Utterance.splits` refer to; empty where it has none.
   notes: files used as they are, with what their metadata says that the file does not.
+  left_out: (label, count) of the listed utterances whose label is not a chosen class.
   """
 
   name: str
@@ -54,6 +55,7 @@ class Corpus:
   skipped: tuple[Skipped, ...] = ()
   fold_names: tuple[str, ...] = ()
   notes: tuple[Skipped, ...] = ()
+  left_out: tuple[tuple[str, int], ...] = ()
 
   def label_indices(self) -> list[int]:
     index = {name: i for i, name in enumerate(self.class_names)}

@@ -23,7 +23,8 @@ import soundfile as sf
 
 DEMO_CLASSES = ("neutral", "happiness", "sadness", "anger")
 
-# IEMOCAP's four-class shares (neutral, happiness incl. excited, sadness, anger).
+# The paper's IEMOCAP shares: improvised, excitement not merged into happiness (1,099 / 284 /
+# 608 / 289 of 2,280 utterances).
 _CLASS_SHARES = (0.48, 0.12, 0.27, 0.13)
 _FORMAT_VERSION = 1
 _MIN_SECONDS, _MAX_SECONDS = 1.5, 3.5

@@ -58,6 +58,15 @@ def format_summary(corpus: Corpus) -> str:
     "",
     _table(("class", "count", "share"), class_rows),
     "",
+    *(
+      [
+        "left out, labels not among the classes: "
+        + ", ".join(f"{label} {count}" for label, count in corpus.left_out),
+        "",
+      ]
+      if corpus.left_out
+      else []
+    ),
     _table(("speaker", "group", *corpus.class_names, "total"), speaker_rows),
     "",
     f"{len(per_speaker)} speakers, {len(set(group_of.values()))} groups",
