@@ -50,16 +50,35 @@ def override_keys(argv: Sequence[str]) -> list[str]:
   return [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
 
 
-def check_override_keys(
+def config_spec(argv: Sequence[str]) -> str | None:
+  """The --config flag's value (a file, optionally with ':' and its argument), if given."""
+  for k, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.partition("=")[2]
+    if arg == "--config" and k + 1 < len(argv):
+      return argv[k + 1]
+  return None
+
+
+def check_command_line(
   argv: Sequence[str], reference: ml_collections.ConfigDict | None = None
 ) -> None:
-  """Exits with one line when a `--config.<key>=` override names no key of `reference`
-  (default: ser_jax.config's), naming the nearest key.
+  """Exits with one line when --config names no file, or a `--config.<key>=` override
+  names no key of `reference` (default: ser_jax.config's), naming the nearest key.
 
-  ml_collections would raise an AttributeError traceback from inside flag parsing.
+  ml_collections would raise a traceback from inside flag parsing (OSError, AttributeError).
   """
   from ser_jax.config import default_config
 
+  spec = config_spec(argv)
+  if spec and not os.path.isfile(path := spec.partition(":")[0]):
+    folder = os.path.dirname(path) or "."
+    found = (
+      sorted(n for n in os.listdir(folder) if n.endswith(".py")) if os.path.isdir(folder) else []
+    )
+    where = f"; {folder} holds {', '.join(found)}" if found else ""
+    print(f"error: --config={spec}: there is no config file {path}{where}", file=sys.stderr)
+    sys.exit(2)
   reference = default_config() if reference is None else reference
   for key in override_keys(argv):
     try:

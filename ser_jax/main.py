@@ -32,5 +32,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   cpu.tune_process()
-  cli.check_override_keys(sys.argv)
+  cli.check_command_line(sys.argv)
   sys.exit(app.run(main))

@@ -30,5 +30,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  cli.check_override_keys(sys.argv)
+  cli.check_command_line(sys.argv)
   sys.exit(app.run(main))

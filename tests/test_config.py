@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 from absl import flags
-from helpers import run_python, session_demo_corpus
+from helpers import REPO, run_python, session_demo_corpus
 from ml_collections import config_flags
 
 from ser_jax import run_results
@@ -130,6 +130,32 @@ def test_unknown_key_is_an_error_naming_it(config):
     config.train.num_epoch = 3
   with pytest.raises(ConfigError, match=r"unknown config key 'train\.num_epoch'"):
     validate_config(config)
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (
+      ["--config=configs/dmeo.py"],
+      "error: --config=configs/dmeo.py: there is no config file configs/dmeo.py; configs holds "
+      "demo.py, ",
+    ),
+    (["--config", "nowhere/x.py:demo"], "there is no config file nowhere/x.py\n"),
+    (
+      ["--config=configs/demo.py", "--config.trian.num_epochs=1"],
+      "error: unknown config key 'trian.num_epochs'; did you mean 'train.num_epochs'?",
+    ),
+  ],
+)
+def test_command_line_mistakes_are_one_line(argv, message, capsys, monkeypatch):
+  from ser_jax import cli
+
+  monkeypatch.chdir(REPO)
+  with pytest.raises(SystemExit) as exit_status:
+    cli.check_command_line(["main.py", *argv])
+  assert exit_status.value.code == 2
+  assert message in capsys.readouterr().err
+  cli.check_command_line(["main.py", "--config=configs/gamma_sweep.py:demo", "--config.seed=1"])
 
 
 def test_unknown_top_level_group_is_an_error_naming_it(config):

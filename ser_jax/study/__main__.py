@@ -20,19 +20,10 @@ from ser_jax.config import ConfigError
 from ser_jax.study import compose, run
 
 
-def _config_spec(argv: Sequence[str]) -> str | None:
-  """The --config file of a command line, as given."""
-  for k, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.partition("=")[2]
-    if arg == "--config" and k + 1 < len(argv):
-      return argv[k + 1]
-  return None
-
-
-def check_override_keys(argv: Sequence[str]) -> None:
-  """Exits with one line when a `--config.<key>=` override names no key of the study config
-  (which this reads, as the flag will) or sets study.base, which the config builds on."""
+def check_command_line(argv: Sequence[str]) -> None:
+  """Exits with one line when --config names no file, a `--config.<key>=` override names no
+  key of the study config (which this reads, as the flag will) or sets study.base, which the
+  config builds on."""
   if "study.base" in cli.override_keys(argv):
     print(
       "error: study.base is the config the study config file builds on "
@@ -40,13 +31,15 @@ def check_override_keys(argv: Sequence[str]) -> None:
       file=sys.stderr,
     )
     sys.exit(2)
-  spec = _config_spec(argv)
-  try:
-    reference = compose.load_config_file(spec) if spec else None
-  except ConfigError:
+  spec = cli.config_spec(argv)
+  if spec is None:
     return  # The --config flag reports it.
-  if reference is not None:
-    cli.check_override_keys(argv, reference)
+  try:
+    reference = compose.load_config_file(spec)
+  except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  cli.check_command_line(argv, reference)
 
 
 def main() -> None:
@@ -129,5 +122,5 @@ if __name__ == "__main__":
   from ser_jax import cpu
 
   cpu.tune_process()
-  check_override_keys(sys.argv)
+  check_command_line(sys.argv)
   main()
