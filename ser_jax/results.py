@@ -234,7 +234,7 @@ def results_markdown(results: run_results.RunResults) -> str:
   """Table 1's shape (WA, UA) and Tables 2-3's shape (row-normalised confusion, %)."""
   config = results.config
   model = results.members[0]
-  kind = {"mfcc": "MFCC", "logmel": "Log-mel"}[config["features"]["kind"]]
+  kind = plots.input_label(config)
   # Member 0's loss, whose scores the table gives (a sweep's first gamma, not loss.gamma).
   loss_label = f"focal (gamma={model.gamma})" if model.gamma else "softmax"
   if model.alpha:
