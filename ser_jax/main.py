@@ -8,7 +8,7 @@ import sys
 import jax
 from absl import app, flags
 
-from ser_jax import cli, cpu, experiment
+from ser_jax import cli, command_line, cpu, experiment
 
 _CONFIG = cli.config_flag()
 _WORKDIR = cli.workdir_flag()
@@ -33,4 +33,4 @@ def main(argv) -> None:
 if __name__ == "__main__":
   cpu.tune_process()
   cli.check_command_line(sys.argv)
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=command_line.parse_flags))

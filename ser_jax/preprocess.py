@@ -7,7 +7,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from ser_jax import cli, run_data
+from ser_jax import cli, command_line, run_data
 from ser_jax.config import validate_config
 
 _CONFIG = cli.config_flag()
@@ -31,4 +31,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   cli.check_command_line(sys.argv)
-  sys.exit(app.run(main))
+  sys.exit(app.run(main, flags_parser=command_line.parse_flags))

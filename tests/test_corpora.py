@@ -603,7 +603,10 @@ def test_info_on_the_command_line(emodb):
   assert done.returncode == 0, done.stderr
   assert "corpus emodb: 2 utterances, 1 classes" in done.stdout
   missing = run_module("ser_jax.data.info", ["--corpus=emodb"])
-  assert missing.returncode == 1 and "--root must have a value" in missing.stderr
+  assert missing.returncode == 2
+  assert missing.stderr.strip() == (
+    "error: flag --root=None: Flag --root must have a value other than None."
+  )
 
 
 def test_info_error_exit(emodb, capsys):

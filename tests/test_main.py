@@ -7,7 +7,14 @@ import pathlib
 
 import numpy as np
 import pytest
-from helpers import result_metrics, run_code, run_module, session_demo_corpus, tiny_args
+from helpers import (
+  REPO,
+  result_metrics,
+  run_code,
+  run_module,
+  session_demo_corpus,
+  tiny_args,
+)
 
 from ser_jax import run_results
 from ser_jax.data import corpora
@@ -173,6 +180,30 @@ def test_bad_config_is_one_clear_line(tmp_path, override, message):
   assert "Traceback" not in process.stderr
   assert not (tmp_path / "run" / "results.json").exists()
   assert not (tmp_path / "run" / "config.json").exists()  # Its corrected rerun is not refused.
+
+
+@pytest.mark.parametrize(
+  "config_flag, more_flags, message",
+  [
+    ("{config}:x", ["--workdir={run}"], "parsing config file: TypeError: get_config() takes 0"),
+    (
+      "{config}",
+      ["--workdir={run}", "--config.train.num_epochs=abc"],
+      "flag --config.train.num_epochs=abc: invalid literal for int() with base 10: 'abc'",
+    ),
+    ("{config}", [], "flag --workdir=None: Flag --workdir must have a value other than None."),
+  ],
+)
+def test_a_bad_flag_is_one_line_with_exit_status_2(tmp_path, config_flag, more_flags, message):
+  """absl's own parser says "FATAL Flags parsing error" with status 1, and puts the
+  traceback of a config file's get_config() in it."""
+  names = {"config": REPO / "configs" / "demo.py", "run": tmp_path / "run"}
+  args = [f"--config={config_flag}", *more_flags]
+  process = run_module("ser_jax.main", [arg.format(**names) for arg in args])
+  assert process.returncode == 2
+  (line,) = process.stderr.strip().splitlines()
+  assert line.startswith("error: flag --") and message in line
+  assert not (tmp_path / "run").exists()
 
 
 def test_broken_files_among_good_ones_are_skipped_and_listed(finished_run, tmp_path):

@@ -345,3 +345,16 @@ def test_base_config_file_is_found_in_the_repository(tmp_path, monkeypatch):
   assert compose.study_config("configs/demo.py").model.width == 16
   with pytest.raises(ConfigError, match="config file 'configs/nope.py' does not exist"):
     compose.study_config("configs/nope.py")
+
+
+def test_a_config_argument_get_config_does_not_take_is_one_line(tmp_path):
+  spec = f"{REPO / 'configs' / 'focal_study.py'}:x"
+  with pytest.raises(ConfigError, match=r"does not take the argument 'x' \(too many positional"):
+    compose.load_config_file(spec)
+  (tmp_path / "empty.py").write_text("GAMMA = 2\n")
+  with pytest.raises(ConfigError, match=r"empty\.py defines no get_config\(\)"):
+    compose.load_config_file(str(tmp_path / "empty.py"))
+  done = run_module("ser_jax.study", [f"--config={spec}", f"--workdir={tmp_path}", "--list_runs"])
+  assert done.returncode == 2
+  (line,) = done.stderr.strip().splitlines()
+  assert line.startswith("error: config file") and "does not take the argument 'x'" in line

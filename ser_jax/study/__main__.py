@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from ser_jax import cli
+from ser_jax import cli, command_line
 from ser_jax.config import ConfigError
 from ser_jax.study import compose, run
 
@@ -115,7 +115,7 @@ def main() -> None:
     print(f"wrote {pathlib.Path(workdir_flag.value) / 'results.md'}", file=sys.stderr)
     return 1 if summary["failures"] else 0
 
-  app.run(study)
+  app.run(study, flags_parser=command_line.parse_flags)
 
 
 if __name__ == "__main__":

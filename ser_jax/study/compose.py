@@ -29,6 +29,7 @@ import ast
 import copy
 import dataclasses
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -258,7 +259,17 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module_spec = importlib.util.spec_from_file_location(f"_config_{found.stem}", found)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(argument) if argument else module.get_config()
+  if not callable(getattr(module, "get_config", None)):
+    raise ConfigError(f"config file {found} defines no get_config()")
+  arguments = (argument,) if argument else ()
+  try:
+    inspect.signature(module.get_config).bind(*arguments)
+  except TypeError as error:
+    takes = f"the argument {argument!r}" if argument else "no argument"
+    raise ConfigError(
+      f"config file {spec!r}: its get_config() does not take {takes} ({error})"
+    ) from None
+  return module.get_config(*arguments)
 
 
 def _corpus_keys(corpus: Corpus) -> dict:
