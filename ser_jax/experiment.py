@@ -9,11 +9,14 @@ the epochs and checkpoints in `trainer`, the pure steps in `train`, testing in
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
 import json
 import logging
 import pathlib
 import shutil
 import time
+from collections.abc import Iterator
 
 import jax
 import ml_collections
@@ -64,12 +67,36 @@ def train_and_evaluate(
   workdir = pathlib.Path(workdir)
   is_writer = jax.process_index() == 0
   workdir.mkdir(parents=True, exist_ok=True)
-  with io_utils.exclusive_lock(workdir / f"run.lock.{jax.process_index()}", f"workdir {workdir}"):
+  with _workdir_locks(config, workdir, fresh):
     if fresh and is_writer:
       _empty_workdir(workdir)
     if is_writer:
       _check_same_config(config, workdir)
     return _run(config, workdir, is_writer)
+
+
+@contextlib.contextmanager
+def _workdir_locks(config, workdir: pathlib.Path, fresh: bool) -> Iterator[None]:
+  """A run of every fold, or with --fresh, has the workdir to itself. Runs that name their
+  folds (cv.folds) share it, each holding its own folds, so that jobs train other folds of
+  one workdir at the same time; their shared files are written under `_writes_lock`."""
+  lock = workdir / f"run.lock.{jax.process_index()}"
+  if fresh or not config.cv.folds:
+    with io_utils.file_lock(lock, f"workdir {workdir}"):
+      yield
+    return
+  with contextlib.ExitStack() as locks:
+    locks.enter_context(io_utils.file_lock(lock, f"workdir {workdir}", shared=True))
+    for fold in config.cv.folds:
+      fold_lock = lock.with_name(f"{lock.name}.fold_{fold}")
+      locks.enter_context(io_utils.file_lock(fold_lock, f"fold {fold} of workdir {workdir}"))
+    yield
+
+
+def _writes_lock(workdir: pathlib.Path):
+  """Held while the writing process writes a file that runs of other folds write too:
+  config.json, metrics.jsonl, and the results of every finished fold."""
+  return io_utils.file_lock(workdir / "run.lock.writes", f"workdir {workdir}", wait=True)
 
 
 def _empty_workdir(workdir: pathlib.Path) -> None:
@@ -93,26 +120,30 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> run_results.RunResul
   if is_writer:
     # Only now, with the corpus read and its folds made: a config refused on the way (a
     # wrong root, an unknown class) leaves nothing its corrected rerun would be refused by.
-    write_config(config, workdir)
+    # Checked again: a run of other folds may have written it since.
+    with _writes_lock(workdir):
+      _check_same_config(config, workdir)
+      write_config(config, workdir)
   folds = {k: make_fold(run, k, *fold_indices[k]) for k in data.trained_folds(config, fold_indices)}
-  fold_results = _train_and_test(run, folds)
-  # Folds a previous invocation finished (with cv.folds naming others) are reported too.
-  fold_results += [
-    result
-    for k in range(len(fold_indices))
-    if k not in folds and (result := _finished_fold(run, k)) is not None
-  ]
-  fold_results.sort(key=lambda result: result["fold"])
-  run_summary = _summarise(run, kept, fold_indices, fold_results, time.time() - start_time)
-  if is_writer:
-    results.write_results(workdir, run_summary)
-    results.write_predictions(
-      workdir / layout.PREDICTIONS,
-      run.store.class_names,
-      [layout.fold_dir(workdir, r["fold"]) / layout.PREDICTIONS for r in fold_results],
-    )
-    plots.write_figures(workdir, run_summary, run.log.read())
-    logging.info("%s", results.final_line(run_summary))
+  trained_results = _train_and_test(run, folds)
+  with _writes_lock(workdir) if is_writer else contextlib.nullcontext():
+    # Folds that another invocation finished (with cv.folds naming others) are reported too.
+    fold_results = trained_results + [
+      result
+      for k in range(len(fold_indices))
+      if k not in folds and (result := _finished_fold(run, k)) is not None
+    ]
+    fold_results.sort(key=lambda result: result["fold"])
+    run_summary = _summarise(run, kept, fold_indices, fold_results, time.time() - start_time)
+    if is_writer:
+      results.write_results(workdir, run_summary)
+      results.write_predictions(
+        workdir / layout.PREDICTIONS,
+        run.store.class_names,
+        [layout.fold_dir(workdir, r["fold"]) / layout.PREDICTIONS for r in fold_results],
+      )
+      plots.write_figures(workdir, run_summary, run.log.read())
+      logging.info("%s", results.final_line(run_summary))
   return run_summary
 
 
@@ -170,7 +201,9 @@ def _prepare(config, settings: Settings, topology: Topology, workdir, is_writer:
     engine=engine,
     topology=topology,
     device_rows=device_rows,
-    log=results.MetricsLog(workdir / "metrics.jsonl", enabled=is_writer),
+    log=results.MetricsLog(
+      workdir / "metrics.jsonl", functools.partial(_writes_lock, workdir), enabled=is_writer
+    ),
     is_writer=is_writer,
   )
   return run, kept, fold_indices

@@ -1,4 +1,4 @@
-"""Atomic file writes and a workdir lock: a crash leaves the previous file, never half a file."""
+"""Atomic file writes and file locks: a crash leaves the previous file, never half a file."""
 
 from __future__ import annotations
 
@@ -46,27 +46,32 @@ class LockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, what: str, wait: bool = False) -> Iterator[None]:
+def file_lock(
+  path: str | os.PathLike, what: str, *, wait: bool = False, shared: bool = False
+) -> Iterator[None]:
   """Holds an flock on `path` for the block; the OS releases it if the process dies.
 
-  With `wait`, blocks until the holder finishes instead of raising LockedError.
+  Exclusive, the file names its holder's pid; `shared`, any number of holders together keep
+  out an exclusive one. With `wait`, blocks until the lock is free instead of raising LockedError.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with open(path, "a+") as f:
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     try:
-      fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+      fcntl.flock(f.fileno(), mode | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError as error:
       f.seek(0)
-      holder = f.read().strip() or "unknown"
+      holder = f.read().strip()
       raise LockedError(
-        f"{what} is in use by another process (pid {holder}); wait for it to finish "
-        f"or stop it (lock file: {path})"
+        f"{what} is in use by another process{f' (pid {holder})' if holder else ''}; wait "
+        f"for it to finish or stop it (lock file: {path})"
       ) from error
     f.seek(0)
     f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+    if not shared:  # Shared holders are not named: there may be several.
+      f.write(str(os.getpid()))
+      f.flush()
     try:
       yield
     finally:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.metadata
 import io
 import json
 import pathlib
 import platform
+from collections.abc import Callable
 
 import numpy as np
 
@@ -15,30 +17,42 @@ from ser_jax import io_utils, plots, render, run_results
 
 
 class MetricsLog:
-  """Per-epoch records in `metrics.jsonl`; a resumed fold drops records after its checkpoint."""
+  """Per-epoch records in `metrics.jsonl`; a resumed fold drops records after its checkpoint.
 
-  def __init__(self, path: pathlib.Path, enabled: bool = True):
+  `lock()` is held while the file is written, which runs of other folds write too.
+  """
+
+  def __init__(
+    self,
+    path: pathlib.Path,
+    lock: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    enabled: bool = True,
+  ):
     self.path = path
+    self.lock = lock
     self.enabled = enabled
 
   def append(self, record: dict) -> None:
     if self.enabled:
-      with open(self.path, "a") as f:
+      with self.lock(), open(self.path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
   def truncate(self, fold: int, epoch: int, first_member: int = 0) -> None:
-    if not (self.enabled and self.path.exists()):
+    if not self.enabled:
       return
-    kept = []
-    for line in self.path.read_text().splitlines():
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:  # A line cut short by a kill.
-        continue
-      same_run = record["fold"] == fold and record.get("first_member", 0) == first_member
-      if not (same_run and record["epoch"] > epoch):
-        kept.append(line)
-    io_utils.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+    with self.lock():
+      if not self.path.exists():
+        return
+      kept = []
+      for line in self.path.read_text().splitlines():
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:  # A line cut short by a kill.
+          continue
+        same_run = record["fold"] == fold and record.get("first_member", 0) == first_member
+        if not (same_run and record["epoch"] > epoch):
+          kept.append(line)
+      io_utils.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
   def read(self) -> list[dict]:
     if not self.path.exists():

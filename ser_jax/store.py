@@ -228,7 +228,7 @@ def build_store(
   # Another process building the same store (a second run, or another host's process on a
   # shared disk) is waited for, then its finished store is used.
   lock = final.with_name(final.name + ".lock")
-  with io_utils.exclusive_lock(lock, f"feature store {final}", wait=True):
+  with io_utils.file_lock(lock, f"feature store {final}", wait=True):
     if (final / "meta.json").exists():  # Finished by another process while we waited.
       logging.info("Feature store %s was built by another process; using it", final)
       return final

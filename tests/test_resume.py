@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import pathlib
@@ -132,13 +133,59 @@ def test_fresh_waits_for_the_lock_and_a_refused_run_leaves_no_config(tmp_path):
   (workdir / "fold_0").mkdir(parents=True)
   (workdir / "config.json").write_text("{}")
   unknown_class = _demo_config(**{"data.classes": ("neutral", "joy")})
-  with io_utils.exclusive_lock(workdir / "run.lock.0", "the first run"):
+  with io_utils.file_lock(workdir / "run.lock.0", "the first run"):
     with pytest.raises(io_utils.LockedError, match="in use by another process"):
       experiment.train_and_evaluate(unknown_class, workdir, fresh=True)
   assert (workdir / "fold_0").is_dir() and (workdir / "config.json").is_file()
   with pytest.raises(ValueError, match="joy"):
     experiment.train_and_evaluate(unknown_class, workdir, fresh=True)
   assert [path.name for path in workdir.iterdir()] == ["run.lock.0"]
+
+
+def test_runs_naming_other_folds_share_the_workdir_and_no_fold_trains_twice(tmp_path):
+  """While a run of fold 0 (cv.folds) holds the workdir, a run of fold 1 goes ahead, and a
+  second run of fold 0, a run of every fold and --fresh are refused."""
+  workdir = tmp_path / "run"
+  unknown_class = {"data.classes": ("neutral", "joy")}  # Refused once past the locks.
+  holder = _demo_config(**{"cv.folds": (0,)})
+  with experiment._workdir_locks(holder, workdir, fresh=False):
+    with pytest.raises(ValueError, match="joy"):
+      experiment.train_and_evaluate(_demo_config(**unknown_class, **{"cv.folds": (1,)}), workdir)
+    for folds, fresh, message in (
+      ((1, 0), False, r"^fold 0 of workdir .* in use by another process \(pid \d+\); wait"),
+      ((), False, r"^workdir .* is in use by another process; wait for it"),
+      ((1,), True, r"^workdir .* is in use by another process; wait for it"),
+    ):
+      config = _demo_config(**unknown_class, **{"cv.folds": folds})
+      with pytest.raises(io_utils.LockedError, match=message):
+        experiment.train_and_evaluate(config, workdir, fresh=fresh)
+  with pytest.raises(ValueError, match="joy"):  # Free again.
+    experiment.train_and_evaluate(_demo_config(**unknown_class), workdir, fresh=True)
+
+
+def test_runs_of_other_folds_at_once_in_one_workdir_add_up_to_the_whole_run(tmp_path, reference):
+  """Two jobs started together, fold 0 and fold 1 of one workdir (as array jobs would be):
+  both finish, and the workdir reports the uninterrupted run's results, with every epoch of
+  both in metrics.jsonl and every test utterance in predictions.csv."""
+  cache, expected = reference
+  workdir = tmp_path / "run"
+  jobs = [
+    start_module(
+      "ser_jax.main", tiny_args(workdir, cache, **EVERY_EPOCH, **{"cv.folds": f"({k},)"})
+    )
+    for k in (0, 1)
+  ]
+  for job in jobs:
+    _, stderr = job.communicate(timeout=600)
+    assert job.returncode == 0, stderr
+  assert result_metrics(workdir) == expected
+  assert json.loads((workdir / "results.json").read_text())["n_folds"] == 2
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  keys = [(r["fold"], r["epoch"]) for r in records]
+  assert sorted(keys) == [(f, e) for f in (0, 1) for e in range(1, EPOCHS + 1)]
+  with open(workdir / "predictions.csv", newline="") as f:
+    folds = [row["fold"] for row in csv.DictReader(f)]
+  assert sorted(set(folds)) == ["0", "1"] and len(folds) == 320
 
 
 @pytest.mark.slow  # The refusal itself, in the default run: test_config.py.

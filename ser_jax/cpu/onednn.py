@@ -131,7 +131,7 @@ def build_library(cache_dir: pathlib.Path, cxx: str | None = None) -> pathlib.Pa
   if path.exists():
     return path
   cache_dir.mkdir(parents=True, exist_ok=True)
-  with io_utils.exclusive_lock(cache_dir / "onednn_conv.lock", "the oneDNN build", wait=True):
+  with io_utils.file_lock(cache_dir / "onednn_conv.lock", "the oneDNN build", wait=True):
     if path.exists():
       return path
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:

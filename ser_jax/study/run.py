@@ -77,9 +77,7 @@ def run_study(
   act = read_finished if summarise_only else execute
   # A summary waits for a whole study running in the same workdir; a second whole study is
   # refused. Single runs (run_one) only check the config under this lock.
-  with io_utils.exclusive_lock(
-    workdir / "study.lock", f"study workdir {workdir}", wait=summarise_only
-  ):
+  with io_utils.file_lock(workdir / "study.lock", f"study workdir {workdir}", wait=summarise_only):
     compose.check_same_study(config, workdir)
     failures: dict[str, str] = {}  # Corpus -> why it failed.
     classes: dict[str, tuple[str, ...]] = {}
@@ -141,7 +139,7 @@ def run_one(
   setting = next(s for s in settings if s.name == setting_name)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  with io_utils.exclusive_lock(workdir / "study.lock", f"study workdir {workdir}", wait=True):
+  with io_utils.file_lock(workdir / "study.lock", f"study workdir {workdir}", wait=True):
     compose.check_same_study(config, workdir)
   try:
     if folder in by_name:
