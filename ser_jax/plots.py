@@ -83,12 +83,13 @@ def plot_confusion(results: run_results.RunResults, path: str | os.PathLike) -> 
   axes.set_yticks(range(len(names)), names)
   axes.set_xlabel("Predicted")
   axes.set_ylabel("True")
-  figure.colorbar(image, ax=axes, label="% of true class")
-  config = results.config
+  figure.colorbar(image, ax=axes, label="% of true class (summed over folds)")
+  member = f"{member_label(model)}{' (member 0)' if results.is_sweep else ''}"
   axes.set_title(
-    f"{input_label(config)}, {member_label(model)}{' (member 0)' if results.is_sweep else ''}\n"
+    f"{input_label(results.config)}, {member}\n"
     f"WA {model.wa_fold_mean:.2f}% +/- {model.wa_fold_std:.2f}, "
-    f"UA {model.ua_fold_mean:.2f}% +/- {model.ua_fold_std:.2f}",
+    f"UA {model.ua_fold_mean:.2f}% +/- {model.ua_fold_std:.2f}\n"
+    f"(mean +/- sd over {len(model.folds)} folds)",
     fontsize=10,
   )
   _save(figure, path)
@@ -111,8 +112,11 @@ def learning_curve_points(records: Sequence[dict], member: int = 0) -> dict[int,
   return dict(by_fold)
 
 
-def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike, member: int = 0) -> None:
-  """Train loss and train accuracy per epoch, one line per fold (of sweep member `member`)."""
+def plot_learning_curves(
+  records: Sequence[dict], path: str | os.PathLike, member: int = 0, title: str = ""
+) -> None:
+  """Train loss and train accuracy per epoch, one line per fold (of sweep member `member`),
+  under `title` (the run's name)."""
   from matplotlib.ticker import MaxNLocator
 
   if not records:
@@ -135,10 +139,8 @@ def plot_learning_curves(records: Sequence[dict], path: str | os.PathLike, membe
     axes.grid(alpha=0.3)
   accuracy_axes.legend(fontsize=8, ncols=2)
   n_members = max(r.get("first_member", 0) + len(r["train_loss"]) for r in records)
-  figure.suptitle(
-    "Training per fold" + (f" (sweep member {member} of {n_members})" if n_members > 1 else ""),
-    fontsize=10,
-  )
+  of_member = f" (sweep member {member} of {n_members})" if n_members > 1 else ""
+  figure.suptitle(f"{title}{': ' if title else ''}training per fold{of_member}", fontsize=10)
   _save(figure, path)
 
 
@@ -231,7 +233,8 @@ def write_figures(
   plot_confusion(results, written[-1])
   if records:
     written.append(workdir / "learning_curves.png")
-    plot_learning_curves(records, written[-1])
+    title = f"{input_label(results.config)}, {member_label(results.members[0])}"
+    plot_learning_curves(records, written[-1], title=title)
   if results.is_sweep:
     written.append(workdir / "sweep.png")
     plot_sweep(results, written[-1])

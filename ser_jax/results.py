@@ -66,8 +66,18 @@ class MetricsLog:
     return records
 
 
+def member_tag(index: int, member) -> str:
+  """A sweep member's TensorBoard tag: its index, gamma, seed, learning rate and weights,
+  in the characters tensorboardX keeps in a tag (it writes others as '_')."""
+  alpha = member.alpha
+  weights = alpha if isinstance(alpha, str) else "-".join(f"{a:g}" for a in alpha)
+  tag = f"member_{index}_gamma_{member.gamma:g}_seed_{member.seed}_lr_{member.learning_rate:g}"
+  return f"{tag}_alpha_{weights}" if weights else tag
+
+
 class TensorBoard:
-  """Train scalars per fold (and per member of a sweep) as TensorBoard event files."""
+  """Per fold (and per member of a sweep), each epoch's train loss, train accuracy and
+  learning rate (metrics.jsonl's) as TensorBoard scalars."""
 
   def __init__(self, logdir: pathlib.Path, enabled: bool = True):
     self.writer = None
@@ -76,12 +86,13 @@ class TensorBoard:
 
       self.writer = SummaryWriter(str(logdir))
 
-  def scalars(self, record: dict, members) -> None:
+  def scalars(self, record: dict, members, first_member: int = 0) -> None:
+    """The record of `members` (a chunk of the run's, from its member `first_member`)."""
     if self.writer is None:
       return
     for k, member in enumerate(members):
-      suffix = "" if len(members) == 1 else f"/gamma={member.gamma},seed={member.seed}"
-      for name in ("train_loss", "train_accuracy"):
+      suffix = "" if len(members) == 1 else f"/{member_tag(first_member + k, member)}"
+      for name in ("train_loss", "train_accuracy", "learning_rate"):
         self.writer.add_scalar(f"{name}{suffix}", record[name][k], record["step"])
     self.writer.flush()
 

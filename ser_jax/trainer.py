@@ -147,7 +147,8 @@ def train_cells(run: Run, cells: list[Cell]):
         cell_metrics = {name: x[first : first + m, :n].T for name, x in epoch_metrics.items()}
         record = _epoch_record(run, cell, cell_metrics, epochs[i], n, seconds)
         run.log.append(record)
-        writers[i].scalars(record, run.members[cell.members.start : cell.members.stop])
+        members = run.members[cell.members.start : cell.members.stop]
+        writers[i].scalars(record, members, cell.members.start)
         epochs[i] += 1
         if epochs[i] % settings.checkpoint_every_epochs == 0 or epochs[i] == settings.num_epochs:
           checkpoints.save(managers[i], epochs[i], made.take_cell(state, first))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 
@@ -129,3 +131,21 @@ def randomised_batch_norms(variables, key):
       leaf = 0.2 * jax.random.normal(k, leaf.shape)
     out.append(leaf)
   return jax.tree.unflatten(tree, out)
+
+
+def tensorboard_scalars(logdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} of the event files in `logdir`, read as TFRecords (length,
+  its CRC, the Event proto, its CRC) with tensorboardX's proto, not its writer."""
+  from tensorboardX.proto import event_pb2
+
+  scalars = collections.defaultdict(list)
+  for path in sorted(logdir.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset : offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        scalars[value.tag].append((event.step, value.simple_value))
+  return dict(scalars)

@@ -13,6 +13,7 @@ from helpers import (
   run_code,
   run_module,
   session_demo_corpus,
+  tensorboard_scalars,
   tiny_args,
 )
 
@@ -98,7 +99,13 @@ def test_workdir_holds_checkpoints_metrics_and_tables(finished_run):
   table = (workdir / "results.md").read_text()
   assert "| MFCC | focal (gamma=2.0) |" in table
   assert "| true \\ predicted | neutral | happiness | sadness | anger |" in table
-  assert list((workdir / "tensorboard" / "fold_0").iterdir())
+  for fold in (0, 1):
+    scalars = tensorboard_scalars(workdir / "tensorboard" / f"fold_{fold}")
+    for name in ("train_loss", "train_accuracy", "learning_rate"):
+      want = [(r["step"], r[name][0]) for r in records if r["fold"] == fold]
+      got = scalars[name]
+      assert [step for step, _ in got] == [step for step, _ in want]
+      np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)
 
 
 def test_rerun_keeps_finished_folds(finished_run):

@@ -7,7 +7,7 @@ import pathlib
 
 import numpy as np
 import pytest
-from helpers import run_module, session_demo_corpus, start_module, tiny_args
+from helpers import run_module, session_demo_corpus, start_module, tensorboard_scalars, tiny_args
 
 from ser_jax import compare, run_results
 from ser_jax.predict import Predictor, PredictorError
@@ -132,6 +132,12 @@ def test_vmapped_sweep_writes_every_member_and_the_curve(tmp_path, cache, single
   assert (workdir / "sweep.png").stat().st_size > 0
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert all(len(r["train_loss"]) == 2 for r in records)
+  scalars = tensorboard_scalars(workdir / "tensorboard" / "fold_0")
+  for k, member in enumerate(members):  # A tag of its own, naming it.
+    tag = f"train_loss/member_{k}_gamma_{member.gamma:g}_seed_0_lr_{member.learning_rate:g}"
+    np.testing.assert_allclose(
+      [value for _, value in scalars[tag]], [r["train_loss"][k] for r in records], rtol=1e-6
+    )
 
 
 def test_class_weights_sweep_in_chunks_that_fit_and_every_prediction_kept(tmp_path, cache):
