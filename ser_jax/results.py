@@ -79,12 +79,14 @@ class TensorBoard:
   """Per fold (and per member of a sweep), each epoch's train loss, train accuracy and
   learning rate (metrics.jsonl's) as TensorBoard scalars."""
 
-  def __init__(self, logdir: pathlib.Path, enabled: bool = True):
+  def __init__(self, logdir: pathlib.Path, enabled: bool = True, purge_step: int | None = None):
+    """`purge_step`: TensorBoard hides the scalars of earlier files from this step on (those
+    of a killed run's epochs past its checkpoint)."""
     self.writer = None
     if enabled:
       from tensorboardX import SummaryWriter
 
-      self.writer = SummaryWriter(str(logdir))
+      self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
 
   def scalars(self, record: dict, members, first_member: int = 0) -> None:
     """The record of `members` (a chunk of the run's, from its member `first_member`)."""

@@ -119,13 +119,16 @@ def train_cells(run: Run, cells: list[Cell]):
         start_epoch,
         start_epoch * n,
       )
-      run.log.truncate(cell.fold.index, start_epoch, cell.members.start)
       state = made.put_cell(state, restored, first)
+    # Records past the checkpoint (every record, without one) are of a killed run's epochs,
+    # which train again: dropped from metrics.jsonl, and hidden from TensorBoard.
+    run.log.truncate(cell.fold.index, start_epoch, cell.members.start)
     epochs.append(start_epoch)
     writers.append(
       results.TensorBoard(
         layout.tensorboard_dir(run.workdir, cell.fold.index, cell.members, len(run.members)),
         enabled=run.is_writer,
+        purge_step=start_epoch * n + 1,
       )
     )
   names = ", ".join(str(c.fold.index) for c in cells)

@@ -134,18 +134,23 @@ def randomised_batch_norms(variables, key):
 
 
 def tensorboard_scalars(logdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-  """{tag: [(step, value)]} of the event files in `logdir`, read as TFRecords (length,
-  its CRC, the Event proto, its CRC) with tensorboardX's proto, not its writer."""
+  """{tag: [(step, value)]} of the event files in `logdir` as TensorBoard shows them, read
+  as TFRecords (length, its CRC, the Event proto, its CRC) with tensorboardX's proto, not
+  its writer. As TensorBoard does, a SessionLog START at step T hides what earlier events
+  logged from step T on."""
   from tensorboardX.proto import event_pb2
 
   scalars = collections.defaultdict(list)
-  for path in sorted(logdir.glob("events.out.tfevents.*")):
+  for path in sorted(logdir.glob("events.out.tfevents.*")):  # The oldest first.
     data = path.read_bytes()
     offset = 0
     while offset < len(data):
       (length,) = struct.unpack("<Q", data[offset : offset + 8])
       event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
       offset += 12 + length + 4
+      if event.session_log.status == event_pb2.SessionLog.START:
+        for tag, points in scalars.items():
+          scalars[tag] = [(step, value) for step, value in points if step < event.step]
       for value in event.summary.value:
         scalars[value.tag].append((event.step, value.simple_value))
   return dict(scalars)

@@ -11,7 +11,16 @@ import time
 
 import jax.numpy as jnp
 import pytest
-from helpers import REPO, result_metrics, run_module, session_demo_corpus, start_module, tiny_args
+from helpers import (
+  REPO,
+  result_metrics,
+  run_module,
+  session_demo_corpus,
+  start_module,
+  tensorboard_scalars,
+  tiny_args,
+)
+from tensorboardX import SummaryWriter
 
 from ser_jax import experiment, io_utils, trainer
 
@@ -55,6 +64,12 @@ def test_sigkill_during_training_then_rerun_gives_the_same_results(
   _wait_for_checkpoint(process, workdir, fold, epoch)
   process.send_signal(signal.SIGKILL)
   process.wait()
+  # As if fold 1 had been killed too, after logging its first epoch, before its checkpoint.
+  with open(workdir / "metrics.jsonl", "a") as log:
+    log.write(json.dumps({"fold": 1, "epoch": 1, "step": 5, "train_loss": [123.0]}) + "\n")
+  stale = SummaryWriter(str(workdir / "tensorboard" / "fold_1"))
+  stale.add_scalar("train_loss", 123.0, 5)
+  stale.close()
 
   resumed = run_module("ser_jax.main", args)
   assert resumed.returncode == 0, resumed.stderr
@@ -66,6 +81,11 @@ def test_sigkill_during_training_then_rerun_gives_the_same_results(
   # The log has each (fold, epoch) once: records past the checkpoint were dropped.
   keys = [(r["fold"], r["epoch"]) for r in records]
   assert sorted(keys) == [(f, e) for f in (0, 1) for e in range(1, EPOCHS + 1)]
+  for k in (0, 1):  # TensorBoard shows each epoch once, this run's.
+    shown = tensorboard_scalars(workdir / "tensorboard" / f"fold_{k}")["train_loss"]
+    assert shown == [
+      (r["step"], pytest.approx(r["train_loss"][0])) for r in records if r["fold"] == k
+    ]
 
 
 def test_preprocess_sigkill_then_rerun_gives_identical_store(tmp_path):
