@@ -70,7 +70,7 @@ def train_and_evaluate(
   with _workdir_locks(config, workdir, fresh):
     if fresh and is_writer:
       _empty_workdir(workdir)
-    if is_writer:
+    if is_writer or not fresh:  # Every process: none trains what process 0 refuses.
       _check_same_config(config, workdir)
     return _run(config, workdir, is_writer)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import importlib.util
 import json
@@ -402,6 +403,23 @@ def test_a_rerun_may_change_result_neutral_keys_only(tmp_path, key, value):
   changed.loss.gamma = 0.5
   with pytest.raises(experiment.ConfigMismatchError, match=r"\(changed: loss\.gamma\)"):
     experiment._check_same_config(changed, tmp_path)
+
+
+def test_every_process_of_a_run_refuses_a_changed_config(tmp_path, monkeypatch):
+  """Not only process 0, which writes: another would compile and wait for it at its first
+  collective. With --fresh, only process 0 empties the workdir and checks."""
+  from ser_jax import experiment
+
+  config = default_config()
+  config.data.corpus = "emodb"
+  config.data.root = str(tmp_path / "nowhere")  # Were it not refused: a CorpusError.
+  experiment.write_config(config, tmp_path)
+  changed = copy.deepcopy(config)
+  changed.loss.gamma = 0.5
+  monkeypatch.setattr(experiment.jax, "process_index", lambda: 1)
+  with pytest.raises(experiment.ConfigMismatchError, match=r"\(changed: loss\.gamma\)"):
+    experiment.train_and_evaluate(changed, str(tmp_path))
+  assert (tmp_path / "run.lock.1").exists()  # It held its own process's lock.
 
 
 # Result-neutral keys, run -----------------------------------------------------------------------
