@@ -39,20 +39,23 @@ os.environ["MPLCONFIGDIR"] = os.path.join(os.environ[_SESSION_FOLDER], "matplotl
 # reordering): the longest files, as measured on 2 cores, go first, so that no worker is
 # left with a long file while the others have finished.
 LONGEST_FILES_FIRST = (
-  "test_onednn_isa.py",
+  "test_engine.py",
   "test_resume.py",
-  "test_sweep.py",
   "test_main.py",
-  "test_config.py",
   "test_study.py",
-  "test_epoch.py",
-  "test_sharding.py",
-  "test_predict.py",
-  "test_focal_claim.py",
-  "test_onednn.py",
-  "test_selftest.py",
-  "test_cpu_lowerings.py",
+  "test_sweep.py",
   "test_train_step.py",
+  "test_cpu_lowerings.py",
+  "test_config.py",
+  "test_sharding.py",
+  "test_onednn.py",
+  "test_emobox.py",
+  "test_selftest.py",
+  "test_onednn_isa.py",
+  "test_predict.py",
+  "test_demo.py",
+  "test_study_compose.py",
+  "test_store.py",
 )
 
 
