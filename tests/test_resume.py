@@ -88,6 +88,7 @@ def test_sigkill_during_training_then_rerun_gives_the_same_results(
     ]
 
 
+@pytest.mark.slow  # In the default run: tests/test_store.py's kill mid-extraction and crashes.
 def test_preprocess_sigkill_then_rerun_gives_identical_store(tmp_path):
   """Kills the extractor at several moments; each rerun finishes with the same bytes."""
   settings = {
