@@ -89,7 +89,7 @@ def plot_confusion(results: run_results.RunResults, path: str | os.PathLike) -> 
     f"{input_label(results.config)}, {member}\n"
     f"WA {model.wa_fold_mean:.2f}% +/- {model.wa_fold_std:.2f}, "
     f"UA {model.ua_fold_mean:.2f}% +/- {model.ua_fold_std:.2f}\n"
-    f"(mean +/- sd over {len(model.folds)} folds)",
+    f"(mean +/- sd over {results.folds_label} folds)",
     fontsize=10,
   )
   _save(figure, path)

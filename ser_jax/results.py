@@ -244,7 +244,7 @@ def final_line(results: run_results.RunResults) -> str:
   model = results.members[0]
   member = f" of member 0 ({plots.member_label(model)})" if results.is_sweep else ""
   return (
-    f"Result{member} over {len(model.folds)} folds: WA {model.wa_fold_mean:.2f} "
+    f"Result{member} over {results.folds_label} folds: WA {model.wa_fold_mean:.2f} "
     f"+/- {model.wa_fold_std:.2f}, UA {model.ua_fold_mean:.2f} "
     f"+/- {model.ua_fold_std:.2f}, macro-F1 {model.macro_f1_fold_mean:.2f}"
   )

@@ -177,6 +177,8 @@ def test_a_run_with_folds_still_to_train_says_so(tmp_path, capsys) -> None:
   assert _table_rows(capsys.readouterr().out)[0][5] == "2 of 5"
   title = results.results_markdown(partial).splitlines()[0]
   assert title.endswith("5-fold stratified cross-validation (finished: fold 0, 2)"), title
+  assert results.final_line(partial).startswith("Result over 2 of 5 folds: WA ")
+  assert results.final_line(scores).startswith("Result over 3 folds: WA ")
   whole = dataclasses.replace(scores, n_folds=3)
   assert (
     results.results_markdown(whole).splitlines()[0].endswith("3-fold stratified cross-validation")
