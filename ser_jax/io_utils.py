@@ -52,7 +52,8 @@ def file_lock(
   """Holds an flock on `path` for the block; the OS releases it if the process dies.
 
   Exclusive, the file names its holder's pid; `shared`, any number of holders together keep
-  out an exclusive one. With `wait`, blocks until the lock is free instead of raising LockedError.
+  out an exclusive one. With `wait`, blocks until the lock is free instead of raising
+  LockedError.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

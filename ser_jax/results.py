@@ -43,8 +43,9 @@ class MetricsLog:
     with self.lock():
       if not self.path.exists():
         return
+      lines = self.path.read_text().splitlines()
       kept = []
-      for line in self.path.read_text().splitlines():
+      for line in lines:
         try:
           record = json.loads(line)
         except json.JSONDecodeError:  # A line cut short by a kill.
@@ -52,7 +53,8 @@ class MetricsLog:
         same_run = record["fold"] == fold and record.get("first_member", 0) == first_member
         if not (same_run and record["epoch"] > epoch):
           kept.append(line)
-      io_utils.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+      if len(kept) < len(lines):  # Every fold's start calls this; most drop nothing.
+        io_utils.atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
   def read(self) -> list[dict]:
     if not self.path.exists():
