@@ -118,8 +118,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.cv.folds = ()  # Run only these fold indices (0 is the first); empty means all.
 
   config.sweep = ml_collections.ConfigDict()
-  # Non-empty gammas or alphas: one model per (gamma, seed, learning rate, alpha), trained together;
-  # empty seeds, learning_rates or alphas mean seed, train.learning_rate, loss.alpha.
+  # Any list set: one model per (gamma, seed, learning rate, alpha), trained together; an
+  # empty list means loss.gamma, seed, train.learning_rate or loss.alpha.
   config.sweep.gammas = ()
   config.sweep.seeds = ()
   config.sweep.learning_rates = ()

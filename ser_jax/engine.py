@@ -36,7 +36,7 @@ def members_of(config: ml_collections.ConfigDict) -> list[Member]:
   """The models trained together: one, or every (gamma, seed, rate, alpha) of the sweep."""
   gamma = float(config.loss.gamma) if config.loss.name == "focal" else 0.0
   sweep = config.sweep
-  if not (sweep.gammas or sweep.alphas):
+  if not (sweep.gammas or sweep.seeds or sweep.learning_rates or sweep.alphas):
     return [Member(gamma, int(config.seed), float(config.train.learning_rate), config.loss.alpha)]
   return [
     Member(float(g), int(s), float(r), a)
@@ -113,7 +113,7 @@ def stacked_hparams(
       learning_rate=m.learning_rate,
       alpha=class_weights(m.alpha, fold_labels, n_classes, class_names),
       label_smoothing=config.train.label_smoothing,
-      rng_seed=m.seed * 1000 + fold,
+      rng_seed=(m.seed * 1000 + fold) % 2**32,  # Seeds run to 2**32 - 1.
       warmup_steps=steps_per_epoch * config.train.warmup_epochs,
       total_steps=steps_per_epoch * config.train.num_epochs,
     )

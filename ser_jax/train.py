@@ -90,7 +90,9 @@ def scheduled_learning_rate(step: jax.Array, hparams: HParams) -> jax.Array:
   warmup = jnp.maximum(hparams["warmup_steps"], 1.0)
   decay_steps = jnp.maximum(hparams["total_steps"] - hparams["warmup_steps"], 1.0)
   progress = jnp.clip((step - hparams["warmup_steps"]) / decay_steps, 0.0, 1.0)
-  factor = jnp.where(step < warmup, step / warmup, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+  factor = jnp.where(
+    step < hparams["warmup_steps"], step / warmup, 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  )
   return hparams["learning_rate"] * factor
 
 

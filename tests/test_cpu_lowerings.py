@@ -12,6 +12,7 @@ import pytest
 from flax import linen as nn
 
 from ser_jax import cpu
+from ser_jax.config import ConfigError
 from ser_jax.cpu import kernels, onednn
 from ser_jax.models import ResNet18
 
@@ -156,3 +157,11 @@ def test_after_all_keeps_values_and_waits_for_every_dep():
   # It reads every dep: a non-finite one reaches the result.
   poisoned = cpu.after_all(tree, {**deps, "y": jnp.array([jnp.inf, 1.0, 1.0])})
   assert all(np.isnan(leaf).all() for leaf in jax.tree.leaves(poisoned))
+
+
+def test_an_accelerator_takes_xla_convolutions_and_refuses_the_cpu_lowerings(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert cpu.select_backend("auto").lowering == "xla"
+  for lowering in ("cpu", "onednn"):
+    with pytest.raises(ConfigError, match=rf"model.lowering='{lowering}' is for CPUs .* on gpu"):
+      cpu.select_backend(lowering)

@@ -59,6 +59,33 @@ def _hparams(n_models: int, steps_per_epoch: int = 3):
   return engine.stacked_hparams(config, members, None, 0, steps_per_epoch, tuple("abcd"))
 
 
+@pytest.mark.parametrize(
+  "key, values",
+  [
+    ("gammas", (0.0, 2.0)),
+    ("seeds", (3, 4)),
+    ("learning_rates", (1e-3, 1e-4)),
+    ("alphas", ((), "inverse_frequency")),
+  ],
+)
+def test_any_sweep_list_trains_one_member_per_entry(key, values):
+  config = default_config()
+  config.sweep[key] = values
+  members = engine.members_of(config)
+  field = {"gammas": "gamma", "seeds": "seed", "learning_rates": "learning_rate"}.get(key, "alpha")
+  assert [getattr(m, field) for m in members] == list(values)
+
+
+def test_the_largest_seed_gives_every_fold_its_own_augmentation_stream():
+  config = default_config()
+  member = engine.Member(2.0, 2**32 - 1, 1e-3)
+  seeds = [
+    int(engine.stacked_hparams(config, [member], None, fold, 3, tuple("abcd"))["rng_seed"][0])
+    for fold in range(5)
+  ]
+  assert len(set(seeds)) == 5
+
+
 def _loops_without_trip_count(hlo: str) -> list[str]:
   """The while loops of an optimised HLO module whose trip count XLA does not know."""
   loops = [line for line in hlo.splitlines() if re.search(r"\bwhile\(", line)]

@@ -150,18 +150,19 @@ def test_train_step_is_pure(jitted_step, state):
   assert not np.array_equal(first_moment, state.opt_state[1][0].mu["head"]["kernel"])
 
 
-def test_learning_rate_schedule_equals_optax_warmup_cosine_decay():
+@pytest.mark.parametrize("warmup_steps", [10, 0])
+def test_learning_rate_schedule_equals_optax_warmup_cosine_decay(warmup_steps):
   hparams = train.make_hparams(
     gamma=2.0,
     learning_rate=1e-3,
     alpha=(1.0,) * N_CLASSES,
     label_smoothing=0.0,
     rng_seed=0,
-    warmup_steps=10,
+    warmup_steps=warmup_steps,
     total_steps=100,
   )
   schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0, peak_value=1e-3, warmup_steps=10, decay_steps=100, end_value=0.0
+    init_value=0.0, peak_value=1e-3, warmup_steps=warmup_steps, decay_steps=100, end_value=0.0
   )
   steps = np.array([0, 1, 5, 9, 10, 11, 50, 99, 100, 120], np.int32)
   got = jax.jit(jax.vmap(lambda step: train.scheduled_learning_rate(step, hparams)))(steps)

@@ -28,6 +28,7 @@ import optax
 from flax import linen as nn
 
 from ser_jax import train
+from ser_jax.config import ConfigError
 from ser_jax.cpu import fused, kernels, malloc, norm, onednn, selftest, xla_flags
 
 LOWERINGS = ("auto", "xla", "cpu", "onednn")
@@ -118,6 +119,11 @@ def select_backend(
   batch shape, eval batch shape]); otherwise 'cpu', with one logged line saying why. 'onednn' raises OneDnnUnavailable
   where 'auto' would log that line.
   """
+  if lowering in ("cpu", "onednn") and jax.default_backend() != "cpu":
+    raise ConfigError(
+      f"model.lowering={lowering!r} is for CPUs and this run computes on "
+      f"{jax.default_backend()}; use 'auto' or 'xla'"
+    )
   if lowering not in ("auto", "onednn"):
     return backend(lowering)
   if lowering == "auto" and jax.default_backend() != "cpu":

@@ -306,10 +306,10 @@ def run_config(
     if not key.startswith("study.") and (corpus.reader == "emobox" or key not in _EMOBOX_KEYS):
       command_line[key] = config_tree.value(config, key)
   config_tree.overlay(run, command_line, "command line")
-  if run.sweep.gammas or run.sweep.alphas:
+  if any(run.sweep[key] for key in ("gammas", "seeds", "learning_rates", "alphas")):
     raise ConfigError(
-      f"setting '{setting.name}': a study's runs are single models; leave sweep.gammas and "
-      "sweep.alphas empty and give each model as a setting"
+      f"setting '{setting.name}': a study's runs are single models; leave the sweep.* lists "
+      "empty and give each model as a setting"
     )
   return run
 
