@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 
-from ser_jax import cpu, engine, evaluation, input_pipeline, models, programs
+from ser_jax import cpu, engine, evaluation, input_pipeline, models, programs, train
 from ser_jax.config import default_config
 from ser_jax.sharding import Topology
 from ser_jax.store import FeatureStore
@@ -102,12 +102,26 @@ def main(out_path: str, n_steps: int, batch_size: int, eval_batch_size: int, lay
   probabilities = evaluation.evaluate(
     made.evaluate, made.take_cell(state, 0), store, indices, mean, std, shapes, topology
   )
+  # Each test example alone through plain Flax's ResNet on the host: no batch, padding or
+  # sharding (inference BatchNorm makes an example's output its own).
+  cell = jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(made.take_cell(state, 0)))
+  variables = {"params": cell.params, "batch_stats": cell.batch_stats}
+  flax_model = models.ResNet(stage_sizes=(1, 1), num_classes=4, width=4)
+  one_at_a_time = [
+    train.class_probabilities(
+      flax_model.apply,
+      variables,
+      input_pipeline.read_batch(store, indices[i : i + 1], mean, std)["features"],
+    )[0]
+    for i in indices
+  ]
   leaves = {f"param_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.params))}
   stats = {f"stat_{i}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(state.batch_stats))}
   np.savez(
     out_path,
     losses=np.array(losses),
     probabilities=probabilities,
+    one_at_a_time=np.array(one_at_a_time),
     n_devices=jax.device_count(),
     **leaves,
     **stats,

@@ -7,6 +7,7 @@ import csv
 import json
 import pathlib
 
+import librosa
 import numpy as np
 import pytest
 import soundfile as sf
@@ -119,7 +120,6 @@ def test_too_few_utterances_rejected(tmp_path: pathlib.Path) -> None:
 
 
 def test_learnable_but_not_trivial(corpus: pathlib.Path) -> None:
-  librosa = pytest.importorskip("librosa")
   from sklearn.linear_model import LogisticRegression
   from sklearn.metrics import balanced_accuracy_score
   from sklearn.model_selection import GroupKFold, cross_val_predict

@@ -12,11 +12,12 @@ from absl import flags
 from helpers import REPO, run_module
 from ml_collections import config_flags
 
-from ser_jax import cli, experiment
+from ser_jax import cli, experiment, io_utils, memory, trainer
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data.demo import write_demo_corpus
 from ser_jax.folds import FoldError
 from ser_jax.study import compose
+from ser_jax.study import run as study_run
 
 SETTINGS = (
   "softmax:loss.name=softmax",
@@ -358,3 +359,21 @@ def test_a_config_argument_get_config_does_not_take_is_one_line(tmp_path):
   assert done.returncode == 2
   (line,) = done.stderr.strip().splitlines()
   assert line.startswith("error: config file") and "does not take the argument 'x'" in line
+
+
+@pytest.mark.parametrize(
+  "error",
+  [
+    memory.MemoryPlanError("not even one sweep member fits"),
+    io_utils.LockedError("another process holds runs/x"),
+    trainer.NonFiniteLossError("loss is nan"),
+  ],
+)
+def test_a_run_that_cannot_train_fails_alone(error, monkeypatch, tmp_path):
+  def train_and_evaluate(config, workdir):
+    raise error
+
+  monkeypatch.setattr(experiment, "train_and_evaluate", train_and_evaluate)
+  run = compose.Run(path="demo/softmax", setting="softmax", config=default_config())
+  outcome = study_run.execute(run, tmp_path)
+  assert outcome.result is None and outcome.error == str(error)

@@ -40,10 +40,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import ml_collections
 
 from ser_jax import compare, config_tree, experiment, io_utils, run_data, run_results, trainer
-from ser_jax.audio import AudioError
+from ser_jax.cli import USER_ERRORS
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data import corpora
-from ser_jax.data.corpus import CorpusError
 from ser_jax.folds import FoldError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -60,15 +59,9 @@ _STUDY_NEUTRAL_KEYS = (
 _CORPUS_KEYS = ("data.corpus", "data.root", "data.test_corpus", "data.test_root")
 # Ordinary keys that apply to EmoBox corpora only; a study's other corpora keep the defaults.
 _EMOBOX_KEYS = ("data.audio_root", "data.case_insensitive_paths")
-# What makes one run fail (and, for the reference setting, its corpus) while the study goes on.
-RUN_ERRORS = (
-  ConfigError,
-  CorpusError,
-  FoldError,
-  AudioError,
-  FileNotFoundError,
-  trainer.NonFiniteLossError,
-)
+# What makes one run fail (and, for the reference setting, its corpus) while the study goes
+# on: what a single run reports in one line, a diverged training among them.
+RUN_ERRORS = (*USER_ERRORS, trainer.NonFiniteLossError)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_]*")
 # A setting's overrides are split at the commas that start the next `key=`.
 _NEXT_OVERRIDE = re.compile(r",(?=\s*[A-Za-z_][\w.]*\s*=)")
