@@ -178,9 +178,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if len(set(config.data.classes)) != len(config.data.classes):
     raise ConfigError(f"data.classes={tuple(config.data.classes)!r} has repeated class names")
   if len(config.data.classes) == 1:
+    (name,) = config.data.classes
+    hint = (
+      f'; as a tuple: --config.data.classes="{tuple(c.strip() for c in name.split(","))!r}"'
+      if "," in name
+      else " (empty: every class of the corpus)"
+    )
     raise ConfigError(
       f"data.classes={tuple(config.data.classes)!r} names one class; a classifier needs two "
-      "or more (empty: the corpus's default classes)"
+      f"or more{hint}"
     )
   at_least("data.num_workers", config.data.num_workers, 0)
   n_classes = len(config.data.classes)

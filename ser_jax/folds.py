@@ -25,9 +25,9 @@ def make_folds(
 
   'stratified': scikit-learn's StratifiedKFold, shuffled with `seed` (the paper's protocol;
   stratified_test_folds).
-  'speaker': no speaker in both train and test. When there are exactly `n_folds` groups
-  (IEMOCAP's five sessions with cv.n_folds=5) each fold holds out one whole group
-  (leave-one-session-out); otherwise speakers are spread over folds with scikit-learn's
+  'speaker': no speaker in both train and test. When there are exactly `n_folds` groups and
+  more speakers than folds (IEMOCAP's five sessions with cv.n_folds=5) each fold holds out
+  one whole group (leave-one-session-out); otherwise speakers are spread over folds with scikit-learn's
   StratifiedGroupKFold.
   """
   labels = np.asarray(labels)

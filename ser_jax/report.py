@@ -97,7 +97,7 @@ def _checked(make_rows, run: str, results: run_results.RunResults):
 
 
 def markdown_table(table_rows: Sequence[dict]) -> str:
-  """Rows sorted by input (MFCC first), then gamma (softmax first), then run."""
+  """Rows sorted by input (MFCC first), then gamma (softmax first), learning rate, run."""
   ordered = sorted(
     table_rows,
     key=lambda r: (_INPUT_ORDER.index(r["input"]), r["gamma"], r["learning_rate"], r["run"]),

@@ -265,9 +265,7 @@ def results_markdown(results: run_results.RunResults) -> str:
   model = results.members[0]
   kind = plots.input_label(config)
   # Member 0's loss, whose scores the table gives (a sweep's first gamma, not loss.gamma).
-  loss_label = f"focal (gamma={model.gamma})" if model.gamma else "softmax"
-  if model.alpha:
-    loss_label += f", {plots.alpha_label(model.alpha)}"
+  loss_label = plots.member_label(model)  # As report.py's tables and the figures say it.
   if results.is_sweep:
     loss_label += f" (member 0 of {len(results.members)}: every member below)"
   names = results.class_names

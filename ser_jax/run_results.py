@@ -2,7 +2,7 @@
 
 `FoldResults` keeps a fold's confusion counts; WA, UA and macro F1 (ser_jax.metrics) follow
 from them, and a member's means over folds and pooled scores from its folds', so no reader
-can disagree with itself. `write` and `read` are the only way to results.json: layout 2
+can disagree with itself. `write` and `read` are the only way to a run's results.json: layout 2
 (`schema_version: 2`) writes every score out as numbers for jq; `read` derives them again
 from the counts, and reads the older layout too (see `from_json`).
 """

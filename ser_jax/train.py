@@ -221,11 +221,6 @@ def state_variables(state: TrainState) -> dict:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def eval_step(state: TrainState, batch: Batch) -> jax.Array:
-  """Class probabilities [batch, n_classes] of a standardised batch."""
-  return class_probabilities(state.apply_fn, state_variables(state), batch["features"])
-
-
 STACKINGS = ("vmap", "map")
 
 

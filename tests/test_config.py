@@ -180,6 +180,11 @@ def test_unknown_top_level_group_is_an_error_naming_it(config):
     ("features.n_mfcc", 200, r"features\.n_mfcc=200 must be <= features\.n_mels=128"),
     ("train.label_smoothing", 1.0, r"train\.label_smoothing=1\.0"),
     ("data.classes", ("neutral",), r"data\.classes=\('neutral',\) names one class"),
+    (
+      "data.classes",
+      ("neutral, anger",),
+      r"names one class; .* as a tuple: --config\.data\.classes=\"\('neutral', 'anger'\)\"",
+    ),
     ("data.num_workers", -3, r"data\.num_workers=-3 is not allowed; it must be >= 0"),
     ("train.freq_masks", -1, r"train\.freq_masks=-1 is not allowed; it must be >= 0"),
     ("train.time_mask_frames", -5, r"train\.time_mask_frames=-5"),

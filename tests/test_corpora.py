@@ -11,12 +11,7 @@ import soundfile as sf
 from helpers import run_module
 
 from ser_jax.data import info
-from ser_jax.data.corpora import (
-  CORPORA,
-  DEFAULT_CLASSES,
-  available_classes,
-  read_corpus,
-)
+from ser_jax.data.corpora import CORPORA, available_classes, read_corpus
 from ser_jax.data.corpus import CorpusError
 
 EMODB_ROOT = pathlib.Path(
@@ -24,6 +19,7 @@ EMODB_ROOT = pathlib.Path(
     "SER_JAX_EMODB", pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "emodb"
   )
 )
+PAPER_CLASSES = ("neutral", "happiness", "sadness", "anger")
 APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\xff\xfe[junk]\tSes\n"
 
 
@@ -72,10 +68,10 @@ def emodb(tmp_path_factory) -> pathlib.Path:
   return root
 
 
-def test_emodb_default_classes(emodb):
-  corpus = read_corpus("emodb", emodb)
+def test_emodb_paper_classes(emodb):
+  corpus = read_corpus("emodb", emodb, PAPER_CLASSES)
   assert corpus.name == "emodb"
-  assert corpus.class_names == DEFAULT_CLASSES
+  assert corpus.class_names == PAPER_CLASSES
   assert _labels(corpus) == {
     "03a01Fa": "happiness",
     "03a01Nc": "neutral",
@@ -95,6 +91,12 @@ def test_emodb_default_classes(emodb):
     "09a01Fa.wav": "empty file (0 bytes)",
     "notes.wav": "name does not match the EmoDB pattern (e.g. 03a01Fa.wav)",
   }
+
+
+def test_no_classes_asked_for_is_every_class_the_corpus_has_in_the_readers_order(emodb):
+  corpus = read_corpus("emodb", emodb)  # The fixture has no fear (A) file.
+  assert corpus.class_names == ("neutral", "happiness", "sadness", "anger", "boredom", "disgust")
+  assert corpus.class_counts()["disgust"] == 1 and "fear" not in corpus.class_counts()
 
 
 def test_emodb_class_selection_and_order(emodb):
@@ -217,8 +219,8 @@ IMPROVISED = {
 
 @pytest.mark.parametrize("sub", ["", "IEMOCAP_full_release"])
 def test_iemocap_improvised_four_classes(iemocap, sub):
-  corpus = read_corpus("iemocap", iemocap / sub)
-  assert corpus.class_names == DEFAULT_CLASSES
+  corpus = read_corpus("iemocap", iemocap / sub, PAPER_CLASSES)
+  assert corpus.class_names == PAPER_CLASSES
   assert _labels(corpus) == IMPROVISED
   release = iemocap / "IEMOCAP_full_release"
   utt = corpus.utterances[0]
@@ -237,7 +239,7 @@ def test_iemocap_improvised_four_classes(iemocap, sub):
 
 
 def test_iemocap_speakers_and_sessions(iemocap):
-  corpus = read_corpus("iemocap", iemocap, include_scripted=True)
+  corpus = read_corpus("iemocap", iemocap, PAPER_CLASSES, include_scripted=True)
   speakers = {u.utt_id: (u.speaker, u.group) for u in corpus.utterances}
   # The letter after SesNN names the dialog's first speaker; the turn's own letter is the speaker.
   assert speakers["Ses01F_impro01_M000"] == ("Ses01_M", "Session1")
@@ -249,15 +251,15 @@ def test_iemocap_speakers_and_sessions(iemocap):
 
 
 def test_iemocap_include_scripted_and_merge_excited(iemocap):
-  scripted = read_corpus("iemocap", iemocap, include_scripted=True)
+  scripted = read_corpus("iemocap", iemocap, PAPER_CLASSES, include_scripted=True)
   assert _labels(scripted) == {
     **IMPROVISED,
     "Ses01F_script01_1b_M007": "sadness",
     "Ses01F_script01_1b_F003": "anger",
   }
-  merged = read_corpus("iemocap", iemocap, merge_excited=True)
+  merged = read_corpus("iemocap", iemocap, PAPER_CLASSES, merge_excited=True)
   assert _labels(merged) == {**IMPROVISED, "Ses01F_impro01_M001": "happiness"}
-  both = read_corpus("iemocap", iemocap, include_scripted=True, merge_excited=True)
+  both = read_corpus("iemocap", iemocap, PAPER_CLASSES, include_scripted=True, merge_excited=True)
   assert len(both.utterances) == len(IMPROVISED) + 3
   assert both.class_counts() == {"neutral": 2, "happiness": 3, "sadness": 3, "anger": 3}
 
@@ -291,7 +293,7 @@ def test_ravdess(tmp_path):
     "Actor_02/take2.wav",
   ]:
     _wav(tmp_path / "Audio_Speech_Actors_01-24" / rel)
-  corpus = read_corpus("ravdess", tmp_path)
+  corpus = read_corpus("ravdess", tmp_path, PAPER_CLASSES)
   assert _labels(corpus) == {
     "03-01-01-01-01-01-01": "neutral",
     "03-01-03-02-01-01-02": "happiness",
@@ -312,7 +314,7 @@ def test_crema_d(tmp_path):
   _wav(tmp_path / "AudioWAV" / "1003_DFA_SAD_XX.wav", empty=True)
   _wav(tmp_path / "AudioWAV" / "1003_DFA_BOR_XX.wav")
   for root in [tmp_path, tmp_path / "AudioWAV"]:
-    corpus = read_corpus("crema_d", root)
+    corpus = read_corpus("crema_d", root, PAPER_CLASSES)
     assert _labels(corpus) == {
       "1001_DFA_ANG_XX": "anger",
       "1001_IEO_HAP_HI": "happiness",
@@ -341,7 +343,7 @@ def test_tess(tmp_path):
     "YAF_angry/YAF_back_cross.wav",
   ]:
     _wav(tmp_path / "TESS Toronto emotional speech set data" / rel)
-  corpus = read_corpus("tess", tmp_path)
+  corpus = read_corpus("tess", tmp_path, PAPER_CLASSES)
   assert _labels(corpus) == {
     "OAF_back_angry": "anger",
     "OAF_back_happy": "happiness",
@@ -524,12 +526,12 @@ def test_csv_listing_a_file_twice_is_an_error(tmp_path):
 
 def test_demo_reads_manifest_with_paper_classes(tmp_path):
   rows = ["utt_id,path,label,speaker,group"]
-  for i, label in enumerate([*DEFAULT_CLASSES, "boredom"]):
+  for i, label in enumerate([*PAPER_CLASSES, "boredom"]):
     _wav(tmp_path / "wav" / f"spk00_{i:04d}.wav")
     rows.append(f"spk00_{i:04d},wav/spk00_{i:04d}.wav,{label},spk00,spk00")
   (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
   corpus = read_corpus("demo", tmp_path)
-  assert corpus.class_names == DEFAULT_CLASSES
+  assert corpus.class_names == PAPER_CLASSES
   assert [u.utt_id for u in corpus.utterances] == [f"spk00_{i:04d}" for i in range(4)]
 
 
@@ -560,7 +562,7 @@ def test_registry():
   assert "surprise" in available_classes("tess")
   assert available_classes("csv") == available_classes("emobox") == ()
   for name in ["crema_d", "emodb", "iemocap", "ravdess", "tess"]:
-    assert set(DEFAULT_CLASSES) <= set(available_classes(name))
+    assert set(PAPER_CLASSES) <= set(available_classes(name))
   with pytest.raises(
     CorpusError, match=r"unknown corpus 'iemocapp'; expected one of: crema_d, csv"
   ):
@@ -598,6 +600,13 @@ def test_info_prints_counts(emodb, capsys):
   assert "notes.wav: name does not match" in out
 
 
+def test_info_lists_what_a_run_trains_on_unless_told_every_class(emodb, capsys):
+  assert info.main(["--corpus=emodb", f"--root={emodb}"]) == 0
+  assert "corpus emodb: 8 utterances, 4 classes" in capsys.readouterr().out
+  assert info.main(["--corpus=emodb", f"--root={emodb}", "--classes="]) == 0
+  assert "corpus emodb: 10 utterances, 6 classes"  # And boredom, disgust in capsys.readouterr().out
+
+
 def test_info_on_the_command_line(emodb):
   done = run_module("ser_jax.data.info", ["--corpus=emodb", f"--root={emodb}", "--classes=anger"])
   assert done.returncode == 0, done.stderr
@@ -631,7 +640,7 @@ needs_emodb = pytest.mark.skipif(
 
 @needs_emodb
 def test_real_emodb():
-  full = read_corpus("emodb", EMODB_ROOT, available_classes("emodb"))
+  full = read_corpus("emodb", EMODB_ROOT)  # No classes asked for: every one.
   assert len(full.utterances) == 535
   assert full.class_counts() == {
     "neutral": 79,
@@ -644,7 +653,7 @@ def test_real_emodb():
   }
   assert full.skipped == ()
   assert len({u.speaker for u in full.utterances}) == 10
-  four = read_corpus("emodb", EMODB_ROOT)
+  four = read_corpus("emodb", EMODB_ROOT, PAPER_CLASSES)
   assert len(four.utterances) == 339
   assert {u.speaker for u in four.utterances} == {
     "03",

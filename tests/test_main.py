@@ -51,14 +51,14 @@ FOLD_KEYS = {"fold", "n_train", "n_test", "wa", "ua", "macro_f1", "confusion_cou
 
 
 # The demo reader's default classes: data.classes left empty.
-DEFAULT_CLASSES = {"data.classes": "()"}
+EVERY_CLASS = {"data.classes": "()"}
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("main")
   workdir, cache = root / "run", root / "cache"
-  process = run_module("ser_jax.main", tiny_args(workdir, cache, **DEFAULT_CLASSES))
+  process = run_module("ser_jax.main", tiny_args(workdir, cache, **EVERY_CLASS))
   assert process.returncode == 0, process.stderr
   return workdir, cache, process
 
@@ -97,7 +97,7 @@ def test_workdir_holds_checkpoints_metrics_and_tables(finished_run):
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [(r["fold"], r["epoch"]) for r in records] == [(f, e) for f in (0, 1) for e in (1, 2, 3)]
   table = (workdir / "results.md").read_text()
-  assert "| MFCC | focal (gamma=2.0) |" in table
+  assert "| MFCC | Focal (gamma=2) |" in table
   assert "| true \\ predicted | neutral | happiness | sadness | anger |" in table
   for fold in (0, 1):
     scalars = tensorboard_scalars(workdir / "tensorboard" / f"fold_{fold}")
@@ -111,18 +111,18 @@ def test_workdir_holds_checkpoints_metrics_and_tables(finished_run):
 def test_rerun_keeps_finished_folds(finished_run):
   workdir, cache, _ = finished_run
   before = result_metrics(workdir)
-  process = run_module("ser_jax.main", tiny_args(workdir, cache, **DEFAULT_CLASSES))
+  process = run_module("ser_jax.main", tiny_args(workdir, cache, **EVERY_CLASS))
   assert process.returncode == 0, process.stderr
   assert "Fold 0 already finished" in process.stderr
   assert "Fold 1 already finished" in process.stderr
   assert result_metrics(workdir) == before
 
 
-def test_empty_classes_mean_the_readers_default_classes(finished_run):
-  """--config.data.classes='()' trains on the demo reader's default classes, in its order."""
+def test_empty_classes_mean_every_class_of_the_corpus(finished_run):
+  """--config.data.classes='()' trains on every class of the demo corpus, in its order."""
   workdir, _, _ = finished_run
   results = run_results.read(workdir)
-  defaults = tuple(corpora.CORPORA["demo"].default_classes)
+  defaults = tuple(corpora.CORPORA["demo"].classes)
   assert results.config["data"]["classes"] == []
   assert results.class_names == defaults
   counts = results.members[0].confusion_counts_pooled

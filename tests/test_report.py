@@ -263,7 +263,7 @@ def test_class_weights_are_curves_of_their_own_not_seeds(tmp_path, capsys) -> No
     ("Focal (gamma=2), inverse_frequency weights", "90.00 +/- 0.00"),
   ]
   text = results.results_markdown(sweep)
-  assert "| MFCC | softmax (member 0 of 4: every member below) | 50.00 +/- 0.00 |" in text
+  assert "| MFCC | Softmax (member 0 of 4: every member below) | 50.00 +/- 0.00 |" in text
   assert "| 2.0 | 0 | 0.001 | inverse_frequency weights | 90.00 +/- 0.00 |" in text
   assert "member 0 (Softmax)" in results.final_line(sweep)
 

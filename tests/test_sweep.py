@@ -128,7 +128,7 @@ def test_vmapped_sweep_writes_every_member_and_the_curve(tmp_path, cache, single
   text = (workdir / "results.md").read_text()
   assert "| gamma | seed | learning rate | class weights | WA | UA |" in text
   # The headline gives member 0's scores, labelled with its gamma (0), not loss.gamma.
-  assert "softmax (member 0 of 2: every member below)" in text.splitlines()[0]
+  assert "Softmax (member 0 of 2: every member below)" in text.splitlines()[0]
   assert (workdir / "sweep.png").stat().st_size > 0
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert all(len(r["train_loss"]) == 2 for r in records)

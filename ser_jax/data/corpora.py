@@ -16,6 +16,7 @@ from typing import NamedTuple
 import soundfile
 
 from ser_jax.data.corpus import Corpus, CorpusError, Skipped, Utterance
+from ser_jax.data.demo import DEMO_CLASSES
 
 CANONICAL_CLASSES = (
   "neutral",
@@ -31,7 +32,6 @@ CANONICAL_CLASSES = (
   "frustration",
   "other",
 )
-DEFAULT_CLASSES = ("neutral", "happiness", "sadness", "anger")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,13 +62,12 @@ _Lister = Callable[[Path, _Options], Listing | tuple[list[Utterance], list[Skipp
 
 @dataclasses.dataclass(frozen=True)
 class Reader:
-  """One corpus layout: its lister, native classes and default class selection.
+  """One corpus layout: its lister and native classes.
 
   Attributes:
     name: registry name.
     layout: the expected on-disk layout, quoted when a root does not match it.
     classes: native classes in canonical names; empty when a manifest defines them.
-    default_classes: classes used when none are asked for; empty means all present.
     lister: lists the utterances under a root.
     options: names of the `_Options` fields this corpus understands.
   """
@@ -76,7 +75,6 @@ class Reader:
   name: str
   layout: str
   classes: tuple[str, ...]
-  default_classes: tuple[str, ...]
   lister: _Lister
   options: tuple[str, ...] = ()
 
@@ -108,8 +106,11 @@ class Reader:
       raise CorpusError(f"no {self.name} corpus at '{path}': expected {self.layout}{detail}")
     _check_unique(candidates)
 
-    available = self.classes or tuple(sorted({u.label for u in candidates}))
-    chosen = _choose_classes(name, tuple(classes) or self.default_classes or available, available)
+    present = {u.label for u in candidates}
+    available = self.classes or tuple(sorted(present))
+    # None asked for: every class the listing has, in the reader's order.
+    every = tuple(c for c in available if c in present)
+    chosen = _choose_classes(name, tuple(classes) or every, available)
     if options.merge_excited and "excitement" in chosen:
       raise CorpusError(
         "class 'excitement' cannot be chosen with merge_excited, which relabels it happiness"
@@ -793,21 +794,18 @@ CORPORA: Mapping[str, Reader] = {
       name="crema_d",
       layout="AudioWAV/<actor>_<sentence>_<EMO>_<level>.wav files (e.g. 1001_DFA_ANG_XX.wav)",
       classes=_classes_of(_CREMA_D.emotions),
-      default_classes=DEFAULT_CLASSES,
       lister=_CREMA_D,
     ),
     Reader(
       name="csv",
       layout=f"a CSV manifest (or a folder with {_CSV_MANIFEST}) with path and label columns and at least one row",
       classes=(),
-      default_classes=(),
       lister=_list_csv,
     ),
     Reader(
       name="demo",
       layout=f"a demo corpus folder with {_CSV_MANIFEST} and at least one row",
-      classes=(),
-      default_classes=DEFAULT_CLASSES,
+      classes=DEMO_CLASSES,
       lister=_list_csv,
     ),
     Reader(
@@ -817,7 +815,6 @@ CORPORA: Mapping[str, Reader] = {
         "fold_<k>/<dataset>_{train,test}_fold_<k>.jsonl"
       ),
       classes=(),
-      default_classes=(),
       lister=_list_emobox,
       options=("audio_root", "case_insensitive_paths"),
     ),
@@ -825,7 +822,6 @@ CORPORA: Mapping[str, Reader] = {
       name="emodb",
       layout="wav/<speaker><sentence><emotion><version>.wav files (e.g. wav/03a01Fa.wav)",
       classes=_classes_of(_EMODB.emotions),
-      default_classes=DEFAULT_CLASSES,
       lister=_EMODB,
     ),
     Reader(
@@ -835,7 +831,6 @@ CORPORA: Mapping[str, Reader] = {
         "with audio in SessionN/sentences/wav/<dialog>/<utterance>.wav"
       ),
       classes=_classes_of(_IEMOCAP_CODES),
-      default_classes=DEFAULT_CLASSES,
       lister=_list_iemocap,
       options=("include_scripted", "merge_excited"),
     ),
@@ -843,14 +838,12 @@ CORPORA: Mapping[str, Reader] = {
       name="ravdess",
       layout="Actor_XX/03-01-EE-II-SS-RR-AA.wav files (audio-only speech)",
       classes=_classes_of(_RAVDESS.emotions),
-      default_classes=DEFAULT_CLASSES,
       lister=_RAVDESS,
     ),
     Reader(
       name="tess",
       layout="<folder>/<OAF|YAF>_<word>_<emotion>.wav files (e.g. OAF_angry/OAF_back_angry.wav)",
       classes=_classes_of(_TESS.emotions),
-      default_classes=DEFAULT_CLASSES,
       lister=_TESS,
     ),
   )
@@ -874,7 +867,7 @@ def read_corpus(
   classes: Sequence[str] = (),
   **options,
 ) -> Corpus:
-  """Lists corpus `name` at `root`, keeping `classes` (the corpus's defaults if empty);
+  """Lists corpus `name` at `root`, keeping `classes` (every class of the corpus if empty);
   `options`: include_scripted, merge_excited (IEMOCAP), audio_root, case_insensitive_paths
   (EmoBox)."""
   return _reader(name)(root, classes, **options)

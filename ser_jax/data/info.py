@@ -1,4 +1,4 @@
-"""Summarises a corpus listing (classes, speakers, groups, skipped files) without reading audio.
+"""Summarises a corpus listing (classes, speakers, groups, skipped files) without decoding audio.
 
 python -m ser_jax.data.info --corpus=iemocap --root=/data/IEMOCAP_full_release
 """
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from ser_jax import command_line
+from ser_jax.config import default_config
 from ser_jax.data.corpora import CORPORA, read_corpus
 from ser_jax.data.corpus import Corpus, CorpusError
 
@@ -93,7 +94,11 @@ def define_flags(values: flags.FlagValues) -> None:
     "root", None, "Corpus folder (or manifest for csv).", flag_values=values, required=True
   )
   flags.DEFINE_string(
-    "classes", "", "Comma-separated class names; empty for the corpus defaults.", flag_values=values
+    "classes",
+    ",".join(default_config().data.classes),
+    "Comma-separated class names, in label order: by default data.classes' default (what a "
+    "run trains on unless told otherwise); empty: every class of the corpus.",
+    flag_values=values,
   )
   flags.DEFINE_bool("include_scripted", False, "iemocap: add scripted.", flag_values=values)
   flags.DEFINE_bool(
