@@ -28,6 +28,7 @@ USER_ERRORS = (
   FoldError,
   audio.AudioError,
   io_utils.LockedError,
+  io_utils.DiskFullError,
   memory.MemoryPlanError,
   FileNotFoundError,
 )

@@ -138,6 +138,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"{key}={value!r} is not allowed; expected one of: {', '.join(choices)}")
 
   def at_least(key: str, value, minimum, strict: bool = False) -> None:
+    if not math.isfinite(value):
+      raise ConfigError(f"{key}={value!r} is not allowed; it must be a finite number")
     if value < minimum or (strict and value == minimum):
       relation = ">" if strict else ">="
       raise ConfigError(f"{key}={value!r} is not allowed; it must be {relation} {minimum}")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import fcntl
 import io
 import json
 import os
 import pathlib
+import shutil
 from collections.abc import Iterator, Sequence
 
 
@@ -24,7 +26,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  atomic_write_bytes(path, text.encode("utf-8"))
+  """UTF-8; a file name's bytes that are not UTF-8 (surrogates in `text`) written as \\udcXX."""
+  atomic_write_bytes(path, text.encode("utf-8", errors="backslashreplace"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
@@ -43,6 +46,32 @@ def atomic_write_csv(
 
 class LockedError(RuntimeError):
   """Another process holds the lock."""
+
+
+class DiskFullError(OSError):
+  """A file could not be given the disk space it needs."""
+
+
+def reserve_disk_space(path: str | os.PathLike) -> None:
+  """Allocates every block of the (sparse) file at `path` now, so that a full disk is this
+  error instead of a SIGBUS when a memory map of it is written later. Filesystems without
+  posix_fallocate keep the file sparse."""
+  path = pathlib.Path(path)
+  size = path.stat().st_size
+  if not size or not hasattr(os, "posix_fallocate"):
+    return
+  with open(path, "r+b") as f:
+    try:
+      os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as error:
+      if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return  # EOPNOTSUPP, EINVAL: the filesystem cannot; the file stays sparse.
+      free = shutil.disk_usage(path.parent).free
+      path.unlink()
+      raise DiskFullError(
+        f"not enough disk space for {path.name} ({size / 2**20:.1f} MiB, {free / 2**20:.1f} "
+        f"MiB free) in {path.parent}; free some, or point SER_JAX_CACHE at another disk",
+      ) from error
 
 
 @contextlib.contextmanager

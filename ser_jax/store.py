@@ -31,6 +31,8 @@ import multiprocessing
 import os
 import pathlib
 import platform
+import threading
+import time
 import weakref
 from collections.abc import Sequence
 
@@ -246,6 +248,7 @@ def _create_array(path: pathlib.Path, shape: tuple[int, ...], dtype, fill=None) 
     return
   tmp = path.with_name(path.name + ".tmp")
   array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+  io_utils.reserve_disk_space(tmp)
   if fill is not None:
     array[...] = fill
   array.flush()
@@ -294,7 +297,9 @@ def _extract(corpus, params, partial, num_workers, strict, progress) -> pathlib.
       record(_extract_chunk(str(raw_path), params, job))
   else:
     context = multiprocessing.get_context("spawn")  # Forking after JAX starts can deadlock.
-    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+      num_workers, mp_context=context, initializer=exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
       futures = [pool.submit(_extract_chunk, str(raw_path), params, job) for job in jobs]
       try:
         for future in concurrent.futures.as_completed(futures):
@@ -305,6 +310,18 @@ def _extract(corpus, params, partial, num_workers, strict, progress) -> pathlib.
         raise
   bar.close()
   return progress_path
+
+
+def exit_with_parent(parent_pid: int) -> None:
+  """Worker initializer: the worker ends once its parent has (a parent killed with -9 would
+  otherwise leave its workers waiting on their queue for ever)."""
+
+  def watch() -> None:
+    while os.getppid() == parent_pid:
+      time.sleep(1.0)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
 
 
 def _extract_chunk(raw_path: str, params: FeatureParams, job: Sequence[tuple[int, str]]):
@@ -354,6 +371,7 @@ def _finalise(corpus: Corpus, params: FeatureParams, partial: pathlib.Path, prog
     out = np.lib.format.open_memmap(
       tmp, mode="w+", dtype=np.float32, shape=(len(good),) + raw.shape[1:]
     )
+    io_utils.reserve_disk_space(tmp)
     for start in range(0, len(good), 256):
       out[start : start + 256] = raw[good[start : start + 256]]
     out.flush()

@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 from helpers import run_module
 
+from ser_jax import io_utils
 from ser_jax.data import info
 from ser_jax.data.corpora import CORPORA, available_classes, read_corpus
 from ser_jax.data.corpus import CorpusError
@@ -667,3 +668,27 @@ def test_real_emodb():
     "15",
     "16",
   }
+
+
+def test_a_path_that_is_not_utf8_is_skipped_and_its_skip_recorded(tmp_path):
+  root = tmp_path / "tess"
+  for rel in ["OAF_happy/OAF_back_happy.wav", "YAF_neutral/YAF_back_neutral.wav"]:
+    _wav(root / rel)
+  odd_folder = root / os.fsdecode(b"OAF_angry\xe9")  # Latin-1 bytes, as an old archive may hold.
+  odd_folder.mkdir()
+  (odd_folder / "OAF_back_angry.wav").write_bytes(
+    (root / "OAF_happy/OAF_back_happy.wav").read_bytes()
+  )
+  _wav(root / "YAF_angry/YAF_back_angry.wav")
+  corpus = read_corpus("tess", root, ["neutral", "happiness", "anger"])
+  assert _labels(corpus) == {
+    "OAF_back_happy": "happiness",
+    "YAF_back_neutral": "neutral",
+    "YAF_back_angry": "anger",
+  }
+  (skip,) = [s for s in corpus.skipped if "angry" in s.path]
+  assert "not UTF-8" in skip.reason
+  io_utils.atomic_write_csv(
+    tmp_path / "skipped.csv", ("path", "reason"), [(skip.path, skip.reason)]
+  )
+  assert "OAF_angry\\udce9" in (tmp_path / "skipped.csv").read_text(encoding="utf-8")

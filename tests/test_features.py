@@ -8,6 +8,7 @@ absolute reference and an 80 dB floor below the peak, and MFCCs as scipy's ortho
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import librosa
@@ -260,11 +261,35 @@ def test_truncated_header_is_an_audio_error(tmp_path):
     audio.load_audio(path, SR)
 
 
-def test_header_without_samples_is_an_audio_error(tmp_path):
-  path = tmp_path / "header_only.wav"
-  path.write_bytes(_valid_wav_bytes(tmp_path)[:44])
+def test_a_wav_of_no_samples_is_an_audio_error(tmp_path):
+  path = _write(tmp_path / "no_samples.wav", np.zeros(0, np.float32), 16000, "PCM_16")
   with pytest.raises(audio.AudioError, match="no audio samples"):
     audio.load_audio(path, SR)
+
+
+@pytest.mark.parametrize("kept_bytes", [44, 100, 4044])
+def test_a_wav_cut_short_is_an_audio_error(tmp_path, kept_bytes):
+  """An interrupted copy: the header declares 8000 bytes of samples, fewer follow it."""
+  path = tmp_path / "cut.wav"
+  path.write_bytes(_valid_wav_bytes(tmp_path)[:kept_bytes])
+  with pytest.raises(
+    audio.AudioError,
+    match=rf"truncated: its header declares 8000 bytes of audio, the file holds {kept_bytes - 44}",
+  ):
+    audio.load_audio(path, SR)
+
+
+def test_a_streamed_wav_whose_header_gives_no_size_is_read(tmp_path):
+  """Writers to a pipe leave 0xFFFFFFFF as the data size; every sample is still there."""
+  wav = bytearray(_valid_wav_bytes(tmp_path))
+  assert wav[36:40] == b"data"
+  wav[40:44] = (0xFFFFFFFF).to_bytes(4, "little")
+  path = tmp_path / "streamed.wav"
+  path.write_bytes(bytes(wav))
+  expected = audio.load_audio(
+    _write(tmp_path / "whole.wav", _signal(4000, sr=16000), 16000, "PCM_16"), SR
+  )
+  np.testing.assert_array_equal(audio.load_audio(path, SR), expected)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -306,3 +331,11 @@ def test_clip_shorter_than_one_frame_gives_finite_features(tmp_path, kind):
   atol = ATOL_DB if kind == "logmel" else ATOL_MFCC
   np.testing.assert_allclose(features, reference(_pad_or_clip(y, MAX_SAMPLES)), atol=atol)
   assert params.valid_frames(len(y)) == 1
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+  x = _signal(4000, sr=16000)
+  plain = _write(tmp_path / "plain.wav", x, 16000, "PCM_16")
+  odd = tmp_path / os.fsdecode(b"caf\xe9.wav")  # Latin-1 bytes, as an old archive may hold.
+  odd.write_bytes(plain.read_bytes())
+  np.testing.assert_array_equal(audio.load_audio(odd, SR), audio.load_audio(plain, SR))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import json
 import os
 import pathlib
@@ -379,6 +380,37 @@ def test_crash_while_finalising_then_resume_gives_identical_bytes(
   )
 
 
+def test_a_full_disk_is_a_clear_error_and_the_build_resumes_once_there_is_room(
+  corpus, reference_build, tmp_path, monkeypatch
+):
+  """posix_fallocate's ENOSPC stands in for a full disk, which would otherwise kill the
+  process with SIGBUS as a memory map of the sparse file is written."""
+  reserved = []
+
+  def no_space(fd, offset, length):
+    reserved.append(length)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(os, "posix_fallocate", no_space)
+  with pytest.raises(io_utils.DiskFullError, match=r"not enough disk space for raw_features"):
+    _build(corpus, tmp_path)
+  n_bins, n_frames = PARAMS.n_bins, PARAMS.n_frames
+  assert reserved == [len(corpus.utterances) * n_bins * n_frames * 4 + 128]  # The .npy header.
+  monkeypatch.undo()
+  assert _bytes(_build(corpus, tmp_path)) == _bytes(reference_build)
+
+
+def test_a_filesystem_without_fallocate_keeps_the_file_sparse(tmp_path, monkeypatch):
+  def unsupported(fd, offset, length):
+    raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+  monkeypatch.setattr(os, "posix_fallocate", unsupported)
+  path = tmp_path / "sparse.bin"
+  path.write_bytes(b"\0" * 4096)
+  io_utils.reserve_disk_space(path)
+  assert path.stat().st_size == 4096
+
+
 def test_two_spawned_workers_give_the_same_bytes_as_one(corpus, reference_build, tmp_path):
   path = _build(corpus, tmp_path, num_workers=2)
   assert path.name == reference_build.name
@@ -421,3 +453,45 @@ def test_disk_rows_reject_a_truncated_file(tmp_path):
   np.testing.assert_array_equal(rows[:5], np.ones((5, 4)))
   with pytest.raises(OSError, match="ends early"):
     rows[9]
+
+
+_POOL_WHOSE_PARENT_DIES = """
+import concurrent.futures, multiprocessing, os, time
+from ser_jax import store
+context = multiprocessing.get_context("spawn")
+pool = concurrent.futures.ProcessPoolExecutor(
+  1, mp_context=context, initializer=store.exit_with_parent, initargs=(os.getpid(),)
+)
+print(pool.submit(os.getpid).result(), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  stat = pathlib.Path(f"/proc/{pid}/stat")  # A zombie no one reaps has exited too.
+  return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_extraction_workers_end_when_their_parent_is_killed():
+  parent = subprocess.Popen(
+    [sys.executable, "-c", _POOL_WHOSE_PARENT_DIES],
+    cwd=REPO,
+    env={**os.environ, **TEST_ENV},
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    worker = int(parent.stdout.readline())
+    assert _alive(worker)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30
+    while _alive(worker) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not _alive(worker), f"worker {worker} outlived its killed parent by 30 s"
+  finally:
+    parent.kill()

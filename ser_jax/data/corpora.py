@@ -218,6 +218,8 @@ def _choose_classes(
 def _audio_problem(path: Path, folders: dict[Path, list[str]], hint: bool) -> str | None:
   """Why an audio file cannot be used, or None if it can; a missing file whose name differs
   from one that exists only in letter case says so (with `hint`, how to use it)."""
+  if not _is_utf8(str(path)):
+    return "the path is not UTF-8 (its manifest and predictions could not name it); rename it"
   if not path.is_file():
     variant = case_variant(path, folders)
     if variant is None:
@@ -227,6 +229,14 @@ def _audio_problem(path: Path, folders: dict[Path, list[str]], hint: bool) -> st
   if path.stat().st_size == 0:
     return "empty file (0 bytes)"
   return None
+
+
+def _is_utf8(text: str) -> bool:
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:  # Bytes the OS gave that are not UTF-8 (surrogate escapes).
+    return False
+  return True
 
 
 def case_variant(path: Path, folders: dict[Path, list[str]]) -> Path | None:
