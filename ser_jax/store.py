@@ -165,15 +165,17 @@ class FeatureStore:
 
 
 def store_key(corpus: Corpus, params: FeatureParams) -> str:
-  """Hash of the listing (ids, paths, labels, speakers, file sizes, fold roles) and feature
-  parameters. Fold roles count only for corpora with folds, so other keys are as before."""
+  """Hash of the listing (ids, paths, labels, speakers, each file's size and modification
+  time, fold roles) and feature parameters: a file edited in place gives a new store. Fold
+  roles count only for corpora with folds."""
   listing = []
   for u in corpus.utterances:
     try:
-      size = os.path.getsize(u.path)
+      stat = os.stat(u.path)
+      size, modified = stat.st_size, stat.st_mtime_ns
     except OSError:
-      size = -1
-    listing.append([u.utt_id, u.path, u.label, u.speaker, u.group, size])
+      size = modified = -1
+    listing.append([u.utt_id, u.path, u.label, u.speaker, u.group, size, modified])
     if corpus.fold_names:
       listing[-1].append(list(u.splits))
   contents = {

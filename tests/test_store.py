@@ -164,6 +164,18 @@ def test_changed_listing_gives_a_new_key(corpus):
   assert store.store_key(fewer, PARAMS) != store.store_key(corpus, PARAMS)
 
 
+def test_a_file_replaced_by_one_of_the_same_size_gives_a_new_store(tmp_path):
+  """The fix of a bad clip in place (same length, other samples) is read again."""
+  corpus = _write_corpus(tmp_path / "corpus", corrupt=(5,))
+  before = store.store_key(corpus, PARAMS)
+  fixed = pathlib.Path(corpus.utterances[5].path)
+  size, mtime = fixed.stat().st_size, fixed.stat().st_mtime_ns
+  fixed.write_bytes(bytes(reversed(fixed.read_bytes())))
+  os.utime(fixed, ns=(mtime + 10**9, mtime + 10**9))
+  assert fixed.stat().st_size == size
+  assert store.store_key(corpus, PARAMS) != before
+
+
 def test_corrupt_file_is_skipped_with_a_reason_and_good_rows_stay_intact(tmp_path, reference_build):
   corpus = _write_corpus(tmp_path / "corpus", corrupt=(5,))
   bad = next(u for u in corpus.utterances if u.utt_id.endswith("_005"))
