@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
@@ -20,17 +21,42 @@ def save(manager: ocp.CheckpointManager, epoch: int, state) -> None:
 
 
 def restore_latest(manager: ocp.CheckpointManager, state):
-  """(epoch, state) from the newest checkpoint, or (0, state) when there is none.
+  """(epoch, state) from the newest checkpoint that can be read, or (0, state) when none.
 
-  `state` gives the structure, shapes, dtypes and shardings to restore into.
+  `state` gives the structure, shapes, dtypes and shardings to restore into. A checkpoint
+  that cannot be read (damaged from outside: Orbax commits atomically) is moved aside to
+  `unreadable_checkpoints/` beside the folder, with a logged line, and the one before it
+  is tried; with several processes, that is an error for a person to look at instead.
   """
-  epoch = manager.latest_step()
-  if epoch is None:
-    return 0, state
   abstract = jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
   )
-  return epoch, manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+  for epoch in sorted(manager.all_steps(), reverse=True):
+    try:
+      return epoch, manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+    except Exception as error:  # Orbax raises many types for damaged files.
+      folder = pathlib.Path(str(manager.directory)) / str(epoch)
+      reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+      if jax.process_count() > 1:
+        raise UnreadableCheckpointError(
+          f"the checkpoint {folder} cannot be read ({reason}); move it away to resume from "
+          "the one before it"
+        ) from error
+      aside = folder.parent.parent / "unreadable_checkpoints" / f"{epoch}-{os.getpid()}"
+      aside.parent.mkdir(exist_ok=True)
+      os.replace(folder, aside)
+      manager.reload()
+      logging.warning(
+        "The checkpoint of epoch %d cannot be read (%s); moved to %s, trying the one before",
+        epoch,
+        reason,
+        aside,
+      )
+  return 0, state
+
+
+class UnreadableCheckpointError(RuntimeError):
+  """A checkpoint that Orbax cannot restore, where it is not moved aside."""
 
 
 class NoCheckpointError(FileNotFoundError):

@@ -15,7 +15,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from ser_jax import audio, config_tree, io_utils, memory, trainer
+from ser_jax import audio, checkpoints, config_tree, io_utils, memory, trainer
 from ser_jax.cache import default_cache_dir
 from ser_jax.config import ConfigError
 from ser_jax.data.corpus import CorpusError
@@ -29,6 +29,7 @@ USER_ERRORS = (
   audio.AudioError,
   io_utils.LockedError,
   io_utils.DiskFullError,
+  checkpoints.UnreadableCheckpointError,
   memory.MemoryPlanError,
   FileNotFoundError,
 )

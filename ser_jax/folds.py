@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
 
 class FoldError(ValueError):
   """Folds that cannot be made from this corpus with these settings."""
+
+
+def check_stratifiable(class_counts: Mapping[str, int], n_folds: int) -> None:
+  """Raises FoldError where a class has fewer examples than stratified folds need."""
+  for name, count in class_counts.items():
+    if count < 2:
+      raise FoldError(
+        f"class '{name}' has {count} usable example(s); stratified folds need two or more "
+        "per class: drop it from data.classes (files that could not be used are logged as "
+        "skipped)"
+      )
+    if count < n_folds:
+      raise FoldError(
+        f"cv.n_folds={n_folds} is more than class '{name}' has examples ({count}); "
+        f"use cv.n_folds <= {count} or drop the class from data.classes"
+      )
 
 
 def make_folds(
@@ -33,13 +50,8 @@ def make_folds(
   labels = np.asarray(labels)
   counts = np.bincount(labels, minlength=len(class_names) or labels.max() + 1)
   if scheme == "stratified":
-    smallest = int(counts.min())
-    if smallest < n_folds:
-      name = class_names[int(counts.argmin())] if class_names else str(int(counts.argmin()))
-      raise FoldError(
-        f"cv.n_folds={n_folds} is more than class '{name}' has examples ({smallest}); "
-        f"use cv.n_folds <= {smallest} or drop the class from data.classes"
-      )
+    names = class_names or [str(k) for k in range(len(counts))]
+    check_stratifiable(dict(zip(names, counts.tolist(), strict=True)), n_folds)
     test_fold = stratified_test_folds(labels, n_folds, seed)
     splits = [
       (np.flatnonzero(test_fold != k), np.flatnonzero(test_fold == k)) for k in range(n_folds)
@@ -126,7 +138,7 @@ def given_folds(roles: np.ndarray, fold_names: tuple[str, ...], corpus: str) -> 
       if not len(getattr(fold, part)):
         raise FoldError(
           f"given fold {name} of {corpus} has no {part} utterance among the {len(roles)} used "
-          "(see the skipped files listed in the feature store's skipped.csv, and data.classes)"
+          "(see the files logged as skipped, and data.classes)"
         )
     folds.append(fold)
   return folds

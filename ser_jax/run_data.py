@@ -20,7 +20,14 @@ from ser_jax.cache import default_cache_dir
 from ser_jax.data import corpora, demo, shares
 from ser_jax.data.corpus import Corpus, CorpusError
 from ser_jax.features import FeatureParams
-from ser_jax.folds import FoldError, GivenFold, make_folds, partition_line, session_roles
+from ser_jax.folds import (
+  FoldError,
+  GivenFold,
+  check_stratifiable,
+  make_folds,
+  partition_line,
+  session_roles,
+)
 from ser_jax.folds import given_folds as make_given_folds
 from ser_jax.store import FeatureStore, build_store, open_store
 
@@ -42,6 +49,16 @@ def load_corpus(config: ml_collections.ConfigDict) -> Corpus:
     audio_root=config.data.audio_root,
     case_insensitive_paths=config.data.case_insensitive_paths,
   )
+  if corpus.skipped:
+    first = corpus.skipped[0]
+    logging.warning(
+      "%d file(s) of the %s listing skipped (the feature store's skipped.csv lists them), "
+      "e.g. %s: %s",
+      len(corpus.skipped),
+      corpus.name,
+      first.path,
+      first.reason,
+    )
   if len(corpus.class_names) < 2:
     raise CorpusError(
       f"{corpus.name} at '{root}' has one class, {corpus.class_names[0]!r}; a classifier "
@@ -54,12 +71,7 @@ def check_fold_sizes(corpus, config: ml_collections.ConfigDict) -> None:
   """Fails before feature extraction when a class is too small for stratified folds."""
   if config.cv.scheme != "stratified" or config.data.test_corpus:
     return
-  for name, count in corpus.class_counts().items():
-    if count < config.cv.n_folds:
-      raise FoldError(
-        f"cv.n_folds={config.cv.n_folds} is more than class '{name}' has examples ({count}); "
-        f"use cv.n_folds <= {count} or drop the class from data.classes"
-      )
+  check_stratifiable(corpus.class_counts(), config.cv.n_folds)
 
 
 def prepare_store(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
@@ -10,7 +11,8 @@ import pytest
 import soundfile as sf
 from helpers import run_module
 
-from ser_jax import io_utils
+from ser_jax import io_utils, run_data
+from ser_jax.config import default_config
 from ser_jax.data import info
 from ser_jax.data.corpora import CORPORA, available_classes, read_corpus
 from ser_jax.data.corpus import CorpusError
@@ -692,3 +694,20 @@ def test_a_path_that_is_not_utf8_is_skipped_and_its_skip_recorded(tmp_path):
     tmp_path / "skipped.csv", ("path", "reason"), [(skip.path, skip.reason)]
   )
   assert "OAF_angry\\udce9" in (tmp_path / "skipped.csv").read_text(encoding="utf-8")
+
+
+def test_a_runs_listing_logs_its_skipped_files_before_any_work(tmp_path, caplog):
+  rows = ["path,label"]
+  for i, label in enumerate(["neutral", "anger"] * 3):
+    if i != 4:
+      _wav(tmp_path / f"{i}.wav")
+    rows.append(f"{i}.wav,{label}")
+  (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+  config = default_config()
+  config.data.corpus, config.data.root = "csv", str(tmp_path)
+  config.data.classes = ("neutral", "anger")
+  with caplog.at_level(logging.WARNING):
+    corpus = run_data.load_corpus(config)
+  assert len(corpus.utterances) == 5
+  assert "1 file(s) of the csv listing skipped" in caplog.text
+  assert f"{tmp_path / '4.wav'}: audio file missing" in caplog.text

@@ -140,8 +140,15 @@ def test_stratified_error_names_the_class_with_too_few_examples():
 
 def test_stratified_error_for_a_class_with_no_examples():
   labels = np.array([0] * 10 + [1] * 10 + [3] * 10)  # No 'sadness' at all.
-  with pytest.raises(FoldError, match="'sadness'"):
+  with pytest.raises(FoldError, match=r"class 'sadness' has 0 usable example\(s\); .* drop it"):
     _stratified(labels, n_folds=5)
+
+
+def test_a_class_of_one_example_is_told_to_go_not_to_lower_the_folds_below_two():
+  labels = np.array([0] * 10 + [1] * 10 + [2] * 10 + [3])
+  with pytest.raises(FoldError, match=r"class 'anger' has 1 usable example\(s\)") as error:
+    _stratified(labels, n_folds=2)
+  assert "cv.n_folds <=" not in str(error.value)
 
 
 # --- speaker-independent ---------------------------------------------------------------
