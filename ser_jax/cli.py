@@ -32,6 +32,10 @@ USER_ERRORS = (
   checkpoints.UnreadableCheckpointError,
   memory.MemoryPlanError,
   FileNotFoundError,
+  # A workdir or cache that is a file, or that this user may not write.
+  FileExistsError,
+  NotADirectoryError,
+  PermissionError,
 )
 
 

@@ -236,11 +236,15 @@ def _epoch_record(run: Run, cell: Cell, cell_metrics: dict, epoch: int, n_steps:
   losses_ = cell_metrics["loss"]
   if not np.all(np.isfinite(losses_)):
     bad_step, bad_member = np.argwhere(~np.isfinite(losses_))[0]
+    folder = run.cell_dir(cell) / "checkpoints"
+    saved = epoch >= run.settings.checkpoint_every_epochs  # A checkpoint's epoch came before.
     raise NonFiniteLossError(
       f"non-finite training loss ({losses_[bad_step, bad_member]}) in fold {cell.fold.index}, "
       f"epoch {epoch + 1}, step {epoch * n_steps + bad_step + 1}, member "
       f"{run.members[cell.members.start + bad_member]}; "
-      f"the last good checkpoint is kept in {run.cell_dir(cell) / 'checkpoints'}"
+      + (
+        f"the last good checkpoint is kept in {folder}" if saved else "before its first checkpoint"
+      )
     )
   return {
     "fold": cell.fold.index,

@@ -711,3 +711,13 @@ def test_a_runs_listing_logs_its_skipped_files_before_any_work(tmp_path, caplog)
   assert len(corpus.utterances) == 5
   assert "1 file(s) of the csv listing skipped" in caplog.text
   assert f"{tmp_path / '4.wav'}: audio file missing" in caplog.text
+
+
+def test_a_manifest_that_is_not_utf8_is_one_line_naming_it_and_the_line(tmp_path):
+  _wav(tmp_path / "a.wav")
+  manifest = tmp_path / "manifest.csv"
+  manifest.write_bytes("path,label\na.wav,anger\nb.wav,col\u00e8re\n".encode("latin-1"))
+  with pytest.raises(
+    CorpusError, match=r"manifest '.*manifest\.csv' is not UTF-8 \(line 3, byte 10"
+  ):
+    read_corpus("csv", tmp_path)

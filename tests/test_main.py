@@ -213,6 +213,15 @@ def test_a_bad_flag_is_one_line_with_exit_status_2(tmp_path, config_flag, more_f
   assert not (tmp_path / "run").exists()
 
 
+def test_a_workdir_that_is_a_file_is_one_line_with_exit_status_2(tmp_path):
+  workdir = tmp_path / "results.txt"
+  workdir.write_text("not a folder\n")
+  process = run_module("ser_jax.main", ["--config=configs/demo.py", f"--workdir={workdir}"])
+  assert process.returncode == 2
+  assert process.stderr.strip().splitlines()[-1] == f"error: [Errno 17] File exists: '{workdir}'"
+  assert "Traceback" not in process.stderr
+
+
 def test_broken_files_among_good_ones_are_skipped_and_listed(finished_run, tmp_path):
   """A user's csv corpus: the demo's clips plus files that cannot be audio."""
   _, cache, _ = finished_run

@@ -249,7 +249,10 @@ def test_nan_loss_stops_with_fold_and_step_and_keeps_last_checkpoint(tmp_path, m
   config.train.num_epochs = 4
   config.train.checkpoint_every_epochs = 1
   config.cv.n_folds = 2
-  with pytest.raises(trainer.NonFiniteLossError, match=r"fold 0, epoch 3, step 11,"):
+  with pytest.raises(
+    trainer.NonFiniteLossError,
+    match=r"fold 0, epoch 3, step 11, .*; the last good checkpoint is kept in .*fold_0/checkpoints$",
+  ):
     experiment.train_and_evaluate(config, str(tmp_path / "run"))
   # 160 clips train each fold: 5 steps an epoch, so step 11 is in epoch 3; epochs 1 and 2
   # were checkpointed, epoch 3 was not.

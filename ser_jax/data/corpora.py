@@ -531,6 +531,7 @@ def _list_csv(root: Path, options: _Options) -> tuple[list[Utterance], list[Skip
     raise CorpusError(
       f"'{root}' is not a manifest: expected a CSV file or a folder containing {_CSV_MANIFEST}"
     )
+  _check_utf8(manifest)
   folder = manifest.parent
   utterances, skipped, test_folds = [], [], []
   # utf-8-sig: a byte-order mark (as spreadsheet programs write) is not part of a column name.
@@ -565,6 +566,18 @@ def _list_csv(root: Path, options: _Options) -> tuple[list[Utterance], list[Skip
     skipped,
     fold_names,
   )
+
+
+def _check_utf8(manifest: Path) -> None:
+  """Raises CorpusError naming the first line of `manifest` that is not UTF-8."""
+  for number, line in enumerate(manifest.read_bytes().splitlines(), start=1):
+    try:
+      line.decode("utf-8")
+    except UnicodeDecodeError as error:
+      raise CorpusError(
+        f"manifest '{manifest}' is not UTF-8 (line {number}, byte {error.start + 1}: "
+        f"{line[error.start : error.start + 1]!r}); save it as UTF-8"
+      ) from error
 
 
 def _natural_order(names: Iterable[str]) -> tuple[str, ...]:
