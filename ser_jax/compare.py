@@ -23,13 +23,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from ser_jax import metrics, run_results
+from ser_jax import layout, metrics, run_results
+from ser_jax.results import PREDICTION_COLUMNS
 
 DIFFERENCE = "B - A"
 DEFAULT_RESAMPLES = 10_000
 # Resampled index elements held at once (x 8 bytes): bounds memory for sweeps of big corpora.
 _ELEMENTS_PER_BATCH = 4_000_000
-_REQUIRED_COLUMNS = ("utt_id", "speaker", "fold", "member", "label", "predicted")
 
 
 class CompareError(ValueError):
@@ -265,7 +265,7 @@ class Paired:
 
 def load_predictions(workdir: str | os.PathLike) -> Predictions:
   """The run's predictions.csv; CompareError names the file, line and bad value."""
-  path = pathlib.Path(workdir) / "predictions.csv"
+  path = pathlib.Path(workdir) / layout.PREDICTIONS
   if not path.is_file():
     raise CompareError(
       f"{path} does not exist; runs finished before ser_jax wrote per-utterance predictions "
@@ -277,22 +277,22 @@ def load_predictions(workdir: str | os.PathLike) -> Predictions:
     lines = list(reader)
   if header is None:
     raise CompareError(f"{path} is empty")
-  missing = [c for c in _REQUIRED_COLUMNS if c not in header]
+  missing = [c for c in PREDICTION_COLUMNS if c not in header]
   class_columns = [i for i, c in enumerate(header) if c.startswith("p_")]
   if missing or not class_columns:
     raise CompareError(
       f"{path}: header lacks {', '.join(missing) or 'p_<class> columns'}; expected "
-      f"{','.join(_REQUIRED_COLUMNS)},p_<class>,..."
+      f"{','.join(PREDICTION_COLUMNS)},p_<class>,..."
     )
   class_names = tuple(header[i][2:] for i in class_columns)
   index = {name: k for k, name in enumerate(class_names)}
-  column = {c: header.index(c) for c in _REQUIRED_COLUMNS}
-  values: dict[str, list] = {c: [] for c in _REQUIRED_COLUMNS}
+  column = {c: header.index(c) for c in PREDICTION_COLUMNS}
+  values: dict[str, list] = {c: [] for c in PREDICTION_COLUMNS}
   probabilities = []
   for line_number, line in enumerate(lines, start=2):
     if len(line) != len(header):
       raise CompareError(f"{path}:{line_number}: {len(line)} fields, header has {len(header)}")
-    row = {c: line[column[c]] for c in _REQUIRED_COLUMNS}
+    row = {c: line[column[c]] for c in PREDICTION_COLUMNS}
     for name in ("fold", "member"):
       try:
         row[name] = int(row[name])
@@ -307,7 +307,7 @@ def load_predictions(workdir: str | os.PathLike) -> Predictions:
           f"{', '.join(class_names)}"
         )
       row[name] = index[row[name]]
-    for name in _REQUIRED_COLUMNS:
+    for name in PREDICTION_COLUMNS:
       values[name].append(row[name])
     probabilities.append([float(line[i]) for i in class_columns])
   keys = collections.Counter(zip(values["utt_id"], values["fold"], values["member"], strict=True))

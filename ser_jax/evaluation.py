@@ -10,7 +10,7 @@ from ser_jax import input_pipeline
 from ser_jax.sharding import Topology
 
 
-def test_batches(
+def held_out_batches(
   store,
   indices: np.ndarray,
   n_batches: int,
@@ -38,7 +38,7 @@ def evaluate(
 
   program: the compiled `Programs.evaluate` for `shapes` (its eval batches and size).
   """
-  local = test_batches(
+  local = held_out_batches(
     store,
     indices,
     shapes.eval_batches,

@@ -71,7 +71,7 @@ def train_and_evaluate(
     if fresh and is_writer:
       _empty_workdir(workdir)
     if is_writer or not fresh:  # Every process: none trains what process 0 refuses.
-      _check_same_config(config, workdir)
+      check_same_config(config, workdir)
     return _run(config, workdir, is_writer)
 
 
@@ -122,7 +122,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> run_results.RunResul
     # wrong root, an unknown class) leaves nothing its corrected rerun would be refused by.
     # Checked again: a run of other folds may have written it since.
     with _writes_lock(workdir):
-      _check_same_config(config, workdir)
+      check_same_config(config, workdir)
       write_config(config, workdir)
   folds = {k: make_fold(run, k, *fold_indices[k]) for k in data.trained_folds(config, fold_indices)}
   trained_results = _train_and_test(run, folds)
@@ -134,7 +134,9 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> run_results.RunResul
       if k not in folds and (result := _finished_fold(run, k)) is not None
     ]
     fold_results.sort(key=lambda result: result["fold"])
-    run_summary = _summarise(run, kept, fold_indices, fold_results, time.time() - start_time)
+    run_summary = _summarise(
+      run, kept, fold_indices, fold_results, _wall_seconds(workdir, start_time, bool(folds))
+    )
     if is_writer:
       results.write_results(workdir, run_summary)
       results.write_predictions(
@@ -156,7 +158,9 @@ def _prepare(config, settings: Settings, topology: Topology, workdir, is_writer:
   members = tuple(members_of(config))
   corpus = data.load_corpus(config)
   data.check_fold_sizes(corpus, config)
-  test_corpus = data.load_corpus(data.test_config(config)) if config.data.test_corpus else None
+  test_corpus = (
+    data.load_corpus(data.config_for_test_corpus(config)) if config.data.test_corpus else None
+  )
   params = FeatureParams.from_config(config.features)
   feature_shape = (params.n_bins, params.n_frames)
   n_rows = memory.rows_on_device(settings.on_device, len(corpus.utterances), feature_shape)
@@ -178,7 +182,7 @@ def _prepare(config, settings: Settings, topology: Topology, workdir, is_writer:
     data.log_store(store)
     test_store = store
     if test_corpus:
-      test_store = data.prepare_store(data.test_config(config), corpus=test_corpus)
+      test_store = data.prepare_store(data.config_for_test_corpus(config), corpus=test_corpus)
       data.log_store(test_store)
     engine = engine.result()
   kept, fold_indices, trained, shapes = folds_and_shapes(
@@ -202,7 +206,7 @@ def _prepare(config, settings: Settings, topology: Topology, workdir, is_writer:
     topology=topology,
     device_rows=device_rows,
     log=results.MetricsLog(
-      workdir / "metrics.jsonl", functools.partial(_writes_lock, workdir), enabled=is_writer
+      workdir / layout.METRICS, functools.partial(_writes_lock, workdir), enabled=is_writer
     ),
     is_writer=is_writer,
   )
@@ -231,6 +235,18 @@ def _train_and_test(run: Run, folds: dict[int, Fold]) -> list[dict]:
       if fold_results[k] is None and all(cell_results):
         fold_results[k] = finish_fold(run, folds[k], chunks, cell_results)
   return [fold_results[k] for k in folds]
+
+
+def _wall_seconds(workdir: pathlib.Path, start_time: float, trained: bool) -> float:
+  """The seconds of every invocation that trained folds of this run, summed: the stored
+  figure plus this one's (none, where it trained nothing)."""
+  try:
+    previous = json.loads((workdir / layout.RESULTS).read_text())["wall_seconds"]
+  except (OSError, ValueError, KeyError):
+    previous = None
+  if previous is None:
+    return time.time() - start_time
+  return previous + (time.time() - start_time if trained else 0.0)
 
 
 def _summarise(
@@ -283,14 +299,16 @@ def make_fold(run: Run, index: int, train_idx: np.ndarray, test_idx: np.ndarray)
   """The fold with its normalisation, from its training utterances only (saved)."""
   store = run.store
   mean, std = input_pipeline.normalisation_stats(store.features, train_idx, store.valid_frames)
-  if run.is_writer and not (layout.fold_dir(run.workdir, index) / "result.json").exists():
+  if run.is_writer and not (layout.fold_dir(run.workdir, index) / layout.FOLD_RESULT).exists():
     layout.fold_dir(run.workdir, index).mkdir(parents=True, exist_ok=True)
-    results.save_normalisation(layout.fold_dir(run.workdir, index) / "normalisation.npz", mean, std)
+    results.save_normalisation(
+      layout.fold_dir(run.workdir, index) / layout.NORMALISATION, mean, std
+    )
   return Fold(index, train_idx, test_idx, mean, std)
 
 
 def _finished_fold(run: Run, index: int) -> dict | None:
-  path = layout.fold_dir(run.workdir, index) / "result.json"
+  path = layout.fold_dir(run.workdir, index) / layout.FOLD_RESULT
   if not path.exists():
     return None
   logging.info("Fold %d already finished; keeping its result (%s)", index, path)
@@ -308,7 +326,7 @@ def finish_fold(run: Run, fold: Fold, chunks: list[range], cell_results: list[di
       [run.cell_dir(Cell(fold, chunk)) / layout.PREDICTIONS for chunk in chunks],
     )
   return results.save_fold_result(
-    fold_dir / "result.json", fold.index, fold.train_idx, fold.test_idx, counts, run.is_writer
+    fold_dir / layout.FOLD_RESULT, fold.index, fold.train_idx, fold.test_idx, counts, run.is_writer
   )
 
 
@@ -335,7 +353,7 @@ def evaluate_cell(run: Run, made, cell: Cell, state) -> dict:
       probabilities,
     )
   cell_result = results.save_fold_result(
-    run_dir / "result.json", fold.index, fold.train_idx, fold.test_idx, counts, run.is_writer
+    run_dir / layout.FOLD_RESULT, fold.index, fold.train_idx, fold.test_idx, counts, run.is_writer
   )
   for k, j in enumerate(cell.members):
     logging.info(
@@ -353,12 +371,14 @@ def evaluate_cell(run: Run, made, cell: Cell, state) -> dict:
 
 def write_config(config, workdir: pathlib.Path) -> None:
   """The run's config.json, which a rerun is checked against."""
-  io_utils.atomic_write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  io_utils.atomic_write_json(workdir / layout.CONFIG, json.loads(config.to_json_best_effort()))
 
 
-def _check_same_config(config, workdir: pathlib.Path) -> None:
+def check_same_config(
+  config, workdir: pathlib.Path, remedy: str = "use another --workdir, or --fresh to discard it"
+) -> None:
   """config.json holds the whole config; a rerun must match it up to RESULT_NEUTRAL_KEYS."""
-  path = workdir / "config.json"
+  path = workdir / layout.CONFIG
   if not path.exists():
     return
   previous = json.loads(path.read_text())
@@ -367,5 +387,5 @@ def _check_same_config(config, workdir: pathlib.Path) -> None:
   if changed:
     raise ConfigMismatchError(
       f"workdir {workdir} holds a run with a different config (changed: "
-      f"{', '.join(changed)}); use another --workdir, or --fresh to discard it"
+      f"{', '.join(changed)}); {remedy}"
     )

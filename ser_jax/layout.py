@@ -13,8 +13,13 @@ import os
 import pathlib
 import re
 
+CONFIG = "config.json"
 RESULTS = "results.json"
+RESULTS_MD = "results.md"
 PREDICTIONS = "predictions.csv"
+METRICS = "metrics.jsonl"
+FOLD_RESULT = "result.json"
+NORMALISATION = "normalisation.npz"
 _FOLD = re.compile(r"fold_(\d+)")
 _CHUNK = re.compile(r"members_(\d+)-(\d+)")
 
@@ -40,7 +45,7 @@ def tensorboard_dir(workdir, fold: int, chunk: range, n_members: int) -> pathlib
 def finished_folds(workdir: str | os.PathLike) -> list[int]:
   """Folds whose training finished (they wrote result.json), in order."""
   folds = []
-  for path in pathlib.Path(workdir).glob("fold_*/result.json"):
+  for path in pathlib.Path(workdir).glob(f"fold_*/{FOLD_RESULT}"):
     match = _FOLD.fullmatch(path.parent.name)
     if match:
       folds.append(int(match.group(1)))

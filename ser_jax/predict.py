@@ -47,7 +47,7 @@ class PredictorError(ValueError):
 def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
   """The run's config: config.json (the whole config) over the defaults, which fill only
   keys that a run made by an older ser_jax did not have."""
-  path = pathlib.Path(workdir) / "config.json"
+  path = pathlib.Path(workdir) / layout.CONFIG
   if not path.exists():
     raise PredictorError(f"{workdir} holds no config.json; is it a training workdir?")
   return config_tree.read_config(path, default_config())
@@ -135,7 +135,7 @@ class Predictor:
           f"classes {class_names}"
         )
       fold_variables.append(jax.tree.map(lambda x, i=index: x[i], variables))
-      with np.load(workdir / f"fold_{k}" / "normalisation.npz") as stats:
+      with np.load(layout.fold_dir(workdir, k) / layout.NORMALISATION) as stats:
         means.append(stats["mean"])
         stds.append(stats["std"])
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *fold_variables)
@@ -167,10 +167,6 @@ class Predictor:
     per_fold = np.concatenate(chunks, axis=1)  # [folds, windows, classes]
     return np.array(starts, np.float64) / self.params.sample_rate, per_fold.mean(axis=0)
 
-  def predict_windows(self, waveform: np.ndarray, sample_rate: int) -> list[dict]:
-    """Per-window scores: [{start_seconds, probabilities: {class: probability}}]."""
-    return self._windows(*self.window_probabilities(waveform, sample_rate))
-
   def predict(
     self, waveform: np.ndarray, sample_rate: int, first_window: bool = False
   ) -> dict[str, float]:
@@ -201,7 +197,10 @@ class Predictor:
     ]
 
   def _named(self, probabilities: np.ndarray) -> dict[str, float]:
-    return {name: float(p) for name, p in zip(self.class_names, probabilities, strict=True)}
+    """To 9 significant digits, as predictions.csv has them (float32's own precision)."""
+    return {
+      name: float(f"{p:.9g}") for name, p in zip(self.class_names, probabilities, strict=True)
+    }
 
 
 # The model and evaluation are static (hashable), so predictors of the same architecture
@@ -282,17 +281,17 @@ def predict(values: flags.FlagValues, paths: Sequence[str]) -> int:
   except (PredictorError, FileNotFoundError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
-  n_scored = 0
+  n_failed = 0
   for path in audio_files(paths):
     try:
       result = predictor.predict_file(
         path, windows=values.windows, first_window=values.first_window
       )
-      n_scored += 1
     except audio.AudioError as error:
       result = {"path": path, "error": str(error)}
+      n_failed += 1
     print(json.dumps(result), flush=True)
-  return 0 if n_scored else 1
+  return 1 if n_failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from ser_jax import command_line, compare, plots, render, results, run_results
+from ser_jax import command_line, compare, layout, plots, render, results, run_results
 
 _INPUT_ORDER = ("MFCC", "Log-mel")
 
@@ -383,7 +383,7 @@ def report(values: flags.FlagValues, runs: Sequence[str]) -> int:
     raise app.UsageError("give RUN_DIR... for the table, or --compare RUN_A RUN_B")
   if values.json:
     raise app.UsageError("--json goes with --compare")
-  table_rows = []
+  table_rows, n_skipped = [], 0
   for run in runs:
     try:
       summary = run_results.read(run)
@@ -393,16 +393,17 @@ def report(values: flags.FlagValues, runs: Sequence[str]) -> int:
         table_rows.extend(run_rows(run, summary))
     except (ReportError, run_results.ResultsError) as error:
       print(f"error: {error}; skipped", file=sys.stderr)
+      n_skipped += 1
       continue
     if values.figures:
-      records = results.MetricsLog(pathlib.Path(run) / "metrics.jsonl").read()
+      records = results.MetricsLog(pathlib.Path(run) / layout.METRICS).read()
       written = plots.write_figures(run, summary, records)
       print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
   if not table_rows:
     print("error: no readable run; nothing to report", file=sys.stderr)
     return 1
   print((emobox_table if values.emobox else markdown_table)(table_rows), end="")
-  return 0
+  return 1 if n_skipped else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

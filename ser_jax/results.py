@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ser_jax import io_utils, plots, render, run_results
+from ser_jax import io_utils, layout, plots, render, run_results
 
 
 class MetricsLog:
@@ -365,4 +365,4 @@ def _emobox_markdown(model: run_results.MemberResults) -> list[str]:
 def write_results(workdir: pathlib.Path, results: run_results.RunResults) -> None:
   """results.json (ser_jax.run_results) and results.md."""
   run_results.write(workdir, results)
-  io_utils.atomic_write_text(workdir / "results.md", results_markdown(results))
+  io_utils.atomic_write_text(workdir / layout.RESULTS_MD, results_markdown(results))

@@ -102,7 +102,7 @@ def prepare_store(
   return store
 
 
-def test_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def config_for_test_corpus(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of data.test_corpus: the run's classes and features on its corpus."""
   copied = config.copy_and_resolve_references()
   copied.data.corpus, copied.data.root = config.data.test_corpus, config.data.test_root

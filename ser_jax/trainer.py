@@ -68,7 +68,7 @@ class Run:
 
   def cell_result(self, cell: Cell) -> dict | None:
     """The cell's result.json, once it is trained and tested; else None."""
-    path = self.cell_dir(cell) / "result.json"
+    path = self.cell_dir(cell) / layout.FOLD_RESULT
     return json.loads(path.read_text()) if path.exists() else None
 
 

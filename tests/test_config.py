@@ -402,16 +402,16 @@ def test_weights_and_rules_can_be_set_on_the_command_line(override, key, want):
 def test_a_rerun_may_change_result_neutral_keys_only(tmp_path, key, value):
   from ser_jax import experiment
 
-  experiment._check_same_config(default_config(), tmp_path)  # No run there yet.
+  experiment.check_same_config(default_config(), tmp_path)  # No run there yet.
   experiment.write_config(default_config(), tmp_path)
   neutral = default_config()
   group, name = key.split(".")
   neutral[group][name] = value
-  experiment._check_same_config(neutral, tmp_path)  # Accepted.
+  experiment.check_same_config(neutral, tmp_path)  # Accepted.
   changed = default_config()
   changed.loss.gamma = 0.5
   with pytest.raises(experiment.ConfigMismatchError, match=r"\(changed: loss\.gamma\)"):
-    experiment._check_same_config(changed, tmp_path)
+    experiment.check_same_config(changed, tmp_path)
 
 
 def test_every_process_of_a_run_refuses_a_changed_config(tmp_path, monkeypatch):

@@ -116,12 +116,15 @@ def test_the_trip_count_check_finds_a_loop_whose_length_is_traced():
 def test_every_loop_of_the_train_and_eval_programs_has_a_known_trip_count(
   lowering, n_models, stacking
 ):
-  """XLA:GPU copies the predicate of any other loop to the host, every iteration."""
+  """XLA:GPU copies the predicate of any other loop to the host, every iteration, and of
+  every conditional: the accelerators' lowering has none."""
   made = _programs(lowering, n_models, stacking).compile(_hparams(n_models), Topology.create())
   for name in ("train_epoch", "evaluate"):
     hlo = getattr(made, name).as_text()
     assert "while(" in hlo, name  # The epoch's steps and the evaluation's batches loop.
     assert _loops_without_trip_count(hlo) == [], name
+    if lowering == "xla":
+      assert "conditional(" not in hlo, name
     # Named as the function it compiles, in dumps and profiles alike.
     assert hlo.startswith(f"HloModule jit_{name},"), hlo[:80]
 

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from ser_jax import input_pipeline
+from ser_jax import evaluation, input_pipeline
 
 N_BINS, N_FRAMES = 3, 7
 
@@ -269,3 +269,22 @@ def test_standardise_is_per_bin_for_numpy_and_jax():
   ):
     np.testing.assert_allclose(out.mean(axis=(0, 2)), 0.0, atol=1e-5)
     np.testing.assert_allclose(out.std(axis=(0, 2)), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("process_count", [1, 2, 4])
+def test_held_out_batches_give_every_fold_one_shape_and_each_utterance_once(process_count):
+  """A fold's test utterances as [n_batches, batch] (the run's one evaluation shape), the
+  padding the first utterance again, each process's share a slice of every global batch."""
+  store = _store(40)
+  indices = np.random.default_rng(1).choice(40, 13, replace=False)
+  shares = [
+    evaluation.held_out_batches(
+      store, indices, 3, 8, *IDENTITY, process_index=p, process_count=process_count
+    )
+    for p in range(process_count)
+  ]
+  assert {share.shape for share in shares} == {(3, 8 // process_count, N_BINS, N_FRAMES)}
+  global_batches = np.concatenate(shares, axis=1)  # [3, 8, bins, frames]
+  order = global_batches[:, :, 0, 0].astype(np.int64).ravel()
+  np.testing.assert_array_equal(order[:13], indices)
+  np.testing.assert_array_equal(order[13:], indices[0])

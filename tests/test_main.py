@@ -111,11 +111,13 @@ def test_workdir_holds_checkpoints_metrics_and_tables(finished_run):
 def test_rerun_keeps_finished_folds(finished_run):
   workdir, cache, _ = finished_run
   before = result_metrics(workdir)
+  wall_seconds = run_results.read(workdir).wall_seconds
   process = run_module("ser_jax.main", tiny_args(workdir, cache, **EVERY_CLASS))
   assert process.returncode == 0, process.stderr
   assert "Fold 0 already finished" in process.stderr
   assert "Fold 1 already finished" in process.stderr
   assert result_metrics(workdir) == before
+  assert run_results.read(workdir).wall_seconds == wall_seconds  # It trained nothing.
 
 
 def test_empty_classes_mean_every_class_of_the_corpus(finished_run):

@@ -427,12 +427,6 @@ def _setting_entries(settings: Mapping | Sequence[str]) -> dict[str, dict]:
 
 def check_finished_run(run: Run, run_dir: pathlib.Path) -> None:
   """A finished run is read only if its config.json is the run's config (as `main` checks)."""
-  previous = json.loads((run_dir / "config.json").read_text())
-  changed = config_tree.diff(
-    previous, json.loads(run.config.to_json_best_effort()), experiment.RESULT_NEUTRAL_KEYS
+  experiment.check_same_config(
+    run.config, run_dir, "use another --workdir, or --fresh to discard the study"
   )
-  if changed:
-    raise experiment.ConfigMismatchError(
-      f"run {run_dir} holds a run with a different config (changed: {', '.join(changed)}); "
-      "use another --workdir, or --fresh to discard the study"
-    )

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import ml_collections
 
-from ser_jax import experiment, io_utils, run_results
+from ser_jax import experiment, io_utils, layout, run_results
 from ser_jax.config import ConfigError, validate_config
 from ser_jax.study import compose, render, summary
 from ser_jax.study.compose import RUN_ERRORS, Outcome, Run
@@ -25,7 +25,7 @@ from ser_jax.study.compose import RUN_ERRORS, Outcome, Run
 
 def _finished(run_dir: pathlib.Path) -> bool:
   # A run writes predictions.csv after results.json, so both mean it finished.
-  return (run_dir / "results.json").is_file() and (run_dir / "predictions.csv").is_file()
+  return (run_dir / layout.RESULTS).is_file() and (run_dir / layout.PREDICTIONS).is_file()
 
 
 def execute(run: Run, workdir: pathlib.Path) -> Outcome:
