@@ -125,6 +125,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> run_results.RunResul
       check_same_config(config, workdir)
       write_config(config, workdir)
   folds = {k: make_fold(run, k, *fold_indices[k]) for k in data.trained_folds(config, fold_indices)}
+  trains = not set(folds) <= set(layout.finished_folds(workdir))
   trained_results = _train_and_test(run, folds)
   with _writes_lock(workdir) if is_writer else contextlib.nullcontext():
     # Folds that another invocation finished (with cv.folds naming others) are reported too.
@@ -135,7 +136,7 @@ def _run(config, workdir: pathlib.Path, is_writer: bool) -> run_results.RunResul
     ]
     fold_results.sort(key=lambda result: result["fold"])
     run_summary = _summarise(
-      run, kept, fold_indices, fold_results, _wall_seconds(workdir, start_time, bool(folds))
+      run, kept, fold_indices, fold_results, _wall_seconds(workdir, start_time, trains)
     )
     if is_writer:
       results.write_results(workdir, run_summary)

@@ -86,6 +86,22 @@ def test_the_largest_seed_gives_every_fold_its_own_augmentation_stream():
   assert len(set(seeds)) == 5
 
 
+@pytest.mark.parametrize(
+  ("platform", "deterministic", "options"),
+  [
+    ("gpu", True, {"xla_gpu_deterministic_ops": True}),
+    ("gpu", False, {}),
+    ("cpu", True, {}),
+    ("tpu", True, {}),
+  ],
+)
+def test_deterministic_ops_are_asked_of_a_gpu_only(monkeypatch, platform, deterministic, options):
+  monkeypatch.setattr(jax, "default_backend", lambda: platform)
+  config = default_config()
+  config.train.deterministic = deterministic
+  assert programs.deterministic_options(config) == options
+
+
 def _loops_without_trip_count(hlo: str) -> list[str]:
   """The while loops of an optimised HLO module whose trip count XLA does not know."""
   loops = [line for line in hlo.splitlines() if re.search(r"\bwhile\(", line)]
