@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ser_jax.config import ConfigError
+from ser_jax.data.shares import class_counts
 
 
 def focal_loss(
@@ -69,13 +70,7 @@ def inverse_frequency_alpha(
   Computed from the training fold's labels [N], so every class carries the same total
   weight (count_c * alpha_c is equal for all c); loss.alpha='inverse_frequency'.
   """
-  labels = np.asarray(labels)
-  if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-    raise ValueError(
-      f"labels range over {int(labels.min())}..{int(labels.max())} but there are "
-      f"{n_classes} classes; labels must be class indices 0..{n_classes - 1}"
-    )
-  counts = np.bincount(labels.astype(np.int64), minlength=n_classes)
+  counts = class_counts(labels, n_classes)
   if not counts.all():
     missing = int(np.argmin(counts))
     name = class_names[missing] if class_names else str(missing)

@@ -42,10 +42,33 @@ def test_only_composition_roots_import_the_cpu_backend_and_only_its_interface():
   assert not offenders, f"the CPU backend reached around its interface: {offenders}"
 
 
+PLATFORMS = {"cpu", "gpu", "cuda", "rocm", "tpu"}
+
+
+def _platform_names(tree) -> set[str]:
+  """Platform names as string constants, and calls that ask which platform runs."""
+  found = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+      if node.value.lower() in PLATFORMS:
+        found.add(node.value)
+    elif isinstance(node, ast.Attribute) and node.attr in ("default_backend", "platform"):
+      found.add(node.attr)
+  return found
+
+
 def test_the_research_code_names_no_platform():
+  """Models, losses, steps, folds and metrics run alike everywhere: they neither import the
+  CPU backend nor ask or name a platform."""
   for module, tree in _modules():
     if module.removeprefix("ser_jax.") in ("models", "losses", "train", "folds", "metrics"):
       assert not {n for n in _imported(tree) if n.startswith("ser_jax.cpu")}, module
+      assert not _platform_names(tree), (module, _platform_names(tree))
+
+
+def test_the_platform_check_sees_a_platform_named():
+  tree = ast.parse('def f(x):\n  return x if jax.default_backend() == "gpu" else -x\n')
+  assert _platform_names(tree) == {"default_backend", "gpu"}
 
 
 def test_one_module_reads_the_cache_folder_setting():
