@@ -337,7 +337,7 @@ def within_runs(
         )
         run.cv.n_folds = len(speakers)
     validate_config(run)
-    runs.append(Run(f"{corpus.name}/{setting.name}", setting.name, run))
+    runs.append(Run(within_path(corpus.name, setting.name), setting.name, run))
   return runs, classes
 
 
@@ -367,17 +367,27 @@ def cross_run(
   run.data.test_root = test.root
   run.cv.folds = ()
   validate_config(run)
-  return Run(f"{train.name}-to-{test.name}/{setting.name}", setting.name, run)
+  return Run(cross_path(train.name, test.name, setting.name), setting.name, run)
+
+
+def within_path(corpus: str, setting: str) -> str:
+  """A run's folder in the study's workdir: a setting cross-validated on one corpus."""
+  return f"{corpus}/{setting}"
+
+
+def cross_path(train: str, test: str, setting: str) -> str:
+  """A run's folder in the study's workdir: a setting trained on one corpus, tested on another."""
+  return f"{train}-to-{test}/{setting}"
 
 
 def run_paths(study_corpora: Sequence[Corpus], settings: Sequence[Setting], cross: bool):
   """Every run of the study in the order it runs them: `<corpus>/<setting>` for each corpus
   and setting, then `<train>-to-<test>/<setting>` for each setting and pair of corpora. Task
   i of a SLURM array (`--task_index`) is the i-th."""
-  paths = [f"{c.name}/{s.name}" for c in study_corpora for s in settings]
+  paths = [within_path(c.name, s.name) for c in study_corpora for s in settings]
   if cross:
     paths += [
-      f"{train.name}-to-{test.name}/{s.name}"
+      cross_path(train.name, test.name, s.name)
       for s in settings
       for train in study_corpora
       for test in study_corpora

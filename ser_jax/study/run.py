@@ -28,13 +28,17 @@ def _finished(run_dir: pathlib.Path) -> bool:
   return (run_dir / layout.RESULTS).is_file() and (run_dir / layout.PREDICTIONS).is_file()
 
 
+def _read_finished(run: Run, run_dir: pathlib.Path) -> Outcome:
+  compose.check_finished_run(run, run_dir)
+  logging.info("Run %s already finished; reading its results", run.path)
+  return Outcome(run_results.read(run_dir))
+
+
 def execute(run: Run, workdir: pathlib.Path) -> Outcome:
   """The results of a finished, resumed or new run, or the line saying why it failed."""
   run_dir = workdir / run.path
   if _finished(run_dir):
-    compose.check_finished_run(run, run_dir)
-    logging.info("Run %s already finished; reading its results", run.path)
-    return Outcome(run_results.read(run_dir))
+    return _read_finished(run, run_dir)
   logging.info("Run %s", run.path)
   try:
     return Outcome(experiment.train_and_evaluate(run.config, str(run_dir)))
@@ -48,9 +52,7 @@ def read_finished(run: Run, workdir: pathlib.Path) -> Outcome:
   run_dir = workdir / run.path
   if not _finished(run_dir):
     return Outcome(None, f"not finished (python -m ser_jax.study ... --run={run.path} runs it)")
-  compose.check_finished_run(run, run_dir)
-  logging.info("Run %s already finished; reading its results", run.path)
-  return Outcome(run_results.read(run_dir))
+  return _read_finished(run, run_dir)
 
 
 def run_study(
@@ -103,7 +105,7 @@ def run_study(
         for train in usable:
           for test in usable:
             if train.name != test.name:
-              path = f"{train.name}-to-{test.name}/{setting.name}"
+              path = compose.cross_path(train.name, test.name, setting.name)
               try:
                 run = compose.cross_run(
                   config, train, test, setting, classes[test.name], command_line_keys

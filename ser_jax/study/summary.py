@@ -8,7 +8,7 @@ from __future__ import annotations
 import pathlib
 
 from ser_jax import compare, meta, run_results
-from ser_jax.study.compose import Outcome
+from ser_jax.study.compose import Outcome, cross_path, within_path
 
 
 def paired_difference(run_a: pathlib.Path, run_b: pathlib.Path, n_resamples: int) -> dict:
@@ -87,14 +87,14 @@ def summarise(config, workdir, study_corpora, settings, failures, outcomes) -> d
     if corpus.name in failures:
       corpus_rows[corpus.name] = {**row, "status": "failed", "error": failures[corpus.name]}
       continue
-    reference_path = f"{corpus.name}/{reference}"
+    reference_path = within_path(corpus.name, reference)
     facts = _corpus_facts(workdir / reference_path, outcomes[reference_path].result)
     corpus_rows[corpus.name] = {**row, "status": "ok", **facts}
     within[corpus.name] = {
       s.name: _run_entry(
         workdir,
-        outcomes.get(f"{corpus.name}/{s.name}", Outcome(None, "not run")),
-        f"{corpus.name}/{s.name}",
+        outcomes.get(within_path(corpus.name, s.name), Outcome(None, "not run")),
+        within_path(corpus.name, s.name),
         reference_path,
         n_resamples,
       )
@@ -152,7 +152,7 @@ def _cross_summary(workdir, names, settings, outcomes, within, n_resamples) -> d
           entry = within[train][setting.name]
           row.append(entry.get("ua_fold_mean"))
           continue
-        outcome = outcomes.get(f"{train}-to-{test}/{setting.name}", Outcome(None))
+        outcome = outcomes.get(cross_path(train, test, setting.name), Outcome(None))
         row.append(outcome.result.members[0].ua_fold_mean if outcome.result else None)
       matrix.append(row)
     matrices[setting.name] = {"corpora": names, "ua": matrix}
@@ -160,15 +160,16 @@ def _cross_summary(workdir, names, settings, outcomes, within, n_resamples) -> d
     for test in names:
       if train == test:
         continue
-      folder = f"{train}-to-{test}"
-      reference_outcome = outcomes.get(f"{folder}/{reference}", Outcome(None))
+      reference_outcome = outcomes.get(cross_path(train, test, reference), Outcome(None))
       classes = list(reference_outcome.result.class_names) if reference_outcome.result else None
       for setting in settings[1:]:
-        outcome = outcomes.get(f"{folder}/{setting.name}", Outcome(None))
+        outcome = outcomes.get(cross_path(train, test, setting.name), Outcome(None))
         pair = {"train": train, "test": test, "setting": setting.name, "classes": classes}
         if reference_outcome.result and outcome.result:
           pair["difference"] = paired_difference(
-            workdir / folder / reference, workdir / folder / setting.name, n_resamples
+            workdir / cross_path(train, test, reference),
+            workdir / cross_path(train, test, setting.name),
+            n_resamples,
           )
         pairs.append(pair)
   return {"ua": matrices, "differences": pairs}
