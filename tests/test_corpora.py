@@ -721,3 +721,11 @@ def test_a_manifest_that_is_not_utf8_is_one_line_naming_it_and_the_line(tmp_path
     CorpusError, match=r"manifest '.*manifest\.csv' is not UTF-8 \(line 3, byte 10"
   ):
     read_corpus("csv", tmp_path)
+
+
+def test_a_listing_whose_every_file_is_missing_says_so_before_naming_a_class(tmp_path):
+  (tmp_path / "manifest.csv").write_text("path,label\na.wav,anger\nb.wav,neutral\n")
+  with pytest.raises(
+    CorpusError, match=r"no file of csv at .* could be used: 2 skipped, e.g. .*a\.wav"
+  ):
+    read_corpus("csv", tmp_path)

@@ -142,6 +142,11 @@ class Reader:
       notes=notes,
       left_out=tuple(sorted(left_out.items())),
     )
+    if not selected and skipped:
+      raise CorpusError(
+        f"no file of {name} at '{path}' could be used: {len(skipped)} skipped, e.g. "
+        f"{_describe(skipped[0])}"
+      )
     empty = [name for name, count in corpus.class_counts().items() if count == 0]
     if empty:
       detail = (
