@@ -126,7 +126,7 @@ def summarise(config, workdir, study_corpora, settings, failures, outcomes) -> d
   if config.study.cross_corpus:
     summary["cross_corpus"] = _cross_summary(
       workdir,
-      [c.name for c in study_corpora if c.name in within],
+      [c.name for c in study_corpora if c.name in within and c.reader != "emobox"],
       settings,
       outcomes,
       within,
