@@ -27,10 +27,13 @@ import librosa
 import numpy as np
 import soundfile
 
+from ser_jax.config import default_config
 from ser_jax.data import corpora
 from ser_jax.data.corpus import Corpus, Utterance
 from ser_jax.features import FeatureParams
 from ser_jax.store import build_store, open_store
+
+PAPER_CLASSES = tuple(default_config().data.classes)
 
 
 def librosa_loop(corpus: Corpus, params: FeatureParams) -> np.ndarray:
@@ -61,9 +64,9 @@ def generated_corpus(root: pathlib.Path, n: int, seed: int = 0) -> Corpus:
     wave = (rng.standard_normal(length) * envelope * 0.1).astype(np.float32)
     path = root / f"clip{i:05d}.wav"
     soundfile.write(path, wave, 16000, subtype="PCM_16")
-    label = corpora.DEFAULT_CLASSES[i % 4]
+    label = PAPER_CLASSES[i % 4]
     utterances.append(Utterance(f"clip{i:05d}", str(path), label, f"s{i % 10}", f"s{i % 10}"))
-  return Corpus("generated", corpora.DEFAULT_CLASSES, tuple(utterances))
+  return Corpus("generated", PAPER_CLASSES, tuple(utterances))
 
 
 def main() -> None:
@@ -86,7 +89,7 @@ def main() -> None:
     if args.generate:
       corpus = generated_corpus(tmp / "wavs", args.generate)
     else:
-      classes = corpora.CORPORA["emodb"].classes if args.all_classes else ()
+      classes = () if args.all_classes else PAPER_CLASSES  # (): every class.
       corpus = corpora.read_corpus("emodb", args.root, classes)
     if args.limit:
       corpus = dataclasses.replace(corpus, utterances=corpus.utterances[: args.limit])
