@@ -211,7 +211,8 @@ def synthetic_batch(kind: str, batch: int, seed: int = 0) -> dict[str, np.ndarra
   return {
     "features": rng.standard_normal((batch, N_BINS[kind], N_FRAMES), dtype=np.float32),
     "labels": rng.integers(0, N_CLASSES, batch).astype(np.int32),
-    "valid_frames": rng.integers(60, N_FRAMES + 1, batch).astype(np.int32),
+    # Clips of 60 frames (1.4 s; at most a quarter of a short map) up to all of them.
+    "valid_frames": rng.integers(min(60, N_FRAMES // 4), N_FRAMES + 1, batch).astype(np.int32),
   }
 
 
