@@ -7,8 +7,10 @@ import csv
 import importlib.metadata
 import io
 import json
+import os
 import pathlib
 import platform
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -83,22 +85,37 @@ class TensorBoard:
 
   def __init__(self, logdir: pathlib.Path, enabled: bool = True, purge_step: int | None = None):
     """`purge_step`: TensorBoard hides the scalars of earlier files from this step on (those
-    of a killed run's epochs past its checkpoint)."""
+    of a killed run's epochs past its checkpoint).
+
+    Written in this thread, each epoch on disk before its checkpoint is saved:
+    tensorboardX's SummaryWriter queues events for a thread of its own, and its flush does
+    not wait for them, so a kill could keep a checkpoint whose epoch TensorBoard lacks.
+    """
     self.writer = None
     if enabled:
-      from tensorboardX import SummaryWriter
+      from tensorboardX.event_file_writer import EventsWriter
+      from tensorboardX.proto.event_pb2 import Event, SessionLog
 
-      self.writer = SummaryWriter(str(logdir), purge_step=purge_step)
+      logdir.mkdir(parents=True, exist_ok=True)
+      self.writer = EventsWriter(str(logdir / "events"), filename_suffix=f".{os.getpid()}")
+      if purge_step is not None:
+        start = SessionLog(status=SessionLog.START)
+        self.writer.write_event(Event(wall_time=time.time(), step=purge_step, session_log=start))
+      self.writer.flush()
 
   def scalars(self, record: dict, members, first_member: int = 0) -> None:
     """The record of `members` (a chunk of the run's, from its member `first_member`)."""
     if self.writer is None:
       return
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
+
     for k, member in enumerate(members):
       suffix = "" if len(members) == 1 else f"/{member_tag(first_member + k, member)}"
       for name in ("train_loss", "train_accuracy", "learning_rate"):
-        self.writer.add_scalar(f"{name}{suffix}", record[name][k], record["step"])
-    self.writer.flush()
+        summary = scalar(f"{name}{suffix}", float(record[name][k]))
+        self.writer.write_event(Event(wall_time=time.time(), step=record["step"], summary=summary))
+    self.writer.flush()  # And fsync.
 
   def close(self) -> None:
     if self.writer is not None:

@@ -17,7 +17,7 @@ from helpers import (
   tiny_args,
 )
 
-from ser_jax import run_results
+from ser_jax import results, run_results
 from ser_jax.data import corpora
 
 RESULT_KEYS = {
@@ -260,3 +260,17 @@ def test_broken_files_among_good_ones_are_skipped_and_listed(finished_run, tmp_p
   )
   assert strict.returncode == 2
   assert "error:" in strict.stderr and ".wav" in strict.stderr
+
+
+def test_an_epochs_scalars_are_on_disk_when_scalars_returns(tmp_path):
+  """Before the epoch's checkpoint is saved: a kill after it must not lose the epoch."""
+  board = results.TensorBoard(tmp_path / "fold_0", purge_step=6)
+  record = {"step": 10, "train_loss": [0.5], "train_accuracy": [0.75], "learning_rate": [1e-3]}
+  board.scalars(record, [None])
+  on_disk = tensorboard_scalars(tmp_path / "fold_0")  # Read while the writer is still open.
+  assert on_disk == {
+    "train_loss": [(10, 0.5)],
+    "train_accuracy": [(10, 0.75)],
+    "learning_rate": [(10, pytest.approx(1e-3))],
+  }
+  board.close()
