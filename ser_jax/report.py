@@ -213,7 +213,8 @@ def comparison_text(result: dict) -> str:
     f"{result['n_resamples']} resamples, seed {result['seed']}.",
     "",
     *render.markdown_table(
-      ("Fold", "Test", "WA A", "WA B", "WA B - A", "UA A", "UA B", "UA B - A"),
+      # Pairs: the fold's test utterances (times the seeds, for a sweep's members).
+      ("Fold", "Pairs", "WA A", "WA B", "WA B - A", "UA A", "UA B", "UA B - A"),
       [_fold_cells(fold) for fold in result["per_fold"]],
     ),
   ]
@@ -269,7 +270,8 @@ def sweep_text(result: dict, run: str) -> str:
       f"{', '.join(map(str, c['seeds']))}; members "
       f"{', '.join(map(str, c['members']))} vs {', '.join(map(str, c['reference_members']))})\n"
       f"{c['n_paired_predictions']} paired predictions ({c['n_utterances']} test utterances x "
-      f"{len(c['seeds'])} seeds) in {c['n_folds']} folds\n\n" + comparison_text(c)
+      f"{len(c['seeds'])} seed{'s' if len(c['seeds']) != 1 else ''}) in {c['n_folds']} folds\n\n"
+      + comparison_text(c)
     )
   return "\n".join(blocks)
 

@@ -426,7 +426,7 @@ def test_cli_two_runs(tmp_path, capsys) -> None:
     f"[{low:+.2f}, {high:+.2f}] | {result['wa_p_value']:.3g} | exact McNemar (only A right "
     f"{result['only_a_correct']}, only B right {result['only_b_correct']}) |"
   )
-  assert "| Fold | Test | WA A | WA B | WA B - A | UA A | UA B | UA B - A |" in text
+  assert "| Fold | Pairs | WA A | WA B | WA B - A | UA A | UA B | UA B - A |" in text
   assert (
     "Provenance: runs differ in: lowering onednn vs cpu; cpu_model AMD EPYC 7B13 vs Intel Xeon"
     in text
