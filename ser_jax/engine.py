@@ -32,11 +32,16 @@ class Member:
     return {**dataclasses.asdict(self), "alpha": _alpha_json(self.alpha)}
 
 
+def is_sweep(config: ml_collections.ConfigDict) -> bool:
+  """Whether any sweep.* list is set: then the sweep's members train, not the single model."""
+  return any(config.sweep[key] for key in ("gammas", "seeds", "learning_rates", "alphas"))
+
+
 def members_of(config: ml_collections.ConfigDict) -> list[Member]:
   """The models trained together: one, or every (gamma, seed, rate, alpha) of the sweep."""
   gamma = float(config.loss.gamma) if config.loss.name == "focal" else 0.0
   sweep = config.sweep
-  if not (sweep.gammas or sweep.seeds or sweep.learning_rates or sweep.alphas):
+  if not is_sweep(config):
     return [Member(gamma, int(config.seed), float(config.train.learning_rate), config.loss.alpha)]
   return [
     Member(float(g), int(s), float(r), a)

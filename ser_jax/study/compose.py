@@ -39,7 +39,16 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import ml_collections
 
-from ser_jax import compare, config_tree, experiment, io_utils, run_data, run_results, trainer
+from ser_jax import (
+  compare,
+  config_tree,
+  engine,
+  experiment,
+  io_utils,
+  run_data,
+  run_results,
+  trainer,
+)
 from ser_jax.cli import USER_ERRORS
 from ser_jax.config import ConfigError, default_config, validate_config
 from ser_jax.data import corpora
@@ -299,7 +308,7 @@ def run_config(
     if not key.startswith("study.") and (corpus.reader == "emobox" or key not in _EMOBOX_KEYS):
       command_line[key] = config_tree.value(config, key)
   config_tree.overlay(run, command_line, "command line")
-  if any(run.sweep[key] for key in ("gammas", "seeds", "learning_rates", "alphas")):
+  if engine.is_sweep(run):
     raise ConfigError(
       f"setting '{setting.name}': a study's runs are single models; leave the sweep.* lists "
       "empty and give each model as a setting"
@@ -380,10 +389,15 @@ def cross_path(train: str, test: str, setting: str) -> str:
   return f"{train}-to-{test}/{setting}"
 
 
+def crosses(corpus: Corpus) -> bool:
+  """Whether the corpus takes part in runs across corpora: EmoBox's do not yet (a run's
+  data.test_corpus does not take them)."""
+  return corpus.reader != "emobox"
+
+
 def cross_pairs(study_corpora: Sequence[Corpus]) -> list[tuple[Corpus, Corpus]]:
-  """(train, test) for every ordered pair of corpora, EmoBox's left out: a run across
-  corpora (data.test_corpus) does not take them yet."""
-  across = [c for c in study_corpora if c.reader != "emobox"]
+  """(train, test) for every ordered pair of the corpora that cross."""
+  across = [c for c in study_corpora if crosses(c)]
   return [(train, test) for train in across for test in across if train.name != test.name]
 
 

@@ -101,7 +101,7 @@ def run_study(
           break
     if config.study.cross_corpus:
       usable = [c for c in study_corpora if c.name not in failures]
-      if any(c.reader == "emobox" for c in usable):
+      if not all(map(compose.crosses, usable)):
         logging.info("EmoBox corpora are left out of the runs across corpora")
       for setting in settings:
         for train, test in compose.cross_pairs(usable):

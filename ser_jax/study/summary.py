@@ -8,7 +8,7 @@ from __future__ import annotations
 import pathlib
 
 from ser_jax import compare, meta, run_results
-from ser_jax.study.compose import Outcome, cross_path, within_path
+from ser_jax.study.compose import Outcome, cross_path, crosses, within_path
 
 
 def paired_difference(run_a: pathlib.Path, run_b: pathlib.Path, n_resamples: int) -> dict:
@@ -126,7 +126,7 @@ def summarise(config, workdir, study_corpora, settings, failures, outcomes) -> d
   if config.study.cross_corpus:
     summary["cross_corpus"] = _cross_summary(
       workdir,
-      [c.name for c in study_corpora if c.name in within and c.reader != "emobox"],
+      [c.name for c in study_corpora if c.name in within and crosses(c)],
       settings,
       outcomes,
       within,
